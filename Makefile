@@ -1,0 +1,31 @@
+# Two commands set everything up on a fresh machine: `make run` and `make test`.
+# Each creates the virtual environment first (Python 3.11+), so nothing is installed by hand.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test test-fast bench lint clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "mabrec needs Python 3.11 or newer")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+run: $(STAMP)  ## run the whole system (embedded PostgreSQL and NATS unless DATABASE_URL / NATS_URL are set)
+	$(BIN)/mabrec up
+
+test: $(STAMP)  ## the whole suite, against real PostgreSQL, NATS JetStream and Ray
+	$(BIN)/pytest
+
+test-fast: $(STAMP)  ## unit tests only (no services)
+	$(BIN)/pytest -m "not integration and not e2e"
+
+bench: $(STAMP)  ## load test a running system (`make run` in another terminal)
+	$(BIN)/mabrec bench
+
+clean:
+	rm -rf $(VENV) .mabrec .pytest_cache

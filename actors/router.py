@@ -1,0 +1,194 @@
+"""The event consumer, as a plain class (Ray wraps it in actors/ray_api.py).
+
+It reads the events stream in order, validates each event, dead-letters what is malformed, and
+hands each shard its events in batches, every call naming the stream span it covers (see
+actors/shard.py). It keeps no durable position of its own: on start it resumes after the
+furthest point any shard has covered; a shard that is behind replays its gap from the stream.
+A failed call is never retried: the next call's span tells the shard what it missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import orjson
+from nats.aio.client import Client as NATS
+
+from system import bus, db
+from system.events import Event, decode
+from system.settings import Settings
+from system.sharding import SlotMap
+from system.store import CatalogStore, StateStore
+
+log = logging.getLogger(__name__)
+
+IDLE_ADVANCE = 2.0  # seconds: a shard without events still hears, this often, how far the stream is read
+
+
+class ShardCalls(Protocol):
+    """How the router reaches shards (Ray in production, plain objects in tests)."""
+
+    async def apply(self, shard: int, prev_seq: int, last_seq: int, events: Sequence[tuple[int, Event]]) -> int: ...
+
+    async def covered(self, shard: int) -> int | None: ...
+
+
+class EventRouter:
+    def __init__(self, settings: Settings, shards: ShardCalls, batch: int = 1000) -> None:
+        self.settings = settings
+        self.shards = shards
+        self.batch = batch
+        self._task: asyncio.Task[None] | None = None
+        self._nc: NATS | None = None
+        self.declared: dict[int, int] = {}  # per shard: the stream sequence the last call covered through
+        self._last_call: dict[int, float] = {}
+        self.position = 0
+        self.events = 0
+        self.messages = 0
+        self.dead_letters: Counter[str] = Counter()
+        self.failed_calls = 0
+        self.last_error: str | None = None
+        self.slot_map: SlotMap | None = None
+        self.known_movies: frozenset[int] = frozenset()
+        self.catalog_version = -1
+
+    def ensure_running(self) -> dict[str, Any]:
+        """Start the consume loop if it is not running (idempotent). Returns `status()`."""
+        if self._task is None or self._task.done():
+            if self._task is not None and not self._task.cancelled() and self._task.exception():
+                self.last_error = repr(self._task.exception())
+            self._task = asyncio.create_task(self._run())
+        return self.status()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await self._nc.close()
+            self._nc = None
+
+    async def reload(self) -> None:
+        """Re-read the catalog and slot map (the supervisor calls this when they change)."""
+        pool = await db.open_pool(self.settings.database_url or "", max_size=1, name="router")
+        try:
+            catalog_store, state_store = CatalogStore(pool), StateStore(pool)
+            version = await catalog_store.version()
+            if version != self.catalog_version:
+                catalog = await catalog_store.read()
+                self.known_movies, self.catalog_version = catalog.id_set, catalog.version
+            self.slot_map = await state_store.slot_map()
+        finally:
+            await pool.close()
+
+    async def _run(self) -> None:
+        settings = self.settings
+        while True:
+            try:
+                await self._consume(settings)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # NATS or a dependency hiccup: log, back off, resume
+                self.last_error = repr(exc)
+                log.warning("router loop restarting", extra={"error": repr(exc)})
+                await asyncio.sleep(1.0)
+
+    async def _consume(self, settings: Settings) -> None:
+        if self.slot_map is None:
+            await self.reload()
+        if self._nc is None:
+            self._nc = await bus.connect(settings.nats_url or "", f"{settings.namespace}-router")
+        js = self._nc.jetstream()
+        start = await self._start_position()
+        self.position = start - 1
+        self.declared = {shard: start - 1 for shard in range(self.slot_map.shards)}  # type: ignore[union-attr]
+        cursor = bus.StreamCursor(js, settings.stream, start)
+        log.info("router consuming", extra={"from_seq": start})
+        try:
+            while True:
+                batch = await cursor.fetch(self.batch, timeout=0.5)
+                if batch:
+                    await self._route(js, batch)
+                await self._advance_idle()
+        finally:
+            await cursor.close()
+
+    async def _start_position(self) -> int:
+        """After the furthest sequence a live shard covers (0 if none is up yet)."""
+        assert self.slot_map is not None
+        covered = await asyncio.gather(
+            *(self.shards.covered(s) for s in range(self.slot_map.shards)), return_exceptions=True
+        )
+        return max([c for c in covered if isinstance(c, int)], default=0) + 1
+
+    async def _route(self, js: Any, batch: Sequence[bus.StreamMessage]) -> None:
+        assert self.slot_map is not None
+        per_shard: dict[int, list[tuple[int, Event]]] = {}
+        for msg in batch:
+            events, errors = decode(msg.data)
+            for item, label, reason in errors:
+                await self._dead_letter(js, msg.seq, item, label, reason)
+            for event in events:
+                if not any(m in self.known_movies for m in event.movies):
+                    await self._dead_letter(
+                        js, msg.seq, event.to_json(), "unknown_movie", "no movie id is in the catalog"
+                    )
+                    continue
+                per_shard.setdefault(self.slot_map.shard_of(event.user), []).append((msg.seq, event))
+                self.events += 1
+        self.messages += len(batch)
+        last = batch[-1].seq
+        await asyncio.gather(*(self._send(shard, events, last) for shard, events in per_shard.items()))
+        self.position = last
+
+    async def _advance_idle(self) -> None:
+        now = time.monotonic()
+        idle = [
+            s
+            for s, seq in self.declared.items()
+            if seq < self.position and now - self._last_call.get(s, 0) > IDLE_ADVANCE
+        ]
+        await asyncio.gather(*(self._send(shard, [], self.position) for shard in idle))
+
+    async def _send(self, shard: int, events: list[tuple[int, Event]], last: int) -> None:
+        prev = self.declared.get(shard, last)
+        # Declared even when the call fails: the next call then starts past what this one
+        # covered, and the shard sees the gap and replays it from the stream.
+        self.declared[shard] = last
+        self._last_call[shard] = time.monotonic()
+        try:
+            await self.shards.apply(shard, prev, last, events)
+        except Exception as exc:
+            self.failed_calls += 1
+            self.last_error = f"shard {shard}: {exc!r}"
+            log.warning("shard call failed", extra={"shard": shard, "error": repr(exc)})
+
+    async def _dead_letter(self, js: Any, seq: int, item: Any, label: str, reason: str) -> None:
+        self.dead_letters[label] += 1
+        payload = item if isinstance(item, bytes) else orjson.dumps(item, default=str)
+        headers = {"Mabrec-Reason": reason[:200], "Mabrec-Error": label, "Mabrec-Seq": str(seq)}
+        try:
+            await js.publish(self.settings.deadletter_subject, payload, headers=headers, timeout=2.0)
+        except Exception as exc:  # the counter still has it; never let a bad event stop the loop
+            log.warning("dead-letter publish failed", extra={"seq": seq, "error": repr(exc)})
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "running": self._task is not None and not self._task.done(),
+            "position": self.position,
+            "events": self.events,
+            "messages": self.messages,
+            "dead_letters": dict(self.dead_letters),
+            "failed_calls": self.failed_calls,
+            "catalog_version": self.catalog_version,
+            "last_error": self.last_error,
+        }

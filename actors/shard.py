@@ -1,0 +1,278 @@
+"""The shard actor, as a plain class: Ray wraps it in actors/ray_api.py.
+
+A shard owns the users of some slots. Its state is `ShardState` in memory; its durability is
+(checkpoint in PostgreSQL) + (the event stream after the checkpoint). The invariant it keeps:
+`covered` is a stream sequence such that every event of its users up to it is applied, and none
+after it. Every `apply` call names the stream span it covers, `(prev_seq, last_seq]`; when
+`prev_seq` is ahead of `covered`, events were missed (a failed call, a restart) and the shard
+replays the gap from the stream before applying. Events at or below `covered` are skipped. So
+redeliveries and retries change nothing, and nothing is lost while the stream holds it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from nats.aio.client import Client as NATS
+from psycopg_pool import AsyncConnectionPool
+
+from actors.shard_state import ShardState
+from system import bus, db
+from system.errors import Unavailable
+from system.events import Event, decode
+from system.policy import PolicyConfig
+from system.settings import Settings
+from system.sharding import slot_of
+from system.store import CatalogStore, StateStore
+
+log = logging.getLogger(__name__)
+
+
+class ShardNotReady(Unavailable):
+    """The shard is restoring (or could not reach PostgreSQL/NATS to restore yet)."""
+
+
+class Shard:
+    def __init__(
+        self, shard_id: int, settings: Settings, policy: PolicyConfig | None = None, seed: int | None = None
+    ) -> None:
+        # Cheap and I/O-free: Ray re-runs this on every restart. `ensure_ready` restores.
+        self.shard_id = shard_id
+        self.settings = settings
+        self.policy = policy
+        self.seed = seed
+        self.state: ShardState | None = None
+        self.covered = 0
+        self.slots: list[int] = []
+        self._slot_set: frozenset[int] = frozenset()
+        self._saved_covered = -1
+        self._pool: AsyncConnectionPool | None = None
+        self._nc: NATS | None = None
+        self._apply_lock = asyncio.Lock()
+        self._checkpoint_lock = asyncio.Lock()
+        self._restoring: asyncio.Task[None] | None = None
+        self._checkpointer: asyncio.Task[None] | None = None
+        self.started = time.time()
+        self.restored_at: float | None = None
+        self.restore_seconds: float | None = None
+        self.replayed = 0
+        self.gaps = 0
+        self.checkpoints = 0
+        self.checkpoint_errors = 0
+        self.last_checkpoint: float | None = None
+        self.last_error: str | None = None
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def ensure_ready(self) -> dict[str, Any]:
+        """Start restoring from the checkpoint and the stream unless restored or restoring; never
+        waits for it (a health check must not block). Returns `status()`."""
+        if self.state is None and (self._restoring is None or self._restoring.done()):
+            if self._restoring is not None and not self._restoring.cancelled() and self._restoring.exception():
+                self.last_error = repr(self._restoring.exception())
+            self._restoring = asyncio.create_task(self._restore())
+        return self.status()
+
+    async def wait_ready(self) -> dict[str, Any]:
+        """Restore and wait for it; raises ShardNotReady if the restore fails."""
+        await self.ensure_ready()
+        assert self._restoring is not None
+        try:
+            await asyncio.shield(self._restoring)
+        except Exception as exc:
+            raise ShardNotReady(f"shard {self.shard_id} could not restore: {exc!r}") from exc
+        return self.status()
+
+    async def _restore(self) -> None:
+        began = time.monotonic()
+        settings = self.settings
+        if self._pool is None:
+            self._pool = await db.open_pool(settings.database_url or "", max_size=2, name=f"shard-{self.shard_id}")
+        if self._nc is None:
+            self._nc = await bus.connect(settings.nats_url or "", f"{settings.namespace}-shard-{self.shard_id}")
+        store = StateStore(self._pool)
+        catalog = await CatalogStore(self._pool).read()
+        slots = (await store.slot_map()).slots_of(self.shard_id)
+        slot_covered = await store.covered_by_slot(slots)
+        covered = min(slot_covered.values(), default=0)
+        rows = await store.load_users(slots)
+        rng = np.random.default_rng(self.seed)
+        state = await asyncio.to_thread(_build_state, catalog, self.policy, rng, rows)
+        self.slots, self._slot_set = slots, frozenset(slots)
+        end = await bus.last_seq(self._nc.jetstream(), settings.stream)
+        async with self._apply_lock:
+            self.covered = covered
+            self._saved_covered = covered
+            # Slots may have been checkpointed through different sequences (a re-shard brings
+            # them from several shards): each skips the events its own checkpoint holds.
+            await self._replay(state, covered, end, slot_covered)
+            self.state = state
+        self.restored_at = time.time()
+        self.restore_seconds = time.monotonic() - began
+        log.info(
+            "shard restored",
+            extra={
+                "shard": self.shard_id,
+                "users": len(state.users),
+                "checkpoint_seq": covered,
+                "replayed": self.replayed,
+                "seconds": round(self.restore_seconds, 3),
+            },
+        )
+        if self._checkpointer is None:
+            self._checkpointer = asyncio.create_task(self._checkpoint_loop())
+
+    async def stop(self) -> dict[str, Any]:
+        """Final checkpoint, then release connections. The actor may be killed after this."""
+        if self._checkpointer is not None:
+            self._checkpointer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checkpointer
+            self._checkpointer = None
+        if self.state is not None:
+            await self.checkpoint()
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await self._nc.close()
+        if self._pool is not None:
+            await self._pool.close()
+        return self.status()
+
+    # --- events -----------------------------------------------------------------------------
+
+    async def apply(self, prev_seq: int, last_seq: int, events: Sequence[tuple[int, Event]]) -> int:
+        """Apply the events of stream span (prev_seq, last_seq] that belong to this shard.
+        Returns `covered` afterwards."""
+        if self.state is None:
+            raise ShardNotReady(f"shard {self.shard_id} is restoring")
+        async with self._apply_lock:
+            state = self.state
+            if prev_seq > self.covered:
+                self.gaps += 1
+                await self._replay(state, self.covered, prev_seq)
+            fresh = [e for seq, e in events if seq > self.covered and slot_of(e.user) in self._slot_set]
+            state.apply(fresh)
+            self.covered = max(self.covered, last_seq)
+            return self.covered
+
+    async def _replay(
+        self, state: ShardState, after: int, through: int, slot_covered: dict[int, int] | None = None
+    ) -> None:
+        """Apply this shard's events of stream span (after, through] from the stream itself
+        (and, with `slot_covered`, only those past their slot's checkpoint)."""
+        assert self._nc is not None
+        floor = slot_covered or {}
+        async for batch in bus.read_range(self._nc.jetstream(), self.settings, after, through):
+            mine = [
+                e
+                for msg in batch
+                for e in decode(msg.data)[0]
+                if (slot := slot_of(e.user)) in self._slot_set and msg.seq > floor.get(slot, 0)
+            ]
+            self.replayed += state.apply(mine)
+            self.covered = batch[-1].seq  # together with the apply above: no await in between
+        self.covered = max(self.covered, through)
+
+    # --- serving ----------------------------------------------------------------------------
+
+    async def recommend(self, requests: Sequence[tuple[str, int]]) -> list[list[int]]:
+        """A batch of (uxid, limit) -> movie ids per request, best first."""
+        state = self.state
+        if state is None:
+            raise ShardNotReady(f"shard {self.shard_id} is restoring")
+        return [state.recommend(uxid, limit) for uxid, limit in requests]
+
+    async def user_counts(self, uxid: str) -> list[list[int]]:
+        """A user's raw evidence rows (key, clicks, seen): movie id > 0, minus facet id < 0."""
+        if self.state is None:
+            raise ShardNotReady(f"shard {self.shard_id} is restoring")
+        return self.state.counts_of(uxid).tolist()
+
+    # --- checkpoints ------------------------------------------------------------------------
+
+    async def checkpoint(self) -> int:
+        """Write changed users and the covered sequence, atomically. Returns users written."""
+        state = self.state
+        if state is None or self._pool is None:
+            return 0
+        async with self._checkpoint_lock:
+            rows, covered = state.take_dirty(), self.covered  # one consistent snapshot
+            if not rows and covered == self._saved_covered:
+                return 0
+            try:
+                await StateStore(self._pool).save(rows, self.slots, covered)
+            except BaseException:
+                state.dirty.update(row[0] for row in rows)
+                raise
+            self._saved_covered = covered
+            self.checkpoints += 1
+            self.last_checkpoint = time.time()
+            return len(rows)
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.checkpoint_interval)
+            try:
+                await self.checkpoint()
+            except Exception as exc:  # PostgreSQL down: keep serving from memory, retry next tick
+                self.checkpoint_errors += 1
+                self.last_error = repr(exc)
+                log.warning("checkpoint failed", extra={"shard": self.shard_id, "error": repr(exc)})
+
+    # --- catalog and popularity ---------------------------------------------------------------
+
+    async def reload_catalog(self) -> int:
+        if self.state is None or self._pool is None:
+            raise ShardNotReady(f"shard {self.shard_id} is restoring")
+        catalog = await CatalogStore(self._pool).read()
+        self.state.set_catalog(catalog)
+        return catalog.version
+
+    async def popularity(self) -> tuple[int, np.ndarray, np.ndarray]:
+        """(catalog version, clicks, impressions) per movie then facet, over this shard's users."""
+        if self.state is None:
+            raise ShardNotReady(f"shard {self.shard_id} is restoring")
+        return self.state.catalog.version, self.state.local_clicks, self.state.local_seen
+
+    async def set_popularity(self, version: int, clicks: np.ndarray, seen: np.ndarray) -> None:
+        if self.state is not None:
+            self.state.set_global_counts(version, clicks, seen)
+
+    def status(self) -> dict[str, Any]:
+        state = self.state
+        return {
+            "shard": self.shard_id,
+            "ready": state is not None,
+            "slots": len(self.slots),
+            "users": len(state.users) if state else 0,
+            "covered_seq": self.covered,
+            "checkpoint_seq": self._saved_covered,
+            "events_applied": state.applied if state else 0,
+            "events_duplicate": state.duplicates if state else 0,
+            "unknown_movies": state.unknown_movies if state else 0,
+            "dirty_users": len(state.dirty) if state else 0,
+            "replayed": self.replayed,
+            "gaps": self.gaps,
+            "checkpoints": self.checkpoints,
+            "checkpoint_errors": self.checkpoint_errors,
+            "last_checkpoint": self.last_checkpoint,
+            "restore_seconds": self.restore_seconds,
+            "catalog_version": state.catalog.version if state else None,
+            "last_error": self.last_error,
+        }
+
+
+def _build_state(
+    catalog: Any, policy: PolicyConfig | None, rng: np.random.Generator, rows: list[tuple[str, bytes, bytes]]
+) -> ShardState:
+    state = ShardState(catalog, policy, rng)
+    for uxid, counts, recent in rows:
+        state.load_user(uxid, counts, recent)
+    state.refresh_model()
+    return state

@@ -1,0 +1,56 @@
+"""The Starlette application factory: routes, error mapping, metrics. Built explicitly from a
+backend; nothing connects at import time."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TypedDict
+
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from api import routes
+from api.backend import Backend
+from api.errors import HANDLERS
+from api.metrics import ApiMetrics, MetricsMiddleware, StatusCollector
+
+
+class State(TypedDict):
+    backend: Backend
+    metrics: ApiMetrics
+
+
+def create_app(backend: Backend, metrics: ApiMetrics | None = None) -> Starlette:
+    metrics = metrics or ApiMetrics()
+    metrics.registry.register(StatusCollector(backend.status))
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[State]:
+        yield {"backend": backend, "metrics": metrics}
+
+    async def prometheus(request: Request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return Starlette(
+        routes=[
+            Route("/api/movies", routes.list_movies, methods=["GET"]),
+            Route("/api/movies/{id}", routes.get_movie, methods=["GET"]),
+            Route("/api/recommendations/movies", routes.recommendations, methods=["GET"]),
+            Route("/api/events", routes.post_events, methods=["POST"]),
+            Route("/api/status", routes.status, methods=["GET"]),
+            Route("/healthz", routes.healthz, methods=["GET"]),
+            Route("/readyz", routes.readyz, methods=["GET"]),
+            Route("/metrics", prometheus, methods=["GET"]),
+            Route("/openapi.json", routes.openapi_json, methods=["GET"]),
+            Route("/docs", routes.docs, methods=["GET"]),
+        ],
+        middleware=[Middleware(MetricsMiddleware, metrics=metrics)],
+        exception_handlers=HANDLERS,  # type: ignore[arg-type]
+        lifespan=lifespan,
+    )

@@ -1,0 +1,34 @@
+"""What the API needs from the rest of the system. The supervisor provides the live one (Ray
+shards, NATS); tests may provide their own. The API never imports Ray."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from api.render import Rendered
+from system.events import Event
+
+
+class Backend(Protocol):
+    @property
+    def catalog(self) -> Rendered:
+        """The current catalog, pre-rendered (swapped atomically on reload)."""
+        ...
+
+    async def recommend(self, uxid: str, limit: int) -> list[int]:
+        """Movie ids for the user, best first. Raises system.errors.Unavailable when the
+        user's shard cannot answer."""
+        ...
+
+    def fallback(self, limit: int) -> list[int]:
+        """A non-personalized slate (global popularity) for when a shard is down."""
+        ...
+
+    def publish(self, events: Sequence[Event]) -> bool:
+        """Queue events for the event stream; False when the buffer is full."""
+        ...
+
+    def readiness(self) -> dict[str, Any]: ...
+
+    def status(self) -> dict[str, Any]: ...

@@ -1,0 +1,38 @@
+"""Every error leaves as JSON `{"error": code, "detail": text}`: ServiceError subclasses carry
+their status; Starlette's HTTPException (404 for unknown paths, 405) keeps its own."""
+
+from __future__ import annotations
+
+import logging
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from api.responses import json_response
+from system.errors import ServiceError
+
+log = logging.getLogger(__name__)
+
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+
+
+async def service_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ServiceError)
+    headers = {"Retry-After": "1"} if exc.status == 503 else None
+    return json_response({"error": exc.code, "detail": exc.detail}, exc.status, headers)
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return json_response(
+        {"error": HTTP_CODES.get(exc.status_code, "http_error"), "detail": exc.detail}, exc.status_code, exc.headers
+    )
+
+
+async def unexpected_error(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error", extra={"path": request.url.path})
+    return json_response({"error": "internal_error", "detail": "an unexpected error occurred"}, 500)
+
+
+HANDLERS = {ServiceError: service_error, HTTPException: http_error, Exception: unexpected_error}

@@ -1,0 +1,132 @@
+"""Prometheus metrics: HTTP traffic (a pure ASGI middleware), the API's own counters, and the
+system's status (shards, consumer, publisher) read at scrape time from the backend."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class ApiMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.requests = Counter(
+            "mabrec_http_requests", "HTTP requests", ["method", "route", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "mabrec_http_request_seconds",
+            "HTTP request latency",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.slates = Counter(
+            "mabrec_recommendations",
+            "Slates served, by source (shard or popularity fallback)",
+            ["source"],
+            registry=self.registry,
+        )
+        self.events = Counter(
+            "mabrec_events_submitted",
+            "Feedback events handed to the publisher, by type",
+            ["type"],
+            registry=self.registry,
+        )
+        self.events_dropped = Counter(
+            "mabrec_events_dropped",
+            "Events not recorded because the publish buffer was full",
+            ["type"],
+            registry=self.registry,
+        )
+
+
+class MetricsMiddleware:
+    """Counts and times every request by its route template (not its raw path)."""
+
+    def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        began = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", "unmatched")
+            self.metrics.requests.labels(scope["method"], template, str(status)).inc()
+            self.metrics.latency.labels(template).observe(time.perf_counter() - began)
+
+
+class StatusCollector(Collector):
+    """Exports the backend's status dict (refreshed by the supervisor's health loop)."""
+
+    def __init__(self, status: Callable[[], dict[str, Any]]) -> None:
+        self.status = status
+
+    def collect(self) -> Iterator[Metric]:
+        status = self.status()
+        shards = status.get("shards", [])
+        gauges = {
+            "ready": ("mabrec_shard_ready", "1 if the shard is restored and serving"),
+            "users": ("mabrec_shard_users", "Users held in memory"),
+            "covered_seq": ("mabrec_shard_covered_seq", "Event stream sequence applied through"),
+            "checkpoint_seq": ("mabrec_shard_checkpoint_seq", "Event stream sequence checkpointed through"),
+            "dirty_users": ("mabrec_shard_dirty_users", "Users changed since the last checkpoint"),
+        }
+        counters = {
+            "events_applied": ("mabrec_shard_events_applied", "Events applied to bandit state"),
+            "events_duplicate": ("mabrec_shard_events_duplicate", "Events skipped as repeats of an event_id"),
+            "replayed": ("mabrec_shard_events_replayed", "Events applied by replaying the stream"),
+            "checkpoint_errors": ("mabrec_shard_checkpoint_errors", "Failed checkpoints"),
+        }
+        for key, (name, doc) in gauges.items():
+            family = GaugeMetricFamily(name, doc, labels=["shard"])
+            for s in shards:
+                family.add_metric([str(s["shard"])], float(s.get(key) or 0))
+            yield family
+        for key, (name, doc) in counters.items():
+            family = CounterMetricFamily(name, doc, labels=["shard"])
+            for s in shards:
+                family.add_metric([str(s["shard"])], float(s.get(key) or 0))
+            yield family
+        router = status.get("consumer") or {}
+        dead = CounterMetricFamily(
+            "mabrec_events_dead_lettered", "Malformed events sent to the dead-letter subject", labels=["reason"]
+        )
+        for reason, count in (router.get("dead_letters") or {}).items():
+            dead.add_metric([reason], float(count))
+        yield dead
+        yield CounterMetricFamily(
+            "mabrec_consumer_events", "Events routed to shards", value=float(router.get("events") or 0)
+        )
+        yield GaugeMetricFamily(
+            "mabrec_stream_last_seq",
+            "Last sequence in the events stream",
+            value=float(status.get("stream_last_seq") or 0),
+        )
+        publisher = status.get("publisher") or {}
+        yield GaugeMetricFamily(
+            "mabrec_publish_buffer",
+            "Events waiting to be published to NATS",
+            value=float(publisher.get("pending") or 0),
+        )

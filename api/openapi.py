@@ -1,0 +1,246 @@
+"""The OpenAPI 3.1 document, written out (it is the contract), and a self-contained docs page
+rendered from it (no CDN: it works on an air-gapped laptop)."""
+
+from __future__ import annotations
+
+import html
+from functools import cache
+from typing import Any
+
+UXID = {
+    "name": "uxid",
+    "in": "header",
+    "description": "The user: 1 to 128 printable characters. Opaque to the service.",
+    "schema": {"type": "string", "minLength": 1, "maxLength": 128},
+}
+ERROR = {"$ref": "#/components/responses/Error"}
+MOVIES = {
+    "description": "Movies",
+    "content": {"application/json": {"schema": {"type": "array", "items": {"$ref": "#/components/schemas/Movie"}}}},
+}
+
+
+def _int_query(name: str, description: str, default: int, maximum: int) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "description": description,
+        "schema": {"type": "integer", "minimum": 1, "maximum": maximum, "default": default},
+    }
+
+
+@cache
+def openapi() -> dict[str, Any]:
+    facet = {
+        "type": "object",
+        "properties": {"id": {"type": "integer"}, "name": {"type": "string"}},
+        "required": ["id", "name"],
+    }
+    event = {
+        "type": "object",
+        "description": "A feedback event, in the original service's shape. `entity_ids` may replace "
+        "`entity_id` (one impression for a whole slate). A repeated `event_id` counts once.",
+        "properties": {
+            "event_type": {"type": "string", "enum": ["seen", "clicked"]},
+            "entity_type": {"type": "string", "enum": ["movies"], "default": "movies"},
+            "entity_id": {"type": "integer", "minimum": 1},
+            "entity_ids": {"type": "array", "items": {"type": "integer", "minimum": 1}, "minItems": 1, "maxItems": 100},
+            "user_id": {"type": "string", "minLength": 1, "maxLength": 128},
+            "event_id": {"type": "string", "minLength": 1, "maxLength": 128},
+            "recommendation_id": {"type": "string", "maxLength": 128},
+            "ts": {"oneOf": [{"type": "number"}, {"type": "string", "format": "date-time"}]},
+        },
+        "required": ["event_type", "user_id"],
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "mabrec",
+            "version": "0.1.0",
+            "description": "Real-time movie recommendations from Thompson-sampling bandits. Every slate "
+            "served and every movie opened with a `uxid` is feedback that changes the user's next slate "
+            "within milliseconds.",
+        },
+        "paths": {
+            "/api/movies": {
+                "get": {
+                    "summary": "List movies by id",
+                    "parameters": [
+                        _int_query("page", "Page number, from 1", 1, 10_000_000),
+                        _int_query("per_page", "Movies per page", 20, 100),
+                    ],
+                    "responses": {
+                        "200": {
+                            **MOVIES,
+                            "headers": {
+                                "X-Total-Count": {"schema": {"type": "integer"}, "description": "Movies in the catalog"}
+                            },
+                        },
+                        "400": ERROR,
+                    },
+                }
+            },
+            "/api/movies/{id}": {
+                "get": {
+                    "summary": "One movie with its facets; with a uxid header, records a click",
+                    "parameters": [
+                        {"name": "id", "in": "path", "required": True, "schema": {"type": "integer"}},
+                        {**UXID, "required": False},
+                        {
+                            "name": "X-Recommendation-Id",
+                            "in": "header",
+                            "required": False,
+                            "description": "The slate this click came from (also accepted as query `rid`)",
+                            "schema": {"type": "string"},
+                        },
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "The movie",
+                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Movie"}}},
+                        },
+                        "400": ERROR,
+                        "404": ERROR,
+                    },
+                }
+            },
+            "/api/recommendations/movies": {
+                "get": {
+                    "summary": "A personalized slate, best first; records an impression of it",
+                    "parameters": [{**UXID, "required": True}, _int_query("limit", "Slate size", 10, 100)],
+                    "responses": {
+                        "200": {
+                            **MOVIES,
+                            "headers": {
+                                "X-Recommendation-Id": {
+                                    "schema": {"type": "string"},
+                                    "description": "Quote it on clicks for attribution",
+                                },
+                                "X-Mabrec-Source": {
+                                    "schema": {"type": "string", "enum": ["personal", "popularity-fallback"]},
+                                    "description": "popularity-fallback while the user's shard is recovering",
+                                },
+                            },
+                        },
+                        "400": ERROR,
+                    },
+                }
+            },
+            "/api/events": {
+                "post": {
+                    "summary": "Submit feedback events (for clients that do not speak NATS); all or nothing",
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "oneOf": [
+                                        {"$ref": "#/components/schemas/Event"},
+                                        {
+                                            "type": "array",
+                                            "items": {"$ref": "#/components/schemas/Event"},
+                                            "maxItems": 1000,
+                                        },
+                                    ]
+                                }
+                            }
+                        },
+                    },
+                    "responses": {
+                        "202": {"description": 'Accepted: `{"accepted": n, "event_ids": [...]}`'},
+                        "400": ERROR,
+                        "413": ERROR,
+                        "503": ERROR,
+                    },
+                }
+            },
+            "/api/status": {
+                "get": {
+                    "summary": "Shards, event consumer and publisher status",
+                    "responses": {"200": {"description": "Status"}},
+                }
+            },
+            "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "The process runs"}}}},
+            "/readyz": {
+                "get": {
+                    "summary": "Readiness: catalog loaded, every shard restored, consumer running",
+                    "responses": {
+                        "200": {"description": "Ready"},
+                        "503": {"description": "Not ready (detail in body)"},
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics",
+                    "responses": {"200": {"description": "Text exposition format"}},
+                }
+            },
+        },
+        "components": {
+            "schemas": {
+                "Movie": {
+                    "type": "object",
+                    "properties": {
+                        "id": {"type": "integer"},
+                        "name": {"type": "string"},
+                        "description": {"type": "string"},
+                        "rating": {"type": ["number", "null"]},
+                        "votes": {"type": ["integer", "null"]},
+                        "duration": {"type": ["integer", "null"]},
+                        "duration_unit": {"type": "string"},
+                        "link": {"type": ["string", "null"]},
+                        "genres": {"type": "array", "items": facet},
+                        "directors": {"type": "array", "items": facet},
+                        "actors": {"type": "array", "items": facet},
+                    },
+                    "additionalProperties": {
+                        "type": "array",
+                        "items": facet,
+                        "description": "Other facet kinds of the catalog",
+                    },
+                    "required": ["id", "name", "genres", "directors", "actors"],
+                },
+                "Event": event,
+                "Error": {
+                    "type": "object",
+                    "properties": {"error": {"type": "string"}, "detail": {"type": "string"}},
+                    "required": ["error", "detail"],
+                },
+            },
+            "responses": {
+                "Error": {
+                    "description": "An error",
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+                }
+            },
+        },
+    }
+
+
+@cache
+def docs_html() -> str:
+    spec = openapi()
+    rows = []
+    for path, methods in spec["paths"].items():
+        for method, op in methods.items():
+            params = ", ".join(
+                f"{p['name']} ({p['in']}{', required' if p.get('required') else ''})" for p in op.get("parameters", [])
+            )
+            codes = ", ".join(op.get("responses", {}))
+            rows.append(
+                f"<tr><td><code>{method.upper()}</code></td><td><code>{html.escape(path)}</code></td>"
+                f"<td>{html.escape(op['summary'])}</td><td>{html.escape(params)}</td><td>{codes}</td></tr>"
+            )
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>mabrec API</title>"
+        "<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:75em}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.4em;text-align:left;vertical-align:top}"
+        "</style></head><body>"
+        f"<h1>mabrec API {spec['info']['version']}</h1><p>{html.escape(spec['info']['description'])}</p>"
+        '<p>Errors are JSON: <code>{"error": code, "detail": text}</code>. '
+        "Machine-readable contract: <a href='/openapi.json'>/openapi.json</a>.</p>"
+        "<table><tr><th>Method</th><th>Path</th><th>What</th><th>Parameters</th><th>Responses</th></tr>"
+        + "".join(rows)
+        + "</table></body></html>"
+    )

@@ -1,0 +1,175 @@
+"""HTTP handlers. Each validates its input (4xx JSON on anything bad), asks the backend, and
+answers with pre-rendered movie JSON. No handler blocks: the backend's calls are all async."""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+
+from api.backend import Backend
+from api.openapi import docs_html, openapi
+from api.responses import json_response, raw_json
+from system.errors import BadRequest, MalformedEvent, NotFound, PayloadTooLarge, Unavailable
+from system.events import CLICKED, KIND_NAMES, MAX_BATCH, SEEN, Event, check_uxid, parse_event
+
+MAX_LIMIT = 100
+MAX_PER_PAGE = 100
+MAX_BODY = 1 << 20
+
+
+def _backend(request: Request) -> Backend:
+    return request.state.backend  # type: ignore[no-any-return]
+
+
+def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = lo - 1
+    if not lo <= value <= hi:
+        raise BadRequest(f"{name} must be an integer between {lo} and {hi}, got {raw!r}")
+    return value
+
+
+def _uxid(request: Request, required: bool) -> str | None:
+    value = request.headers.get("uxid")
+    if value is None:
+        if required:
+            raise BadRequest("the uxid header is required: it identifies the user (1 to 128 printable characters)")
+        return None
+    return check_uxid(value)
+
+
+def _new_id() -> str:
+    return secrets.token_hex(12)
+
+
+def _publish(request: Request, events: list[Event]) -> bool:
+    accepted = _backend(request).publish(events)
+    counter = request.state.metrics.events if accepted else request.state.metrics.events_dropped
+    for event in events:
+        counter.labels(KIND_NAMES[event.kind]).inc()
+    return accepted
+
+
+async def list_movies(request: Request) -> Response:
+    page = _int_param(request, "page", 1, 1, 10_000_000)
+    per_page = _int_param(request, "per_page", 20, 1, MAX_PER_PAGE)
+    rendered = _backend(request).catalog
+    total = len(rendered.catalog)
+    start = min((page - 1) * per_page, total)
+    headers = {"X-Total-Count": str(total), "X-Page": str(page), "X-Per-Page": str(per_page)}
+    return raw_json(rendered.many(range(start, min(start + per_page, total))), headers=headers)
+
+
+async def get_movie(request: Request) -> Response:
+    raw = request.path_params["id"]
+    try:
+        movie_id = int(raw)
+    except ValueError:
+        raise BadRequest(f"the movie id must be an integer, got {raw!r}") from None
+    backend = _backend(request)
+    rendered = backend.catalog
+    index = int(rendered.catalog.movie_index([movie_id])[0]) if 0 < movie_id < 2**31 else -1
+    if index < 0:
+        raise NotFound(f"no movie with id {movie_id}")
+    uxid = _uxid(request, required=False)
+    if uxid is not None:
+        rid = request.headers.get("x-recommendation-id") or request.query_params.get("rid")
+        if rid is not None and not 1 <= len(rid) <= 128:
+            raise BadRequest("the recommendation id must be 1 to 128 characters")
+        _publish(request, [Event(uxid, CLICKED, (movie_id,), f"clk-{_new_id()}", rid, time.time())])
+    return raw_json(rendered.one(index))
+
+
+async def recommendations(request: Request) -> Response:
+    uxid = _uxid(request, required=True)
+    assert uxid is not None
+    limit = _int_param(request, "limit", 10, 1, MAX_LIMIT)
+    backend = _backend(request)
+    source = "personal"
+    try:
+        movie_ids = await backend.recommend(uxid, limit)
+    except Unavailable:
+        movie_ids, source = backend.fallback(limit), "popularity-fallback"
+    request.state.metrics.slates.labels(source).inc()
+    rid = _new_id()
+    if movie_ids:
+        _publish(request, [Event(uxid, SEEN, tuple(movie_ids), f"imp-{rid}", rid, time.time())])
+    headers = {"X-Recommendation-Id": rid, "X-Mabrec-Source": source, "Cache-Control": "no-store"}
+    return raw_json(backend.catalog.by_ids(movie_ids), headers=headers)
+
+
+async def post_events(request: Request) -> Response:
+    body = await _read_body(request)
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"the body must be JSON: {exc}") from None
+    items = data if isinstance(data, list) else [data]
+    if not 1 <= len(items) <= MAX_BATCH:
+        raise BadRequest(f"send 1 to {MAX_BATCH} events per request, got {len(items)}")
+    events, errors = [], []
+    for i, item in enumerate(items):
+        try:
+            event = parse_event(item)
+        except MalformedEvent as exc:
+            errors.append({"index": i, "detail": exc.detail})
+            continue
+        if event.event_id is None:
+            event = Event(event.user, event.kind, event.movies, f"api-{_new_id()}", event.recommendation_id, event.ts)
+        events.append(event)
+    if errors:
+        # All or nothing: a client fixes its batch and re-sends it, without double counting.
+        return json_response(
+            {
+                "error": "malformed_event",
+                "detail": f"{len(errors)} of {len(items)} events are malformed; none was accepted",
+                "errors": errors[:100],
+            },
+            400,
+        )
+    if not _publish(request, events):
+        raise Unavailable("the event buffer is full (NATS is unreachable); retry later")
+    return json_response({"accepted": len(events), "event_ids": [e.event_id for e in events]}, 202)
+
+
+async def _read_body(request: Request) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY:
+        raise PayloadTooLarge(f"the body may be at most {MAX_BODY} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise PayloadTooLarge(f"the body may be at most {MAX_BODY} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def healthz(request: Request) -> Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    readiness = _backend(request).readiness()
+    return json_response(readiness, 200 if readiness.get("ready") else 503)
+
+
+async def status(request: Request) -> Response:
+    return json_response(_backend(request).status())
+
+
+async def openapi_json(request: Request) -> Response:
+    return json_response(openapi())
+
+
+async def docs(request: Request) -> Response:
+    return HTMLResponse(docs_html())

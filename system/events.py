@@ -1,0 +1,144 @@
+"""Feedback events: the JSON contract, validation, and the compact form shards apply.
+
+Accepted JSON (one object per NATS message, or an array of such objects):
+    {"event_type": "seen" | "clicked", "entity_type": "movies", "entity_id": 42, "user_id": "u1",
+     "event_id": "...", "ts": 1764300000.0, "recommendation_id": "..."}
+`entity_ids` (a list) may replace `entity_id`: one impression event for a whole slate.
+`event_id`, `ts` and `recommendation_id` are optional; a repeated `event_id` counts once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from system.errors import BadRequest, MalformedEvent
+
+SEEN, CLICKED = 0, 1
+KINDS = {"seen": SEEN, "clicked": CLICKED}
+KIND_NAMES = {v: k for k, v in KINDS.items()}
+MAX_UXID = 128
+MAX_ENTITIES = 100
+MAX_ID = 128
+MAX_BATCH = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    user: str
+    kind: int
+    movies: tuple[int, ...]
+    event_id: str | None = None
+    recommendation_id: str | None = None
+    ts: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "event_type": KIND_NAMES[self.kind],
+            "entity_type": "movies",
+            "user_id": self.user,
+        }
+        if len(self.movies) == 1:
+            out["entity_id"] = self.movies[0]
+        else:
+            out["entity_ids"] = list(self.movies)
+        for key in ("event_id", "recommendation_id", "ts"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
+
+    def encode(self) -> bytes:
+        return orjson.dumps(self.to_json())
+
+    @property
+    def id_hash(self) -> int:
+        """A 63-bit digest of event_id (0 when there is none), for compact de-duplication."""
+        return id_hash(self.event_id) if self.event_id else 0
+
+
+def id_hash(event_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(event_id.encode(), digest_size=8).digest(), "little") >> 1
+
+
+def check_uxid(value: Any, field: str = "uxid") -> str:
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_UXID or not value.isprintable():
+        raise BadRequest(f"{field} must be 1 to {MAX_UXID} printable characters")
+    return value
+
+
+def parse_event(obj: Any) -> Event:
+    """An Event from decoded JSON, or MalformedEvent saying what is wrong."""
+    if not isinstance(obj, dict):
+        raise MalformedEvent("an event must be a JSON object")
+    kind = KINDS.get(obj.get("event_type"))  # type: ignore[arg-type]
+    if kind is None:
+        raise MalformedEvent(f"event_type must be 'seen' or 'clicked', got {obj.get('event_type')!r}")
+    if obj.get("entity_type", "movies") != "movies":
+        raise MalformedEvent(f"entity_type must be 'movies', got {obj.get('entity_type')!r}")
+    try:
+        user = check_uxid(obj.get("user_id"), "user_id")
+    except BadRequest as exc:
+        raise MalformedEvent(exc.detail) from None
+    if "entity_ids" in obj:
+        movies = obj["entity_ids"]
+        if not isinstance(movies, list) or not 1 <= len(movies) <= MAX_ENTITIES:
+            raise MalformedEvent(f"entity_ids must be a list of 1 to {MAX_ENTITIES} movie ids")
+    elif "entity_id" in obj:
+        movies = [obj["entity_id"]]
+    else:
+        raise MalformedEvent("entity_id (or entity_ids) is required")
+    if not all(type(m) is int and 0 < m < 2**31 for m in movies):
+        raise MalformedEvent("movie ids must be positive 32-bit integers")
+    return Event(
+        user=user,
+        kind=kind,
+        movies=tuple(movies),
+        event_id=_optional_str(obj, "event_id"),
+        recommendation_id=_optional_str(obj, "recommendation_id"),
+        ts=_optional_ts(obj),
+    )
+
+
+def decode(payload: bytes) -> tuple[list[Event], list[tuple[Any, str, str]]]:
+    """All events of one message, and (item, error label, reason) for each malformed one."""
+    try:
+        data = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        return [], [(payload, "not_json", f"not JSON: {exc}")]
+    items = data if isinstance(data, list) else [data]
+    if len(items) > MAX_BATCH:
+        return [], [(payload, "too_large", f"a message carries at most {MAX_BATCH} events, got {len(items)}")]
+    events, errors = [], []
+    for item in items:
+        try:
+            events.append(parse_event(item))
+        except MalformedEvent as exc:
+            errors.append((item, "invalid", exc.detail))
+    return events, errors
+
+
+def _optional_str(obj: dict[str, Any], key: str) -> str | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_ID:
+        raise MalformedEvent(f"{key} must be a string of 1 to {MAX_ID} characters")
+    return value
+
+
+def _optional_ts(obj: dict[str, Any]) -> float | None:
+    value = obj.get("ts")
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value).timestamp()
+        except ValueError:
+            pass
+    elif type(value) in (int, float):
+        return float(value)
+    raise MalformedEvent("ts must be a number (seconds since the epoch) or an ISO 8601 string")

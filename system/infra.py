@@ -1,0 +1,85 @@
+"""Where the services are: the configured URLs, or embedded servers under the state directory.
+
+`Infrastructure.start` resolves DATABASE_URL, NATS_URL and RAY_ADDRESS. Each one that is unset
+is served by an embedded server: adopted from the runtime file if a previous supervisor left it
+running (it crashed), started otherwise. `stop` stops what this supervisor owns, by PID.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from dataclasses import dataclass, field, replace
+
+import psycopg
+from psycopg import sql
+
+from system import embedded
+from system.embedded import Runtime, Service
+from system.settings import Settings
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_DATABASE = "mabrec"
+
+
+@dataclass
+class Infrastructure:
+    settings: Settings  # with database_url, nats_url and ray_address filled in
+    services: list[Service] = field(default_factory=list)
+    dashboard_url: str | None = None
+
+    @classmethod
+    def start(cls, settings: Settings, *, with_ray: bool = True) -> Infrastructure:
+        """Blocking (it waits for servers to listen): run it in a thread from async code."""
+        previous = Runtime.load(settings.state_dir)
+        infra = cls(settings)
+        try:
+            if not settings.database_url:
+                pg = infra._adopt_or_start(previous, "postgres", lambda: embedded.start_postgres(settings.state_dir))
+                infra.settings = replace(infra.settings, database_url=_ensure_database(pg.url, EMBEDDED_DATABASE))
+            if not settings.nats_url:
+                nats = infra._adopt_or_start(previous, "nats", lambda: embedded.start_nats(settings.state_dir))
+                infra.settings = replace(infra.settings, nats_url=nats.url)
+            if with_ray and not settings.ray_address:
+                dashboard = previous.dashboard_url if previous else None
+
+                def start_ray() -> Service:
+                    nonlocal dashboard
+                    service, dashboard = embedded.start_ray(settings.state_dir, settings.dashboard)
+                    return service
+
+                ray = infra._adopt_or_start(previous, "ray", start_ray)
+                infra.settings = replace(infra.settings, ray_address=ray.url)
+                infra.dashboard_url = dashboard
+        except BaseException:
+            infra.stop()
+            raise
+        return infra
+
+    def _adopt_or_start(self, previous: Runtime | None, name: str, start: object) -> Service:
+        service = previous.service(name) if previous else None
+        if service is not None:
+            log.info(
+                "adopting running embedded server", extra={"service": name, "pid": service.pid, "url": service.url}
+            )
+        else:
+            service = start()  # type: ignore[operator]
+            log.info("started embedded server", extra={"service": name, "pid": service.pid, "url": service.url})
+        self.services.append(service)
+        return service
+
+    def stop(self) -> None:
+        """Stop the embedded servers, last started first (Ray, then NATS, then PostgreSQL)."""
+        for service in reversed(self.services):
+            if service.owned and service.alive():
+                log.info("stopping embedded server", extra={"service": service.name, "pid": service.pid})
+                embedded.stop_pid(service.pid, signal.SIGTERM if service.name == "ray" else signal.SIGINT)
+        self.services = []
+
+
+def _ensure_database(server_url: str, name: str) -> str:
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return server_url.rsplit("/", 1)[0] + "/" + name

@@ -1,0 +1,46 @@
+"""User -> slot -> shard. Users hash to a fixed number of slots with a stable hash (crc32, never
+Python's salted `hash`); a slot map assigns slots to shards, so re-sharding moves slots, not users."""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+
+from system.settings import SLOTS
+
+
+def slot_of(uxid: str) -> int:
+    return zlib.crc32(uxid.encode()) % SLOTS
+
+
+def even_slot_map(shards: int) -> np.ndarray:
+    """Contiguous, balanced ranges of slots per shard: slot s -> s * shards // SLOTS."""
+    return (np.arange(SLOTS, dtype=np.int64) * shards // SLOTS).astype(np.int16)
+
+
+class SlotMap:
+    """Which shard owns each slot. Immutable; a re-shard builds a new one."""
+
+    def __init__(self, owners: np.ndarray) -> None:
+        if owners.shape != (SLOTS,):
+            raise ValueError(f"a slot map has {SLOTS} entries, got {owners.shape}")
+        self.owners = owners.astype(np.int16, copy=True)
+        self.owners.flags.writeable = False
+        self.shards = int(self.owners.max()) + 1
+
+    @classmethod
+    def even(cls, shards: int) -> SlotMap:
+        return cls(even_slot_map(shards))
+
+    def shard_of(self, uxid: str) -> int:
+        return int(self.owners[slot_of(uxid)])
+
+    def slots_of(self, shard: int) -> list[int]:
+        return np.flatnonzero(self.owners == shard).tolist()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SlotMap) and bool(np.array_equal(self.owners, other.owners))
+
+    def __hash__(self) -> int:
+        return hash(self.owners.tobytes())

@@ -1,0 +1,185 @@
+"""Events from NATS to shard state, without Ray: the plain Shard and EventRouter classes against
+real PostgreSQL and NATS JetStream (Ray only wraps them; test_e2e runs them as actors)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import orjson
+import pytest
+import pytest_asyncio
+
+from actors.router import EventRouter
+from actors.shard import Shard, ShardNotReady
+from system import db, userstate
+from system.catalog import read_movies
+from system.events import CLICKED, Event
+from system.settings import Settings
+from system.sharding import SlotMap
+from system.store import CatalogStore, StateStore
+from tests.conftest import SMALL_CSV
+
+pytestmark = pytest.mark.integration
+
+
+class LocalShards:
+    """`ShardCalls` straight to plain Shard objects (Ray's part is to be the transport)."""
+
+    def __init__(self, shards: dict[int, Shard]) -> None:
+        self.shards = shards
+
+    async def apply(self, shard: int, prev_seq: int, last_seq: int, events: Sequence[tuple[int, Event]]) -> int:
+        return await self.shards[shard].apply(prev_seq, last_seq, events)
+
+    async def covered(self, shard: int) -> int | None:
+        status = self.shards[shard].status()
+        return status["covered_seq"] if status["ready"] else None
+
+
+@dataclass
+class Pipeline:
+    settings: Settings
+    js: object
+    shards: dict[int, Shard]
+    router: EventRouter
+    slot_map: SlotMap
+
+    def shard_of(self, uxid: str) -> Shard:
+        return self.shards[self.slot_map.shard_of(uxid)]
+
+    async def publish(self, payload: object, subject: str | None = None) -> int:
+        data = payload if isinstance(payload, bytes) else orjson.dumps(payload)
+        ack = await self.js.publish(subject or self.settings.events_subject, data)  # type: ignore[attr-defined]
+        return int(ack.seq)
+
+    async def settle(self, seq: int, timeout: float = 10.0) -> None:
+        """Wait until the router has routed through `seq`."""
+        await wait_for(lambda: self.router.position >= seq, timeout)
+
+
+async def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+async def prepare(settings: Settings) -> SlotMap:
+    await db.migrate(settings.database_url or "")
+    pool = await db.open_pool(settings.database_url or "")
+    await CatalogStore(pool).load(list(read_movies(SMALL_CSV)), source="small")
+    slot_map = await StateStore(pool).ensure_slot_map(settings.shards)
+    await pool.close()
+    return slot_map
+
+
+@pytest_asyncio.fixture
+async def pipeline(settings: Settings, js: object) -> AsyncIterator[Pipeline]:
+    slot_map = await prepare(settings)
+    shards = {i: Shard(i, settings, seed=i) for i in range(settings.shards)}
+    for shard in shards.values():
+        await shard.wait_ready()
+    router = EventRouter(settings, LocalShards(shards))
+    router.ensure_running()
+    yield Pipeline(settings, js, shards, router, slot_map)
+    await router.stop()
+    for shard in shards.values():
+        await shard.stop()
+
+
+def posterior(shard: Shard, uxid: str, key: int) -> tuple[int, int]:
+    assert shard.state is not None
+    return userstate.posterior(shard.state.counts_of(uxid), key)
+
+
+async def test_original_event_shape_on_the_documented_subject_updates_the_user(pipeline: Pipeline) -> None:
+    seq = await pipeline.publish({"event_type": "clicked", "entity_type": "movies", "entity_id": 2, "user_id": "u1"})
+    seq = await pipeline.publish({"event_type": "seen", "entity_type": "movies", "entity_id": 2, "user_id": "u1"})
+    await pipeline.settle(seq)
+    assert posterior(pipeline.shard_of("u1"), "u1", 2) == (2, 2)
+
+
+async def test_malformed_events_are_dead_lettered_and_the_next_good_one_applies(pipeline: Pipeline) -> None:
+    settings, js = pipeline.settings, pipeline.js
+    dlq = await js.subscribe(settings.deadletter_subject)  # type: ignore[attr-defined]
+    await pipeline.publish(b"{oops")
+    await pipeline.publish({"event_type": "liked", "entity_id": 2, "user_id": "u2"})
+    await pipeline.publish({"event_type": "seen", "entity_id": 424242, "user_id": "u2"})
+    seq = await pipeline.publish({"event_type": "clicked", "entity_id": 3, "user_id": "u2"})
+    await pipeline.settle(seq)
+    assert posterior(pipeline.shard_of("u2"), "u2", 3) == (2, 1)
+    assert dict(pipeline.router.dead_letters) == {"not_json": 1, "invalid": 1, "unknown_movie": 1}
+    reasons = [(await dlq.next_msg(timeout=5)).headers["Mabrec-Error"] for _ in range(3)]
+    assert reasons == ["not_json", "invalid", "unknown_movie"]
+    assert pipeline.router.status()["running"]
+
+
+async def test_a_shard_that_missed_a_call_replays_the_gap_from_the_stream(pipeline: Pipeline) -> None:
+    await pipeline.router.stop()  # take over the router's job by hand
+    shard = pipeline.shard_of("gap-user")
+    first = await pipeline.publish({"event_type": "clicked", "entity_id": 5, "user_id": "gap-user"})
+    second = await pipeline.publish({"event_type": "clicked", "entity_id": 8, "user_id": "gap-user"})
+    covered = shard.covered
+    # The call carrying `first` was lost; the next call covers (first, second] and says so.
+    await shard.apply(first, second, [(second, Event("gap-user", CLICKED, (8,)))])
+    assert shard.covered == second and shard.gaps == 1 and covered < first
+    assert posterior(shard, "gap-user", 5) == (2, 1) and posterior(shard, "gap-user", 8) == (2, 1)
+    # A redelivery of what is already covered changes nothing.
+    await shard.apply(
+        covered, second, [(first, Event("gap-user", CLICKED, (5,))), (second, Event("gap-user", CLICKED, (8,)))]
+    )
+    assert posterior(shard, "gap-user", 5) == (2, 1)
+
+
+@pytest.mark.parametrize("checkpoint_interval", [3600.0])  # only the explicit checkpoint below
+async def test_a_restarted_shard_recovers_checkpoint_plus_replay_exactly(pipeline: Pipeline) -> None:
+    rng = np.random.default_rng(1)
+    events = [
+        {
+            "event_type": "clicked" if rng.random() < 0.2 else "seen",
+            "entity_id": int(rng.integers(1, 41)),
+            "user_id": f"user-{rng.integers(30)}",
+            "event_id": f"e{i}",
+        }
+        for i in range(350)
+    ]
+    last = 0
+    for i, event in enumerate(events + events[-50:]):  # the last 50 twice: a publisher's retry
+        last = await pipeline.publish(event)
+        if i == 200:
+            await pipeline.settle(last)
+            await asyncio.gather(*(s.checkpoint() for s in pipeline.shards.values()))
+    await pipeline.settle(last)
+    live = pipeline.shards[0]
+    assert live.state is not None and live.state.duplicates > 0
+    # A new incarnation (what Ray starts after a crash) restores the checkpoint taken at event
+    # 200 and replays the rest from the stream.
+    reborn = Shard(0, pipeline.settings)
+    with pytest.raises(ShardNotReady):
+        await reborn.apply(0, last, [])
+    status = await reborn.wait_ready()
+    assert status["ready"] and status["replayed"] > 0 and reborn.covered >= last
+    assert reborn.state is not None
+    assert set(reborn.state.users) == set(live.state.users)
+    for uxid in live.state.users:
+        assert np.array_equal(reborn.state.counts_of(uxid), live.state.counts_of(uxid)), uxid
+        assert np.array_equal(reborn.state.users[uxid].recent, live.state.users[uxid].recent)
+    await reborn.stop()
+
+
+async def test_slates_learn_from_events(pipeline: Pipeline) -> None:
+    seq = 0
+    for movie in (3, 12, 18):  # three Christopher Nolan movies
+        seq = await pipeline.publish({"event_type": "clicked", "entity_id": movie, "user_id": "nolan-fan"})
+    await pipeline.settle(seq)
+    shard = pipeline.shard_of("nolan-fan")
+    slates = await shard.recommend([("nolan-fan", 5)] * 30 + [("cold", 5)] * 30)
+    assert all(len(s) == 5 and len(set(s)) == 5 for s in slates)
+    fan = sum(32 in s for s in slates[:30])  # The Prestige: the one Nolan movie left
+    cold = sum(32 in s for s in slates[30:])
+    assert fan >= 12 and fan >= cold + 8, (fan, cold)
+    assert not {3, 12, 18} & {m for s in slates[:30] for m in s}  # opened movies go to the back

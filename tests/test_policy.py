@@ -1,0 +1,156 @@
+"""The bandit policy and its arithmetic, with fixed seeds, on the shipped catalog and a small one."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from actors.shard_state import ShardState
+from system import policy, userstate
+from system.catalog import Catalog, read_movies
+from system.events import CLICKED, SEEN, Event
+from tests.conftest import SMALL_CSV
+
+SHIPPED = Path(__file__).resolve().parent.parent / "data" / "catalog.csv.gz"
+
+
+@pytest.fixture(scope="module")
+def catalog() -> Catalog:
+    return Catalog.from_movies(list(read_movies(SHIPPED)))
+
+
+@pytest.fixture(scope="module")
+def small() -> Catalog:
+    return Catalog.from_movies(list(read_movies(SMALL_CSV)))
+
+
+def facet_key(catalog: Catalog, kind: str, name: str) -> int:
+    return -next(f.id for f in catalog.facets if f.kind == kind and f.name == name)
+
+
+def genres(catalog: Catalog, movie_ids: list[int]) -> list[set[str]]:
+    idx = catalog.movie_index(movie_ids)
+    return [{f.name for f in catalog.facet_names(int(i)).get("genres", [])} for i in idx]
+
+
+def test_update_arithmetic_is_the_original_beta_update(small: Catalog) -> None:
+    state = ShardState(small, rng=np.random.default_rng(0))
+    state.apply([Event("u", SEEN, (2, 3)), Event("u", SEEN, (2,)), Event("u", CLICKED, (2,)), Event("u", SEEN, (2,))])
+    counts = state.counts_of("u")
+    # movie 2 (The Godfather: Crime, Drama; Coppola): 3 impressions, 1 click.
+    assert userstate.posterior(counts, 2) == (1 + 1, 1 + 3)
+    assert userstate.posterior(counts, 3) == (1, 1 + 1)
+    assert userstate.posterior(counts, facet_key(small, "genres", "Crime")) == (1 + 1, 1 + 3 + 1)
+    assert userstate.posterior(counts, facet_key(small, "genres", "Action")) == (1, 1 + 1)  # only movie 3
+    assert userstate.posterior(counts, facet_key(small, "directors", "Francis Ford Coppola")) == (2, 4)
+    assert userstate.posterior(counts, facet_key(small, "directors", "Christopher Nolan")) == (1, 2)
+    assert userstate.posterior(counts, 1) == (1, 1)  # untouched: the prior
+    # Everything the user touched is in the sparse state, nothing else.
+    assert len(counts) == 2 + 3 + 2  # movies 2, 3; Crime, Drama, Action; two directors
+    assert state.local_clicks.sum() == 1 + 2 + 1  # movie 2 and its 3 facets... per dense entity
+    assert state.applied == 4
+
+
+def test_cold_user_slate_is_full_distinct_and_diverse(catalog: Catalog) -> None:
+    model = policy.Model(catalog)
+    cold = model.view(userstate.empty())
+    for seed in range(20):
+        slate = policy.recommend(model, cold, 10, np.random.default_rng(seed))
+        ids = catalog.movie_ids[slate.movies].tolist()
+        assert len(ids) == 10 and len(set(ids)) == 10
+        counts = Counter(g for gs in genres(catalog, ids) for g in gs)
+        assert counts.most_common(1)[0][1] < 10, "ten copies of one genre"
+        assert len(counts) >= 4
+
+
+def test_cold_slates_favor_well_rated_popular_movies(catalog: Catalog) -> None:
+    model = policy.Model(catalog)
+    cold = model.view(userstate.empty())
+    picked = np.concatenate([policy.recommend(model, cold, 10, np.random.default_rng(s)).movies for s in range(30)])
+    assert np.nanmean(catalog.rating[picked]) > np.nanmean(catalog.rating) + 0.5
+    assert np.median(catalog.votes[picked]) > 2 * np.median(catalog.votes)
+    assert len(set(picked.tolist())) > 100  # but not the same ten for everyone
+
+
+def test_same_seed_same_slate(catalog: Catalog) -> None:
+    model = policy.Model(catalog)
+    view = model.view(userstate.empty())
+    a = policy.recommend(model, view, 10, np.random.default_rng(7)).movies
+    b = policy.recommend(model, view, 10, np.random.default_rng(7)).movies
+    c = policy.recommend(model, view, 10, np.random.default_rng(8)).movies
+    assert a.tolist() == b.tolist() and a.tolist() != c.tolist()
+
+
+def crime_fan_shares(catalog: Catalog, seed: int, rounds: int = 40) -> list[float]:
+    """A user who clicks only Crime movies: each round a slate of 10, and a click on the first
+    Crime movie of it with probability 1/2 (a cascade: at most one click per slate)."""
+    rng = np.random.default_rng(seed)
+    state = ShardState(catalog, rng=rng)
+    crime = {int(m) for m in catalog.movies_of(int(np.flatnonzero([f.name == "Crime" for f in catalog.facets])[0]))}
+    shares = []
+    for _ in range(rounds):
+        ids = state.recommend("fan", 10)
+        is_crime = [int(i) in crime for i in catalog.movie_index(ids)]
+        shares.append(float(np.mean(is_crime)))
+        events = [Event("fan", SEEN, tuple(ids))]
+        first = next((m for m, c in zip(ids, is_crime, strict=False) if c), None)
+        if first is not None and rng.random() < 0.5:
+            events.append(Event("fan", CLICKED, (first,)))
+        state.apply(events)
+    return shares
+
+
+def test_crime_fan_gets_a_clear_majority_of_crime_within_a_few_dozen_rounds(catalog: Catalog) -> None:
+    base_rate = len(catalog.movies_of(int(np.flatnonzero([f.name == "Crime" for f in catalog.facets])[0]))) / len(
+        catalog
+    )
+    assert 0.19 < base_rate < 0.23
+    late = [np.mean(crime_fan_shares(catalog, seed)[25:]) for seed in range(4)]
+    assert np.mean(late) > 0.55, late
+    assert min(late) > 2 * base_rate, late
+
+
+def test_clicks_on_a_rare_genre_say_more_than_on_a_common_one(catalog: Catalog) -> None:
+    state = ShardState(catalog, rng=np.random.default_rng(3))
+    crime_drama = [m.id for i, m in enumerate(catalog.movies) if genres(catalog, [m.id])[0] == {"Crime", "Drama"}][:10]
+    state.apply([Event("u", CLICKED, (m,)) for m in crime_drama])
+    view = state.model.view(state.counts_of("u"))
+    crime = catalog.facet_index([-facet_key(catalog, "genres", "Crime")])[0]
+    drama = catalog.facet_index([-facet_key(catalog, "genres", "Drama")])[0]
+    lift_crime = np.mean(
+        [
+            policy.facet_lift(state.model, view, np.random.default_rng(s))[catalog.movies_of(crime)].mean()
+            for s in range(50)
+        ]
+    )
+    only_drama = [i for i in catalog.movies_of(drama) if genres(catalog, [int(catalog.movie_ids[i])])[0] == {"Drama"}]
+    lift_drama = np.mean(
+        [policy.facet_lift(state.model, view, np.random.default_rng(s))[only_drama].mean() for s in range(50)]
+    )
+    assert lift_crime > 1.0 and lift_crime > lift_drama + 1.0
+
+
+def test_opened_movies_go_to_the_back(small: Catalog) -> None:
+    state = ShardState(small, rng=np.random.default_rng(1))
+    state.apply([Event("u", CLICKED, (m,)) for m in (2, 4, 15)])  # Crime
+    slate = state.recommend("u", 10)
+    assert not {2, 4, 15} & set(slate)
+    everything = state.recommend("u", 100)
+    assert len(everything) == len(small) and set(everything) == set(small.movie_ids.tolist())
+    assert set(everything[-3:]) == {2, 4, 15}
+
+
+def test_limit_larger_than_catalog_and_empty_catalog(small: Catalog) -> None:
+    model = policy.Model(small)
+    view = model.view(userstate.empty())
+    assert len(policy.recommend(model, view, 1000, np.random.default_rng(0)).movies) == len(small)
+    empty = Catalog.from_movies([])
+    assert (
+        policy.recommend(
+            policy.Model(empty), policy.Model(empty).view(userstate.empty()), 10, np.random.default_rng(0)
+        ).movies.size
+        == 0
+    )
