@@ -77,6 +77,9 @@ class LiveBackend:
     async def recommend(self, uxid: str, limit: int) -> list[int]:
         return await self.gateway.recommend(uxid, limit)  # type: ignore[no-any-return]
 
+    async def profile(self, uxid: str) -> list[list[int]]:
+        return await self.gateway.profile(uxid)  # type: ignore[no-any-return]
+
     def fallback(self, limit: int) -> list[int]:
         empty = self.model.view(np.zeros((0, 3), dtype=np.int32))
         slate = recommend(self.model, empty, limit, self.rng)
@@ -189,7 +192,7 @@ async def up(settings: Settings) -> int:
         await state_store.check_event_log(settings.stream, info.created, info.state.last_seq)
         slot_map = await state_store.ensure_slot_map(settings.shards)
 
-        ray_api.connect(settings, settings.ray_address or "")  # ~1 s; on the main thread, as Ray wants
+        dashboard = ray_api.connect(settings, settings.ray_address or "")  # ~1 s; on the main thread, as Ray wants
         handle_signals()  # ray.init installed its own SIGTERM handler: ours must win (checkpoints first)
         cluster = ray_api.Cluster(settings)
         if slot_map.shards != settings.shards:
@@ -201,7 +204,7 @@ async def up(settings: Settings) -> int:
         publisher.start()
         rendered = await asyncio.to_thread(Rendered, await catalog_store.read())
         backend = LiveBackend(settings, rendered, ray_api.ShardGateway(cluster, slot_map), publisher, health)
-        backend.dashboard_url = infra.dashboard_url or ray_api.dashboard_url()
+        backend.dashboard_url = infra.dashboard_url or dashboard
 
         server = _Server(
             uvicorn.Config(
@@ -294,9 +297,13 @@ async def up(settings: Settings) -> int:
         await pool.close()
         ray_api.disconnect()
         return 0
+    except BaseException:
+        log.exception("mabrec up failed; stopping what it started")
+        raise
     finally:
         for task in tasks:
             task.cancel()
+        ray_api.disconnect()  # before Ray's servers stop, or the driver waits on them
         Runtime.remove(settings.state_dir)
         infra.stop()  # blocking on purpose: the loop may be going down, the servers must not stay up
 
@@ -335,7 +342,7 @@ def _ray_env(settings: Settings) -> dict[str, str]:
     from system.embedded import ray_environment
 
     env = {"RAY_USAGE_STATS_ENABLED": "0"}
-    if not os.environ.get("RAY_ADDRESS"):
+    if not settings.ray_address:  # our own local Ray: private, loopback-only, token-authenticated
         env.update(ray_environment(settings.state_dir))
     return env
 
@@ -417,6 +424,61 @@ async def _catalog_load(settings: Settings, path: Path, merge: bool) -> int:
     return 0
 
 
+def _bench(settings: Settings, args: argparse.Namespace) -> int:
+    import orjson
+
+    from bench import loadtest
+
+    url = args.url
+    if url is None:
+        runtime = Runtime.load(settings.state_dir)
+        if runtime is None or not pid_alive(runtime.supervisor_pid):
+            print("mabrec bench: no running system here; start one (`mabrec up`) or pass --url", file=sys.stderr)
+            return 2
+        url = runtime.api_url
+    if not url.startswith(("http://127.0.0.1", "http://localhost")):
+        print("mabrec bench: load tests target 127.0.0.1 only", file=sys.stderr)
+        return 2
+    try:
+        shares = dict(part.split("=") for part in args.mix.split(","))
+        mix = loadtest.Mix(
+            float(shares.get("recommend", 0)), float(shares.get("open", 0)), float(shares.get("list", 0))
+        )
+    except ValueError:
+        print("mabrec bench: --mix looks like recommend=8,open=1,list=1", file=sys.stderr)
+        return 2
+    catalog_ids = [m.id for m in read_movies(DEFAULT_CATALOG)]
+    config = {
+        "url": url,
+        "clients": args.clients,
+        "duration": args.duration,
+        "warmup": args.warmup,
+        "users": args.users,
+        "mix": args.mix,
+    }
+    print(
+        f"load test: {args.clients} clients, {args.duration}s after {args.warmup}s warm-up, mix {args.mix}",
+        file=sys.stderr,
+    )
+    results = asyncio.run(
+        loadtest.run(
+            url,
+            clients=args.clients,
+            duration=args.duration,
+            warmup=args.warmup,
+            users=args.users,
+            mix=mix,
+            movie_ids=catalog_ids,
+        )
+    )
+    print(loadtest.table(results))
+    if args.json:
+        args.json.write_text(loadtest.report(results, config))
+    else:
+        print(orjson.dumps({"settings": config, "results": [r.as_dict() for r in results.values()]}).decode())
+    return 1 if any(r.errors for r in results.values()) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mabrec",
@@ -441,6 +503,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_load.add_argument("file", type=Path, help=".csv or .jsonl, optionally .gz")
     p_load.add_argument("--merge", action="store_true", help="keep movies that are not in the file (default: replace)")
+
+    p_bench = sub.add_parser("bench", help="load-test a running system (closed loop, keep-alive, latency percentiles)")
+    p_bench.add_argument("--url", help="API base URL (default: the system started from this directory)")
+    p_bench.add_argument("--clients", type=int, default=32, help="concurrent connections (default 32)")
+    p_bench.add_argument("--duration", type=float, default=10.0, help="measured seconds (default 10)")
+    p_bench.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds first (default 2)")
+    p_bench.add_argument("--users", type=int, default=100_000, help="distinct users, drawn Zipf(1.1) (default 100000)")
+    p_bench.add_argument("--mix", default="recommend=1", help="request shares, e.g. recommend=8,open=1,list=1")
+    p_bench.add_argument("--json", type=Path, help="write the JSON report here")
     return parser
 
 
@@ -465,6 +536,8 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(up(settings))
         if args.command == "status":
             return _status(settings, args.json)
+        if args.command == "bench":
+            return _bench(settings, args)
         if args.command == "catalog" and args.catalog_command == "load":
             if not args.file.exists():
                 print(f"mabrec: no such file: {args.file}", file=sys.stderr)

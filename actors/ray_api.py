@@ -79,20 +79,17 @@ def _options(name: str) -> dict[str, Any]:
     }
 
 
-def connect(settings: Settings, address: str) -> None:
-    """Join the Ray cluster at `address` as a driver in the system's namespace."""
-    if not ray.is_initialized():
-        ray.init(address=address, namespace=settings.namespace, logging_level="warning", log_to_driver=False)
+def connect(settings: Settings, address: str) -> str | None:
+    """Join the Ray cluster at `address` as a driver in the system's namespace. Returns the
+    cluster's dashboard URL, if it runs one."""
+    context = ray.init(address=address, namespace=settings.namespace, logging_level="warning", log_to_driver=False)
+    url = getattr(context, "dashboard_url", None)
+    return f"http://{url}" if url and not url.startswith("http") else url or None
 
 
 def disconnect() -> None:
     if ray.is_initialized():
         ray.shutdown()
-
-
-def dashboard_url() -> str | None:
-    url = ray.get_runtime_context().dashboard_url if ray.is_initialized() else None  # type: ignore[attr-defined]
-    return f"http://{url}" if url else None
 
 
 async def _call(method: Any, *args: Any, timeout: float = CALL_TIMEOUT) -> Any:
@@ -188,6 +185,9 @@ class ShardGateway:
 
     async def recommend(self, uxid: str, limit: int) -> list[int]:
         return await self.batchers[self.slot_map.shard_of(uxid)].submit((uxid, limit))
+
+    async def profile(self, uxid: str) -> list[list[int]]:
+        return await self.cluster.shard(self.slot_map.shard_of(uxid), "user_counts", uxid)  # type: ignore[no-any-return]
 
     async def _recommend(self, shard: int, requests: Sequence[tuple[str, int]]) -> list[list[int]]:
         return await self.cluster.shard(shard, "recommend", list(requests), timeout=RECOMMEND_TIMEOUT)

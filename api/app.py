@@ -43,6 +43,7 @@ def create_app(backend: Backend, metrics: ApiMetrics | None = None) -> Starlette
             Route("/api/movies/{id}", routes.get_movie, methods=["GET"]),
             Route("/api/recommendations/movies", routes.recommendations, methods=["GET"]),
             Route("/api/events", routes.post_events, methods=["POST"]),
+            Route("/api/profile", routes.profile, methods=["GET"]),
             Route("/api/status", routes.status, methods=["GET"]),
             Route("/healthz", routes.healthz, methods=["GET"]),
             Route("/readyz", routes.readyz, methods=["GET"]),

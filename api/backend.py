@@ -21,6 +21,10 @@ class Backend(Protocol):
         user's shard cannot answer."""
         ...
 
+    async def profile(self, uxid: str) -> list[list[int]]:
+        """The user's evidence rows (key, clicks, impressions); see system/userstate.py."""
+        ...
+
     def fallback(self, limit: int) -> list[int]:
         """A non-personalized slate (global popularity) for when a shard is down."""
         ...

@@ -154,6 +154,17 @@ def openapi() -> dict[str, Any]:
                     },
                 }
             },
+            "/api/profile": {
+                "get": {
+                    "summary": "What the system learned about a user: Beta(alpha, beta) per movie and facet value touched",
+                    "parameters": [{**UXID, "required": True}],
+                    "responses": {
+                        "200": {"description": "`{uxid, clicks, impressions, movies: [...], facets: [...]}`"},
+                        "400": ERROR,
+                        "503": ERROR,
+                    },
+                }
+            },
             "/api/status": {
                 "get": {
                     "summary": "Shards, event consumer and publisher status",

@@ -36,7 +36,7 @@ class PolicyConfig:
     global_movie_strength: float = 20.0  # pseudo-counts of the catalog prior in a movie's global posterior
     movie_strength: float = 20.0  # pseudo-counts of a user's movie prior: lower explores more
     facet_strength: float = 2.0  # Gamma prior shape/rate of a facet preference (in expected clicks)
-    exposure_prior: float = 10.0  # pseudo-impressions at the catalog's facet shares
+    exposure_prior: float = 200.0  # pseudo-impressions at the catalog's facet shares (see facet_lift)
     max_lift: float = 3.0  # bound, in logits, of one facet value's effect on a movie
     facet_weights: Mapping[str, float] = field(
         default_factory=lambda: MappingProxyType({"genres": 2.0, "directors": 1.5, "actors": 1.0})
@@ -143,11 +143,14 @@ def facet_lift(model: Model, user: UserView, rng: np.random.Generator) -> np.nda
 
     A user's preference for facet value g is how much more often their clicks land on g than
     chance would have it: clicks on g ~ Poisson(lambda_g * expected_g), where expected_g is the
-    user's clicks times g's share of what they were exposed to (their impressions, smoothed
-    toward the catalog's share). lambda_g has a Gamma(a, a) prior, mean 1 (indifferent), so its
-    posterior is Gamma(a + clicks_g, a + expected_g), and one draw of it is this request's
-    Thompson sample. Clicks on a common genre (Drama) say little; on a rare one, much; many
-    impressions of g without a click say "not g".
+    user's clicks times g's share of what they were exposed to. lambda_g has a Gamma(a, a)
+    prior, mean 1 (indifferent), so its posterior is Gamma(a + clicks_g, a + expected_g), and
+    one draw of it is this request's Thompson sample. Clicks on a common genre (Drama) say
+    little; on a rare one, much; many impressions of g without a click say "not g".
+
+    Exposure is the user's impressions smoothed toward the catalog's shares with
+    `exposure_prior` pseudo-impressions: clicks made while browsing the catalog are judged
+    against the catalog, and a few slates shown afterwards do not undo them.
     """
     catalog, cfg = model.catalog, model.config
     lift = np.zeros(len(catalog.movies))

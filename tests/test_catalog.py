@@ -34,15 +34,15 @@ def test_csv_with_directors() -> None:
 
 def test_jsonl_with_lists_aliases_and_extra_facets() -> None:
     movies = {m.id: m for m in read_movies(SMALL_JSONL)}
-    heat = movies[101]
+    heat = movies[100001]
     assert heat.facets == {
         "genres": ["Action", "Crime", "Drama"],
         "directors": ["Michael Mann"],
         "actors": ["Al Pacino", "Robert De Niro"],
         "keywords": ["heist", "los angeles"],
     }
-    assert movies[102].name == "Collateral" and movies[102].facets["directors"] == ["Michael Mann"]
-    assert movies[103].rating is None
+    assert movies[100002].name == "Collateral" and movies[100002].facets["directors"] == ["Michael Mann"]
+    assert movies[100003].rating is None
 
 
 @pytest.mark.parametrize(
