@@ -1,10 +1,12 @@
 """mabrec's entry point: the `mabrec` CLI and the supervisor that `mabrec up` runs.
 
-The supervisor prepares the infrastructure (embedded servers where no URL is configured),
-applies migrations, loads the catalog on first start, starts or attaches Ray, creates the shard
-actors and the event consumer, serves the API, and then watches: it restores or restarts actors,
-shares popularity between shards and reloads a changed catalog. SIGINT/SIGTERM stop it cleanly:
-final checkpoints, NATS drained, embedded servers stopped.
+`mabrec up` prepares the infrastructure (embedded servers where no URL is configured), applies
+migrations, loads the catalog on first start, starts or attaches Ray, and creates the actors:
+shards, the event router, and the API hosts. Then it watches: every second it makes sure each
+actor is up (restoring or restarting it), pushes the shards' health to the API, shares global
+popularity between shards, and reloads a changed catalog. The actors are detached: if the
+supervisor dies they go on serving, and a new `mabrec up` re-attaches to them. SIGINT/SIGTERM
+stop everything cleanly: final checkpoints, NATS drained, embedded servers stopped.
 """
 
 from __future__ import annotations
@@ -17,113 +19,27 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import replace
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
-import uvicorn
 
-from api.app import create_app
-from api.render import Rendered
-from system import bus, db
-from system.catalog import read_movies
-from system.embedded import Runtime, pid_alive
-from system.errors import ServiceError
-from system.events import Event
+from system import bus, commands, db
+from system.embedded import Runtime, free_port, pid_alive, ray_environment
+from system.errors import ServiceError, Unavailable
 from system.health import HealthMonitor
 from system.infra import Infrastructure
 from system.logs import setup_logging
-from system.policy import Model, PolicyConfig, recommend
 from system.settings import Settings
+from system.sharding import SlotMap
 from system.store import CatalogStore, StateStore
 
 log = logging.getLogger("mabrec.supervisor")
 
-DEFAULT_CATALOG = Path(__file__).resolve().parent / "data" / "catalog.csv.gz"
 POPULARITY_PERIOD = 5.0
 CATALOG_PERIOD = 2.0
-
-
-class LiveBackend:
-    """The API's backend in production: Ray shards through the gateway, NATS through the publisher."""
-
-    def __init__(
-        self, settings: Settings, rendered: Rendered, gateway: Any, publisher: bus.Publisher, health: HealthMonitor
-    ) -> None:
-        self.settings = settings
-        self.gateway = gateway
-        self.publisher = publisher
-        self.health = health
-        self.policy = PolicyConfig()
-        self.rng = np.random.default_rng()
-        self.stream_last_seq = 0
-        self.started = time.time()
-        self.dashboard_url: str | None = None
-        self.set_catalog(rendered)
-
-    @property
-    def catalog(self) -> Rendered:
-        return self._rendered
-
-    def set_catalog(self, rendered: Rendered) -> None:
-        self._rendered = rendered
-        self.model = Model(rendered.catalog, self.policy)
-
-    def set_popularity(self, clicks: np.ndarray, seen: np.ndarray) -> None:
-        self.model = Model(self._rendered.catalog, self.policy, clicks, seen)
-
-    async def recommend(self, uxid: str, limit: int) -> list[int]:
-        return await self.gateway.recommend(uxid, limit)  # type: ignore[no-any-return]
-
-    async def profile(self, uxid: str) -> list[list[int]]:
-        return await self.gateway.profile(uxid)  # type: ignore[no-any-return]
-
-    def fallback(self, limit: int) -> list[int]:
-        empty = self.model.view(np.zeros((0, 3), dtype=np.int32))
-        slate = recommend(self.model, empty, limit, self.rng)
-        return self.catalog.catalog.movie_ids[slate.movies].tolist()  # type: ignore[no-any-return]
-
-    def publish(self, events: Sequence[Event]) -> bool:
-        if self.publisher.pending + len(events) > self.publisher.max_buffer:
-            return False
-        subject = f"{self.settings.events_subject}.api"
-        return all(self.publisher.submit(subject, e.encode(), e.event_id or "") for e in events)
-
-    def readiness(self) -> dict[str, Any]:
-        shards = {str(s["shard"]): bool(s.get("ready")) for s in self.health.shards.values()}
-        consumer = bool(self.health.consumer.get("running"))
-        catalog = len(self._rendered.catalog) > 0
-        return {
-            "ready": all(shards.values()) and consumer and catalog,
-            "catalog": catalog,
-            "consumer": consumer,
-            "shards": shards,
-        }
-
-    def status(self) -> dict[str, Any]:
-        return {
-            "uptime": round(time.time() - self.started, 1),
-            "namespace": self.settings.namespace,
-            "catalog": {"version": self._rendered.catalog.version, "movies": len(self._rendered.catalog)},
-            "shards": list(self.health.shards.values()),
-            "consumer": self.health.consumer,
-            "publisher": {
-                "pending": self.publisher.pending,
-                "published": self.publisher.published,
-                "failures": self.publisher.failures,
-                "last_error": self.publisher.last_error,
-            },
-            "stream_last_seq": self.stream_last_seq,
-            "ray_dashboard": self.dashboard_url,
-        }
-
-
-class _Server(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self):  # type: ignore[no-untyped-def]
-        yield  # the supervisor owns SIGINT/SIGTERM: it must checkpoint before anything stops
 
 
 async def _every(period: float, name: str, job: Callable[[], Awaitable[None]]) -> None:
@@ -134,29 +50,6 @@ async def _every(period: float, name: str, job: Callable[[], Awaitable[None]]) -
             await job()
         except Exception as exc:
             log.warning("periodic job failed", extra={"job": name, "error": repr(exc)})
-
-
-async def load_catalog_file(store: CatalogStore, path: Path, *, replace_all: bool = True) -> Any:
-    """Parse (in a thread) and COPY a catalog file, with a progress bar on a terminal."""
-    from tqdm import tqdm
-
-    movies = await asyncio.to_thread(lambda: list(read_movies(path)))
-    with tqdm(total=len(movies), unit="movie", desc=f"loading {path.name}", disable=not sys.stderr.isatty()) as bar:
-        return await store.load(movies, source=str(path), replace=replace_all, progress=bar.update)
-
-
-async def prepare_database(settings: Settings) -> None:
-    """Migrations, then the default (or configured) catalog on first start."""
-    await db.migrate(settings.database_url or "")
-    pool = await db.open_pool(settings.database_url or "", name="supervisor")
-    try:
-        store = CatalogStore(pool)
-        if await store.version() == 0:
-            path = settings.catalog_file or DEFAULT_CATALOG
-            result = await load_catalog_file(store, path)
-            log.info("catalog loaded", extra={"file": str(path), "movies": result.movies, "facets": result.facets})
-    finally:
-        await pool.close()
 
 
 async def up(settings: Settings) -> int:
@@ -173,7 +66,6 @@ async def up(settings: Settings) -> int:
             loop.add_signal_handler(sig, stopping.set)
 
     handle_signals()
-
     previous = Runtime.load(settings.state_dir)
     if previous and previous.supervisor_pid != os.getpid() and pid_alive(previous.supervisor_pid):
         log.error("another supervisor runs from this state directory", extra={"pid": previous.supervisor_pid})
@@ -182,7 +74,7 @@ async def up(settings: Settings) -> int:
     settings = infra.settings
     tasks: list[asyncio.Task[Any]] = []
     try:
-        await prepare_database(settings)
+        await commands.prepare_database(settings)
         pool = await db.open_pool(settings.database_url or "", name="supervisor")
         nc = await bus.connect(settings.nats_url or "", f"{settings.namespace}-supervisor")
         js = nc.jetstream()
@@ -197,34 +89,49 @@ async def up(settings: Settings) -> int:
         cluster = ray_api.Cluster(settings)
         if slot_map.shards != settings.shards:
             slot_map = await _reshard_offline(cluster, state_store, slot_map, settings.shards)
-        cluster.spawn(settings.shards)
+        port = settings.port or (urlsplit(previous.api_url).port if previous else None) or free_port()
+        cluster.spawn(settings.shards, settings.api_workers, port)
+        health = HealthMonitor(cluster, settings.shards, settings.api_workers)
+        extra: dict[str, Any] = {"ray_dashboard": infra.dashboard_url or dashboard, "stream_last_seq": 0}
+        told_version: list[int | None] = [None]  # the catalog version the actors were last told about
 
-        health = HealthMonitor(cluster, settings.shards)
-        publisher = bus.Publisher(js)
-        publisher.start()
-        rendered = await asyncio.to_thread(Rendered, await catalog_store.read())
-        backend = LiveBackend(settings, rendered, ray_api.ShardGateway(cluster, slot_map), publisher, health)
-        backend.dashboard_url = infra.dashboard_url or dashboard
-
-        server = _Server(
-            uvicorn.Config(
-                create_app(backend),
-                host=settings.host,
-                port=settings.port,
-                log_config=None,
-                access_log=False,
-                lifespan="on",
-                timeout_graceful_shutdown=5,
+        async def push_health(monitor: HealthMonitor) -> None:
+            snapshot = {**monitor.snapshot(), **extra}
+            await asyncio.gather(
+                *(cluster.api(a, "set_health", snapshot) for a in range(settings.api_workers)), return_exceptions=True
             )
-        )
-        tasks.append(asyncio.create_task(server.serve(), name="api"))
-        while not server.started:
-            if tasks[0].done():
-                tasks[0].result()  # the port is taken, say: raise
-                raise RuntimeError("the API server exited before it started")
-            await asyncio.sleep(0.02)
-        port = server.servers[0].sockets[0].getsockname()[1] if server.servers else settings.port
-        api_url = f"http://{settings.host}:{port}"
+
+        async def share_popularity() -> None:
+            await _share_popularity(cluster, settings, await catalog_store.version())
+
+        async def watch_catalog() -> None:
+            # Every actor reloads only if its catalog is not this version (cheap when it is), so
+            # the first round also fixes actors that outlived a supervisor during a catalog load.
+            version = await catalog_store.version()
+            if version != told_version[0]:
+                log.info("catalog version %s: telling the actors", version)
+                results = await asyncio.gather(
+                    *(cluster.shard(s, "reload_catalog", timeout=30) for s in range(settings.shards)),
+                    cluster.route("reload", timeout=30),
+                    *(cluster.api(a, "reload_catalog", timeout=30) for a in range(settings.api_workers)),
+                    return_exceptions=True,
+                )
+                if not any(isinstance(r, BaseException) for r in results):
+                    told_version[0] = version
+
+        async def watch_stream() -> None:
+            extra["stream_last_seq"] = await bus.last_seq(js, settings.stream)
+
+        tasks += [
+            asyncio.create_task(health.run(after_check=push_health), name="health"),
+            asyncio.create_task(_every(POPULARITY_PERIOD, "popularity", share_popularity)),
+            asyncio.create_task(_every(CATALOG_PERIOD, "catalog", watch_catalog)),
+            asyncio.create_task(_every(1.0, "stream", watch_stream)),
+        ]
+        while not health.all_ready and not stopping.is_set():
+            await asyncio.sleep(0.05)
+        api_port = next((a.get("port") for a in health.apis.values() if a.get("port")), port)
+        api_url = f"http://{settings.host}:{api_port}"
         Runtime(
             supervisor_pid=os.getpid(),
             api_url=api_url,
@@ -232,70 +139,27 @@ async def up(settings: Settings) -> int:
             nats_url=settings.nats_url or "",
             ray_address=settings.ray_address or "",
             namespace=settings.namespace,
-            dashboard_url=backend.dashboard_url,
+            dashboard_url=extra["ray_dashboard"],
             services=infra.services,
         ).save(settings.state_dir)
-
-        async def share_popularity() -> None:
-            await _share_popularity(cluster, backend, settings.shards)
-
-        async def watch_catalog() -> None:
-            version = await catalog_store.version()
-            if version != backend.catalog.catalog.version:
-                log.info("catalog changed; reloading", extra={"version": version})
-                backend.set_catalog(await asyncio.to_thread(Rendered, await catalog_store.read()))
-                await asyncio.gather(
-                    *(cluster.shard(s, "reload_catalog", timeout=30) for s in range(settings.shards)),
-                    cluster.route("reload", timeout=30),
-                    return_exceptions=True,
-                )
-
-        async def watch_stream() -> None:
-            backend.stream_last_seq = await bus.last_seq(js, settings.stream)
-
-        tasks += [
-            asyncio.create_task(health.run(), name="health"),
-            asyncio.create_task(_every(POPULARITY_PERIOD, "popularity", share_popularity)),
-            asyncio.create_task(_every(CATALOG_PERIOD, "catalog", watch_catalog)),
-            asyncio.create_task(_every(1.0, "stream", watch_stream)),
-        ]
-        while not health.all_ready and not stopping.is_set():
-            await asyncio.sleep(0.05)
-        log.info(
-            "mabrec is ready",
-            extra={
-                "api": api_url,
-                "shards": settings.shards,
-                "seconds": round(time.monotonic() - began, 2),
-                "dashboard": backend.dashboard_url,
-            },
-        )
-        print(
-            f"mabrec is up: API {api_url}  docs {api_url}/docs  Ray dashboard {backend.dashboard_url or 'off'}",
-            file=sys.stderr,
-            flush=True,
-        )
+        await push_health(health)
+        if not stopping.is_set():
+            seconds = round(time.monotonic() - began, 2)
+            log.info("mabrec is ready", extra={"api": api_url, "shards": settings.shards, "seconds": seconds})
+            print(
+                f"mabrec is up: API {api_url}  docs {api_url}/docs  Ray dashboard {extra['ray_dashboard'] or 'off'}",
+                file=sys.stderr,
+                flush=True,
+            )
         await stopping.wait()
 
         log.info("shutting down")
-        server.should_exit = True
-        await tasks[0]
-        for task in tasks[1:]:
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks[1:], return_exceptions=True)
-        await publisher.drain()
-        with contextlib.suppress(ServiceError):
-            await cluster.route("stop", timeout=10)
-        results = await asyncio.gather(
-            *(cluster.shard(s, "stop", timeout=60) for s in range(settings.shards)), return_exceptions=True
-        )
-        for shard, result in enumerate(results):
-            if isinstance(result, BaseException):
-                log.error("final checkpoint failed", extra={"shard": shard, "error": repr(result)})
-        cluster.kill_all()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await _stop_actors(cluster, settings.shards, settings.api_workers)
         await nc.drain()
         await pool.close()
-        ray_api.disconnect()
         return 0
     except BaseException:
         log.exception("mabrec up failed; stopping what it started")
@@ -308,175 +172,73 @@ async def up(settings: Settings) -> int:
         infra.stop()  # blocking on purpose: the loop may be going down, the servers must not stay up
 
 
-async def _share_popularity(cluster: Any, backend: LiveBackend, shards: int) -> None:
+async def _stop_actors(cluster: Any, shards: int, apis: int) -> None:
+    """Graceful: the API stops taking requests and flushes its events, the router stops, every
+    shard takes its final checkpoint; then the actors are removed."""
+    await asyncio.gather(*(cluster.api(a, "stop", timeout=15) for a in range(apis)), return_exceptions=True)
+    with contextlib.suppress(ServiceError):
+        await cluster.route("stop", timeout=10)
+    results = await asyncio.gather(
+        *(cluster.shard(s, "stop", timeout=60) for s in range(shards)), return_exceptions=True
+    )
+    for shard, result in enumerate(results):
+        if isinstance(result, BaseException):
+            log.error("final checkpoint failed", extra={"shard": shard, "error": repr(result)})
+    cluster.kill_all()
+
+
+async def _share_popularity(cluster: Any, settings: Settings, version: int) -> None:
     """Sum every shard's popularity counts and send the total back: all shards (and the API's
     fallback) rank with the whole population's evidence, not just their own users'."""
-    results = await asyncio.gather(*(cluster.shard(s, "popularity") for s in range(shards)), return_exceptions=True)
-    version = backend.catalog.catalog.version
+    results = await asyncio.gather(
+        *(cluster.shard(s, "popularity") for s in range(settings.shards)), return_exceptions=True
+    )
     parts = [r for r in results if not isinstance(r, BaseException) and r[0] == version]
     if not parts:
         return
     clicks = np.sum([p[1] for p in parts], axis=0)
     seen = np.sum([p[2] for p in parts], axis=0)
-    backend.set_popularity(clicks, seen)
     await asyncio.gather(
-        *(cluster.shard(s, "set_popularity", version, clicks, seen) for s in range(shards)), return_exceptions=True
+        *(cluster.shard(s, "set_popularity", version, clicks, seen) for s in range(settings.shards)),
+        *(cluster.api(a, "set_popularity", version, clicks, seen) for a in range(settings.api_workers)),
+        return_exceptions=True,
     )
 
 
-async def _reshard_offline(cluster: Any, store: StateStore, old: Any, shards: int) -> Any:
-    """A changed shard count at start: stop any running shards (final checkpoint), then assign
-    the slots evenly. Users move with their slots; each slot keeps its checkpoint position."""
-    from system.sharding import SlotMap
-
+async def _reshard_offline(cluster: Any, store: StateStore, old: SlotMap, shards: int) -> SlotMap:
+    """A changed shard count at start: stop the actors of the old layout if they still run
+    (final checkpoints), then assign the slots evenly. Users move with their slots, and each
+    slot keeps its checkpoint position, so nothing is lost or applied twice."""
     log.info("re-sharding", extra={"from": old.shards, "to": shards})
-    cluster.spawn(old.shards)  # attach to the old ones if they still run
-    await asyncio.gather(*(cluster.shard(s, "stop", timeout=60) for s in range(old.shards)), return_exceptions=True)
+    with contextlib.suppress(Unavailable):
+        await cluster.route("stop", timeout=10)
+    for name in _actor_names(cluster, old.shards):
+        with contextlib.suppress(Unavailable):
+            await cluster.call(name, "stop", timeout=60)
     cluster.kill_all()
     new = SlotMap.even(shards)
     await store.assign_slots(new)
     return new
 
 
-def _ray_env(settings: Settings) -> dict[str, str]:
-    from system.embedded import ray_environment
+def _actor_names(cluster: Any, shards: int) -> list[str]:
+    from actors.ray_api import api_name, shard_name
 
+    found = []
+    for name in [api_name(cluster.settings, a) for a in range(64)] + [
+        shard_name(cluster.settings, s) for s in range(shards)
+    ]:
+        with contextlib.suppress(Unavailable):
+            cluster.handle(name)
+            found.append(name)
+    return found
+
+
+def _ray_env(settings: Settings) -> dict[str, str]:
     env = {"RAY_USAGE_STATS_ENABLED": "0"}
     if not settings.ray_address:  # our own local Ray: private, loopback-only, token-authenticated
         env.update(ray_environment(settings.state_dir))
     return env
-
-
-# --- other commands ---------------------------------------------------------------------------
-
-
-def _status(settings: Settings, as_json: bool) -> int:
-    import httpx
-    import orjson
-
-    runtime = Runtime.load(settings.state_dir)
-    if runtime is None or not pid_alive(runtime.supervisor_pid):
-        print(f"mabrec is not running (no live supervisor in {settings.state_dir}/runtime.json)", file=sys.stderr)
-        return 1
-    try:
-        status = httpx.get(f"{runtime.api_url}/api/status", timeout=5).json()
-        ready = httpx.get(f"{runtime.api_url}/readyz", timeout=5).json()
-    except httpx.HTTPError as exc:
-        print(
-            f"the supervisor (pid {runtime.supervisor_pid}) runs, but its API does not answer: {exc}", file=sys.stderr
-        )
-        return 1
-    if as_json:
-        print(orjson.dumps({"ready": ready, **status}, option=orjson.OPT_INDENT_2).decode())
-        return 0 if ready.get("ready") else 2
-    print(
-        f"mabrec  {'READY' if ready.get('ready') else 'NOT READY'}   supervisor pid {runtime.supervisor_pid}   up {status['uptime']}s"
-    )
-    print(f"  api        {runtime.api_url}  (docs {runtime.api_url}/docs)")
-    print(f"  dashboard  {runtime.dashboard_url or 'off'}")
-    print(f"  postgres   {runtime.database_url}")
-    print(f"  nats       {runtime.nats_url}   stream last seq {status['stream_last_seq']}")
-    print(f"  ray        {runtime.ray_address}")
-    print(f"  catalog    version {status['catalog']['version']}, {status['catalog']['movies']} movies")
-    consumer = status["consumer"]
-    print(
-        f"  consumer   {'running' if consumer.get('running') else 'DOWN'}  position {consumer.get('position', 0)}"
-        f"  events {consumer.get('events', 0)}  dead-lettered {sum((consumer.get('dead_letters') or {}).values())}"
-    )
-    publisher = status["publisher"]
-    print(f"  publisher  published {publisher['published']}  pending {publisher['pending']}")
-    print("  shard  ready  users    applied  covered  checkpointed  restarts")
-    for s in status["shards"]:
-        print(
-            f"  {s['shard']:>5}  {'yes' if s.get('ready') else 'NO ':>5}  {s.get('users', 0):>6}  {s.get('events_applied', 0):>8}"
-            f"  {s.get('covered_seq', 0):>7}  {s.get('checkpoint_seq', 0):>12}  {s.get('restarts', 0):>8}"
-        )
-    return 0 if ready.get("ready") else 2
-
-
-def _database_settings(settings: Settings) -> tuple[Settings, Infrastructure | None]:
-    """The running system's database (or DATABASE_URL); else an embedded one for this command."""
-    if settings.database_url:
-        return settings, None
-    runtime = Runtime.load(settings.state_dir)
-    if runtime is not None and pid_alive(runtime.supervisor_pid):
-        return replace(settings, database_url=runtime.database_url), None
-    infra = Infrastructure.start(replace(settings, nats_url="nats://unused"), with_ray=False)
-    return infra.settings, infra
-
-
-async def _catalog_load(settings: Settings, path: Path, merge: bool) -> int:
-    settings, infra = await asyncio.to_thread(_database_settings, settings)
-    try:
-        await db.migrate(settings.database_url or "")
-        pool = await db.open_pool(settings.database_url or "", name="catalog-load")
-        try:
-            result = await load_catalog_file(CatalogStore(pool), path, replace_all=not merge)
-        finally:
-            await pool.close()
-    finally:
-        if infra:
-            await asyncio.to_thread(infra.stop)
-    print(
-        f"loaded {result.movies} movies from {path} (catalog version {result.version}, {result.facets} facet values"
-        f"{f', {result.removed} movies removed' if result.removed else ''}); a running system reloads it within seconds"
-    )
-    return 0
-
-
-def _bench(settings: Settings, args: argparse.Namespace) -> int:
-    import orjson
-
-    from bench import loadtest
-
-    url = args.url
-    if url is None:
-        runtime = Runtime.load(settings.state_dir)
-        if runtime is None or not pid_alive(runtime.supervisor_pid):
-            print("mabrec bench: no running system here; start one (`mabrec up`) or pass --url", file=sys.stderr)
-            return 2
-        url = runtime.api_url
-    if not url.startswith(("http://127.0.0.1", "http://localhost")):
-        print("mabrec bench: load tests target 127.0.0.1 only", file=sys.stderr)
-        return 2
-    try:
-        shares = dict(part.split("=") for part in args.mix.split(","))
-        mix = loadtest.Mix(
-            float(shares.get("recommend", 0)), float(shares.get("open", 0)), float(shares.get("list", 0))
-        )
-    except ValueError:
-        print("mabrec bench: --mix looks like recommend=8,open=1,list=1", file=sys.stderr)
-        return 2
-    catalog_ids = [m.id for m in read_movies(DEFAULT_CATALOG)]
-    config = {
-        "url": url,
-        "clients": args.clients,
-        "duration": args.duration,
-        "warmup": args.warmup,
-        "users": args.users,
-        "mix": args.mix,
-    }
-    print(
-        f"load test: {args.clients} clients, {args.duration}s after {args.warmup}s warm-up, mix {args.mix}",
-        file=sys.stderr,
-    )
-    results = asyncio.run(
-        loadtest.run(
-            url,
-            clients=args.clients,
-            duration=args.duration,
-            warmup=args.warmup,
-            users=args.users,
-            mix=mix,
-            movie_ids=catalog_ids,
-        )
-    )
-    print(loadtest.table(results))
-    if args.json:
-        args.json.write_text(loadtest.report(results, config))
-    else:
-        print(orjson.dumps({"settings": config, "results": [r.as_dict() for r in results.values()]}).decode())
-    return 1 if any(r.errors for r in results.values()) else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -535,14 +297,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "up":
             return asyncio.run(up(settings))
         if args.command == "status":
-            return _status(settings, args.json)
+            return commands.status(settings, args.json)
         if args.command == "bench":
-            return _bench(settings, args)
+            return commands.bench(settings, args)
         if args.command == "catalog" and args.catalog_command == "load":
             if not args.file.exists():
                 print(f"mabrec: no such file: {args.file}", file=sys.stderr)
                 return 2
-            return asyncio.run(_catalog_load(settings, args.file, args.merge))
+            return asyncio.run(commands.catalog_load(settings, args.file, args.merge))
     except ServiceError as exc:
         print(f"mabrec: {exc.detail}", file=sys.stderr)
         return 2

@@ -1,22 +1,23 @@
 """Every Ray API call of mabrec lives here: init, actor options, spawn, lookup, calls, kill.
 
-The shard and the router are plain classes; this module turns them into named, detached Ray
-actors once, and exposes them to the rest of the system through small async facades that raise
-`system.errors.Unavailable` (never a Ray exception), so the API and the control loop stay
-Ray-agnostic and testable with fakes.
+The shards, the event router and the API host are plain classes; this module turns them into
+named, detached Ray actors once, and exposes them to the rest of the system through small async
+facades that raise `system.errors.Unavailable` (never a Ray exception), so the API, the router
+and the control loop stay Ray-agnostic and testable with fakes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from actors.api_server import ApiServer
 from actors.router import EventRouter
 from actors.shard import Shard
 from system.batching import Batcher
@@ -25,7 +26,6 @@ from system.events import Event
 from system.logs import setup_logging
 from system.policy import PolicyConfig
 from system.settings import Settings
-from system.sharding import SlotMap
 
 log = logging.getLogger(__name__)
 
@@ -38,22 +38,23 @@ class ShardActor(Shard):
         setup_logging(settings.log_level, f"shard-{shard_id}")
         super().__init__(shard_id, settings, policy)
 
-    def pid(self) -> int:
-        return os.getpid()
-
 
 class RouterActor(EventRouter):
     def __init__(self, settings: Settings) -> None:
         setup_logging(settings.log_level, "router")
-        super().__init__(settings, ActorShardCalls(settings))
+        super().__init__(settings, ShardCalls(settings))
 
-    def pid(self) -> int:
-        return os.getpid()
+
+class ApiActor(ApiServer):
+    def __init__(self, settings: Settings, index: int, port: int) -> None:
+        setup_logging(settings.log_level, f"api-{index}")
+        super().__init__(settings, index, port, ShardGateway(settings))
 
 
 # The one place where the plain classes become actors.
 RemoteShard = ray.remote(ShardActor)
 RemoteRouter = ray.remote(RouterActor)
+RemoteApi = ray.remote(ApiActor)
 
 
 def shard_name(settings: Settings, shard: int) -> str:
@@ -64,10 +65,15 @@ def router_name(settings: Settings) -> str:
     return f"{settings.namespace}-router"
 
 
-def _options(name: str) -> dict[str, Any]:
+def api_name(settings: Settings, index: int) -> str:
+    return f"{settings.namespace}-api-{index}"
+
+
+def _options(name: str, **extra: Any) -> dict[str, Any]:
     # Detached and named: a restarted supervisor re-attaches (get_if_exists) instead of creating
-    # twins. Ray restarts a crashed actor (max_restarts=-1) with its constructor: state comes back
-    # through ensure_ready. No task retries: a state-changing call must not run twice.
+    # twins, and the actors outlive a crashed supervisor. Ray restarts a crashed actor
+    # (max_restarts=-1) with its constructor: state comes back through ensure_*. No task retries:
+    # a state-changing call must not run twice.
     return {
         "name": name,
         "lifetime": "detached",
@@ -76,6 +82,7 @@ def _options(name: str) -> dict[str, Any]:
         "max_task_retries": 0,
         "num_cpus": 0,
         "scheduling_strategy": "SPREAD",
+        **extra,
     }
 
 
@@ -105,89 +112,106 @@ async def _call(method: Any, *args: Any, timeout: float = CALL_TIMEOUT) -> Any:
         raise Unavailable(f"{method} failed: {type(exc).__name__}: {exc}") from exc
 
 
-class ActorShardCalls:
-    """`ShardCalls` for the router: shard actors looked up by name."""
+class Named:
+    """Actors looked up by name (and cached): how actors reach each other."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._handles: dict[int, Any] = {}
+        self._handles: dict[str, Any] = {}
 
-    def _handle(self, shard: int) -> Any:
-        if shard not in self._handles:
+    def handle(self, name: str) -> Any:
+        if name not in self._handles:
             try:
-                self._handles[shard] = ray.get_actor(
-                    shard_name(self.settings, shard), namespace=self.settings.namespace
-                )
+                self._handles[name] = ray.get_actor(name, namespace=self.settings.namespace)
             except ValueError:
-                raise Unavailable(f"shard {shard} does not exist (yet)") from None
-        return self._handles[shard]
+                raise Unavailable(f"actor {name} does not exist (yet)") from None
+        return self._handles[name]
+
+    async def call(self, name: str, method: str, *args: Any, timeout: float = CALL_TIMEOUT) -> Any:
+        return await _call(getattr(self.handle(name), method), *args, timeout=timeout)
+
+
+class ShardCalls(Named):
+    """`actors.router.ShardCalls` over Ray."""
 
     async def apply(self, shard: int, prev_seq: int, last_seq: int, events: Sequence[tuple[int, Event]]) -> int:
-        return await _call(self._handle(shard).apply, prev_seq, last_seq, events, timeout=30.0)
+        return await self.call(shard_name(self.settings, shard), "apply", prev_seq, last_seq, events, timeout=30.0)  # type: ignore[no-any-return]
 
     async def covered(self, shard: int) -> int | None:
-        status = await _call(self._handle(shard).status)
+        status = await self.call(shard_name(self.settings, shard), "status")
         return status["covered_seq"] if status["ready"] else None
 
 
-class Cluster:
+class ShardGateway(Named):
+    """`actors.api_server.Gateway` over Ray: concurrent requests to one shard share one actor
+    call (see system/batching.py)."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self._batchers: dict[int, Batcher[tuple[str, int], list[int]]] = {}
+
+    async def recommend(self, shard: int, uxid: str, limit: int) -> list[int]:
+        batcher = self._batchers.get(shard)
+        if batcher is None:
+            batcher = self._batchers[shard] = Batcher(lambda reqs: self._recommend(shard, reqs))
+        return await batcher.submit((uxid, limit))
+
+    async def _recommend(self, shard: int, requests: Sequence[tuple[str, int]]) -> list[list[int]]:
+        return await self.call(shard_name(self.settings, shard), "recommend", list(requests), timeout=RECOMMEND_TIMEOUT)  # type: ignore[no-any-return]
+
+    async def profile(self, shard: int, uxid: str) -> list[list[int]]:
+        return await self.call(shard_name(self.settings, shard), "user_counts", uxid)  # type: ignore[no-any-return]
+
+
+class Cluster(Named):
     """The supervisor's handle on all actors: spawn or attach, call with timeouts, kill."""
 
     def __init__(self, settings: Settings, policy: PolicyConfig | None = None) -> None:
-        self.settings = settings
+        super().__init__(settings)
         self.policy = policy
-        self.shards: dict[int, Any] = {}
-        self.router: Any = None
+        self.shard_count = 0
+        self.api_count = 0
 
-    def spawn(self, shards: int) -> None:
+    def spawn(self, shards: int, apis: int, port: int) -> None:
+        """Create the actors that do not exist yet; attach to those that do."""
         for shard in range(shards):
-            if shard not in self.shards:
-                self.shards[shard] = RemoteShard.options(**_options(shard_name(self.settings, shard))).remote(
-                    shard, self.settings, self.policy
-                )
-        if self.router is None:
-            self.router = RemoteRouter.options(**_options(router_name(self.settings))).remote(self.settings)
+            name = shard_name(self.settings, shard)
+            self._handles[name] = RemoteShard.options(**_options(name)).remote(shard, self.settings, self.policy)
+        name = router_name(self.settings)
+        self._handles[name] = RemoteRouter.options(**_options(name)).remote(self.settings)
+        # The API binds a port on this node: pin its actors here.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        for index in range(apis):
+            name = api_name(self.settings, index)
+            self._handles[name] = RemoteApi.options(**_options(name, scheduling_strategy=here)).remote(
+                self.settings, index, port
+            )
+        self.shard_count, self.api_count = shards, apis
 
     async def shard(self, shard: int, method: str, *args: Any, timeout: float = CALL_TIMEOUT) -> Any:
-        return await _call(getattr(self.shards[shard], method), *args, timeout=timeout)
+        return await self.call(shard_name(self.settings, shard), method, *args, timeout=timeout)
 
     async def route(self, method: str, *args: Any, timeout: float = CALL_TIMEOUT) -> Any:
-        return await _call(getattr(self.router, method), *args, timeout=timeout)
+        return await self.call(router_name(self.settings), method, *args, timeout=timeout)
+
+    async def api(self, index: int, method: str, *args: Any, timeout: float = CALL_TIMEOUT) -> Any:
+        return await self.call(api_name(self.settings, index), method, *args, timeout=timeout)
 
     def restart_shard(self, shard: int) -> None:
         """Kill a hung shard; Ray restarts it (empty), and the next health check restores it."""
-        ray.kill(self.shards[shard], no_restart=False)
+        ray.kill(self.handle(shard_name(self.settings, shard)), no_restart=False)
 
     def restart_router(self) -> None:
-        ray.kill(self.router, no_restart=False)
+        ray.kill(self.handle(router_name(self.settings)), no_restart=False)
+
+    def restart_api(self, index: int) -> None:
+        ray.kill(self.handle(api_name(self.settings, index)), no_restart=False)
 
     def kill_all(self) -> None:
         """Remove the actors for good (after a graceful stop, which checkpointed them)."""
-        for handle in [*self.shards.values(), self.router]:
-            if handle is not None:
-                try:
-                    ray.kill(handle, no_restart=True)
-                except RayError as exc:  # already gone
-                    log.debug("kill failed", extra={"error": repr(exc)})
-        self.shards, self.router = {}, None
-
-
-class ShardGateway:
-    """Recommendations for the API: each request goes to the shard owning its user, and
-    concurrent requests to one shard share one actor call (see system/batching.py)."""
-
-    def __init__(self, cluster: Cluster, slot_map: SlotMap) -> None:
-        self.cluster = cluster
-        self.slot_map = slot_map
-        self.batchers = {
-            shard: Batcher(lambda reqs, shard=shard: self._recommend(shard, reqs)) for shard in cluster.shards
-        }
-
-    async def recommend(self, uxid: str, limit: int) -> list[int]:
-        return await self.batchers[self.slot_map.shard_of(uxid)].submit((uxid, limit))
-
-    async def profile(self, uxid: str) -> list[list[int]]:
-        return await self.cluster.shard(self.slot_map.shard_of(uxid), "user_counts", uxid)  # type: ignore[no-any-return]
-
-    async def _recommend(self, shard: int, requests: Sequence[tuple[str, int]]) -> list[list[int]]:
-        return await self.cluster.shard(shard, "recommend", list(requests), timeout=RECOMMEND_TIMEOUT)
+        for name, handle in self._handles.items():
+            try:
+                ray.kill(handle, no_restart=True)
+            except RayError as exc:  # already gone
+                log.debug("kill failed", extra={"actor": name, "error": repr(exc)})
+        self._handles = {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -184,6 +185,7 @@ class EventRouter:
     def status(self) -> dict[str, Any]:
         return {
             "running": self._task is not None and not self._task.done(),
+            "pid": os.getpid(),
             "position": self.position,
             "events": self.events,
             "messages": self.messages,

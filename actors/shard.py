@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -228,11 +229,13 @@ class Shard:
     # --- catalog and popularity ---------------------------------------------------------------
 
     async def reload_catalog(self) -> int:
+        """Switch to the stored catalog if it is another version than the one in use."""
         if self.state is None or self._pool is None:
             raise ShardNotReady(f"shard {self.shard_id} is restoring")
-        catalog = await CatalogStore(self._pool).read()
-        self.state.set_catalog(catalog)
-        return catalog.version
+        store = CatalogStore(self._pool)
+        if await store.version() != self.state.catalog.version:
+            self.state.set_catalog(await store.read())
+        return self.state.catalog.version
 
     async def popularity(self) -> tuple[int, np.ndarray, np.ndarray]:
         """(catalog version, clicks, impressions) per movie then facet, over this shard's users."""
@@ -249,6 +252,7 @@ class Shard:
         return {
             "shard": self.shard_id,
             "ready": state is not None,
+            "pid": os.getpid(),
             "slots": len(self.slots),
             "users": len(state.users) if state else 0,
             "covered_seq": self.covered,

@@ -167,8 +167,10 @@ async def post_events(request: Request) -> Response:
             },
             400,
         )
-    if not _publish(request, events):
-        raise Unavailable("the event buffer is full (NATS is unreachable); retry later")
+    # Answer "accepted" only once JetStream has the events: then nothing accepted can be lost.
+    await _backend(request).publish_durably(events, timeout=5.0)
+    for event in events:
+        request.state.metrics.events.labels(KIND_NAMES[event.kind]).inc()
     return json_response({"accepted": len(events), "event_ids": [e.event_id for e in events]}, 202)
 
 

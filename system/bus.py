@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
+from system.errors import Unavailable
 from system.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -178,20 +179,23 @@ async def read_range(
 class Publisher:
     """Publishes events to JetStream from a bounded in-memory buffer, in pipelined batches.
 
-    `submit` never blocks a request: it appends to the buffer, or returns False when the buffer
-    is full (NATS has been unreachable for a while), so the caller can answer 503. A background
-    task drains the buffer; a message leaves the buffer only once JetStream acknowledged it, and
-    its Nats-Msg-Id makes a re-send after a lost acknowledgement count once.
+    `submit_many` never blocks a request: it appends to the buffer, or returns False when the
+    buffer is full (NATS has been unreachable for a while). `publish` also waits until JetStream
+    has the events: a caller that answers "accepted" only then loses nothing if this process dies.
+    A background task drains the buffer; a message leaves it only once JetStream acknowledged it,
+    and its Nats-Msg-Id makes a re-send after a lost acknowledgement count once.
     """
 
-    def __init__(self, js: JetStreamContext, max_buffer: int = 100_000, batch: int = 512) -> None:
-        self.js = js
+    def __init__(self, nc: NATS, max_buffer: int = 100_000, batch: int = 512) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
         self.max_buffer = max_buffer
         self.batch = batch
-        self._buffer: deque[tuple[str, bytes, str]] = deque()
+        self._buffer: deque[tuple[str, bytes, str, asyncio.Future[None] | None]] = deque()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.published = 0
+        self.rejected = 0
         self.failures = 0
         self.last_error: str | None = None
 
@@ -199,16 +203,38 @@ class Publisher:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="publisher")
 
-    def submit(self, subject: str, payload: bytes, msg_id: str) -> bool:
-        if len(self._buffer) >= self.max_buffer:
-            return False
-        self._buffer.append((subject, payload, msg_id))
-        self._wakeup.set()
-        return True
+    @property
+    def connected(self) -> bool:
+        return bool(self.nc.is_connected)
 
     @property
     def pending(self) -> int:
         return len(self._buffer)
+
+    def submit_many(self, subject: str, items: Sequence[tuple[bytes, str]]) -> bool:
+        """Queue (payload, msg id) pairs; all or none (False when the buffer has no room)."""
+        return self._enqueue(subject, items, None)
+
+    async def publish(self, subject: str, items: Sequence[tuple[bytes, str]], timeout: float) -> None:
+        """Queue and wait until JetStream stored every item; Unavailable if it cannot in time."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if not self._enqueue(subject, items, done):
+            raise Unavailable("the event buffer is full (NATS is unreachable); retry later")
+        try:
+            await asyncio.wait_for(asyncio.shield(done), timeout)
+        except TimeoutError:
+            raise Unavailable(
+                "NATS did not confirm the events in time; they stay queued, and a retry with the same event ids counts once"
+            ) from None
+
+    def _enqueue(self, subject: str, items: Sequence[tuple[bytes, str]], done: asyncio.Future[None] | None) -> bool:
+        if len(self._buffer) + len(items) > self.max_buffer:
+            self.rejected += len(items)
+            return False
+        for i, (payload, msg_id) in enumerate(items):
+            self._buffer.append((subject, payload, msg_id, done if i == len(items) - 1 else None))
+        self._wakeup.set()
+        return True
 
     async def _run(self) -> None:
         backoff = 0.1
@@ -220,10 +246,10 @@ class Publisher:
             try:
                 futures = [
                     await self.js.publish_async(subject, payload, headers={"Nats-Msg-Id": msg_id})
-                    for subject, payload, msg_id in batch
+                    for subject, payload, msg_id, _ in batch
                 ]
                 await asyncio.wait_for(asyncio.gather(*futures), timeout=5.0)
-            except (TimeoutError, NatsError, OSError) as exc:
+            except (NatsError, TimeoutError, OSError) as exc:
                 self.failures += 1
                 self.last_error = repr(exc)
                 log.warning("publish failed; will retry", extra={"error": repr(exc), "pending": len(self._buffer)})
@@ -232,8 +258,20 @@ class Publisher:
                 continue
             backoff = 0.1
             for _ in batch:
-                self._buffer.popleft()
+                done = self._buffer.popleft()[3]
+                if done is not None and not done.done():
+                    done.set_result(None)
             self.published += len(batch)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "connected": self.connected,
+            "pending": self.pending,
+            "published": self.published,
+            "rejected": self.rejected,
+            "failures": self.failures,
+            "last_error": self.last_error,
+        }
 
     async def drain(self, timeout: float = 5.0) -> None:
         """Wait (bounded) until everything submitted was acknowledged, then stop."""

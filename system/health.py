@@ -26,32 +26,55 @@ class Actors(Protocol):
 
     async def route(self, method: str, *args: Any, timeout: float = ...) -> Any: ...
 
+    async def api(self, index: int, method: str, *args: Any, timeout: float = ...) -> Any: ...
+
     def restart_shard(self, shard: int) -> None: ...
 
     def restart_router(self) -> None: ...
 
+    def restart_api(self, index: int) -> None: ...
+
 
 class HealthMonitor:
-    def __init__(self, actors: Actors, shards: int, *, threshold: int = 3, timeout: float = 3.0) -> None:
+    def __init__(self, actors: Actors, shards: int, apis: int = 0, *, threshold: int = 3, timeout: float = 3.0) -> None:
         self.actors = actors
         self.shard_count = shards
+        self.api_count = apis
         self.threshold = threshold
         self.timeout = timeout
         self.shards: dict[int, dict[str, Any]] = {s: {"shard": s, "ready": False} for s in range(shards)}
         self.consumer: dict[str, Any] = {"running": False}
+        self.apis: dict[int, dict[str, Any]] = {a: {"api": a, "serving": False} for a in range(apis)}
         self.failures: dict[str, int] = {}
         self.restarts: dict[str, int] = {}
 
     @property
     def all_ready(self) -> bool:
-        return all(s.get("ready") for s in self.shards.values()) and bool(self.consumer.get("running"))
+        return (
+            all(s.get("ready") for s in self.shards.values())
+            and bool(self.consumer.get("running"))
+            and all(a.get("serving") for a in self.apis.values())
+        )
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"shards": list(self.shards.values()), "consumer": self.consumer, "apis": list(self.apis.values())}
 
     async def check(self) -> None:
-        await asyncio.gather(*(self._check_shard(s) for s in range(self.shard_count)), self._check_consumer())
+        await asyncio.gather(
+            *(self._check_shard(s) for s in range(self.shard_count)),
+            self._check_consumer(),
+            *(self._check_api(a) for a in range(self.api_count)),
+        )
 
-    async def run(self, period: float = 1.0) -> None:
+    async def run(self, period: float = 1.0, after_check: Any = None) -> None:
+        """Check forever; `after_check(self)` (async) runs after each round, its errors logged."""
         while True:
             await self.check()
+            if after_check is not None:
+                try:
+                    await after_check(self)
+                except Exception as exc:
+                    log.warning("after-check hook failed", extra={"error": repr(exc)})
             await asyncio.sleep(period * random.uniform(0.8, 1.2))  # jitter: no lockstep with other loops
 
     async def _check_shard(self, shard: int) -> None:
@@ -74,6 +97,17 @@ class HealthMonitor:
             return
         self.failures["consumer"] = 0
         self.consumer = {**status, "restarts": self.restarts.get("consumer", 0)}
+
+    async def _check_api(self, index: int) -> None:
+        key = f"api-{index}"
+        try:
+            status = await self.actors.api(index, "ensure_serving", timeout=self.timeout)
+        except Exception as exc:
+            self.apis[index] = {**self.apis[index], "serving": False, "last_error": repr(exc)}
+            self._failed(key, exc, lambda: self.actors.restart_api(index))
+            return
+        self.failures[key] = 0
+        self.apis[index] = {**status, "restarts": self.restarts.get(key, 0)}
 
     def _failed(self, key: str, exc: Exception, restart: Any) -> None:
         if isinstance(exc, Restarting):

@@ -31,6 +31,7 @@ class Settings:
     dashboard: bool = True
     catalog_file: Path | None = None
     event_retention_days: float = 0.0  # 0 keeps the event log forever
+    api_workers: int = 1  # API actors sharing the port
 
     @property
     def event_retention(self) -> float:
@@ -55,6 +56,7 @@ class Settings:
             "dashboard": _bool(env, "MABREC_DASHBOARD", True),
             "catalog_file": Path(env["MABREC_CATALOG"]) if env.get("MABREC_CATALOG") else None,
             "event_retention_days": _float(env, "MABREC_EVENT_RETENTION_DAYS", 0.0, 0.0, 36500.0, "days"),
+            "api_workers": _int(env, "MABREC_API_WORKERS", 1, 1, 64),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return replace(cls(), **values).validated()

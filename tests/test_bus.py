@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 from system import bus
+from system.errors import Unavailable
 from system.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -38,17 +37,26 @@ async def test_cursor_and_ranges_read_in_order(js: object, settings: Settings) -
 
 
 async def test_publisher_publishes_once_per_message_id(js: object, settings: Settings) -> None:
-    publisher = bus.Publisher(js)  # type: ignore[arg-type]
+    nc = await bus.connect(settings.nats_url or "", "test-publisher")
+    publisher = bus.Publisher(nc)
     publisher.start()
+    subject = f"{settings.events_subject}.api"
     for i in range(300):
-        assert publisher.submit(f"{settings.events_subject}.api", b"x", f"id-{i % 200}")
+        assert publisher.submit_many(subject, [(b"x", f"id-{i % 200}")])
+    await publisher.publish(subject, [(b"y", "last")], timeout=5)  # returns once stored
+    assert await bus.last_seq(js, settings.stream) == 201  # type: ignore[arg-type]  # JetStream dropped 100 repeats
+    assert publisher.published == 301 and publisher.status()["connected"]
     await publisher.drain()
-    assert publisher.published == 300
-    assert await bus.last_seq(js, settings.stream) == 200  # type: ignore[arg-type]  # JetStream dropped 100 repeats
+    await nc.close()
 
 
-async def test_publisher_buffer_is_bounded(js: object, settings: Settings) -> None:
-    publisher = bus.Publisher(js, max_buffer=3)  # type: ignore[arg-type]
-    assert all(publisher.submit("s", b"x", str(i)) for i in range(3))
-    assert not publisher.submit("s", b"x", "4") and publisher.pending == 3
-    await asyncio.sleep(0)
+async def test_publisher_buffer_is_bounded_and_all_or_nothing(js: object, settings: Settings) -> None:
+    nc = await bus.connect(settings.nats_url or "", "test-publisher")
+    publisher = bus.Publisher(nc, max_buffer=3)  # not started: nothing drains the buffer
+    assert publisher.submit_many("s", [(b"x", "1"), (b"x", "2")])
+    assert not publisher.submit_many("s", [(b"x", "3"), (b"x", "4")]) and publisher.pending == 2
+    with pytest.raises(Unavailable, match="buffer is full"):
+        await publisher.publish("s", [(b"x", "5"), (b"x", "6")], timeout=1)
+    assert publisher.submit_many("s", [(b"x", "3")]) and publisher.pending == 3
+    assert publisher.status()["rejected"] == 4
+    await nc.close()

@@ -30,6 +30,14 @@ class FakeActors:
         assert method == "ensure_running"
         return await self._answer("consumer", {"running": True})
 
+    async def api(self, index: int, method: str, *args: Any, timeout: float = 1.0) -> Any:
+        assert method == "ensure_serving"
+        return await self._answer(f"api-{index}", {"api": index, "serving": True, "port": 8000})
+
+    def restart_api(self, index: int) -> None:
+        self.restarted.append(f"api-{index}")
+        self.behaviour[f"api-{index}"] = "ok"
+
     def restart_shard(self, shard: int) -> None:
         self.restarted.append(f"shard-{shard}")
         self.behaviour[f"shard-{shard}"] = "ok"
@@ -39,10 +47,30 @@ class FakeActors:
 
 
 async def test_all_ready() -> None:
-    monitor = HealthMonitor(FakeActors(), 3)
+    monitor = HealthMonitor(FakeActors(), 3, 2)
     assert not monitor.all_ready
     await monitor.check()
-    assert monitor.all_ready and monitor.shards[2]["users"] == 3
+    assert monitor.all_ready and monitor.shards[2]["users"] == 3 and monitor.apis[1]["port"] == 8000
+    snapshot = monitor.snapshot()
+    assert len(snapshot["shards"]) == 3 and snapshot["consumer"]["running"] and len(snapshot["apis"]) == 2
+
+
+async def test_a_hung_api_is_restarted_and_pushes_go_on() -> None:
+    actors = FakeActors()
+    actors.behaviour["api-0"] = "hang"
+    monitor = HealthMonitor(actors, 1, 1, threshold=2)
+    pushed = []
+
+    async def push(m: HealthMonitor) -> None:
+        pushed.append(m.snapshot())
+        if len(pushed) == 1:
+            raise RuntimeError("one failed push must not stop the loop")
+
+    task = asyncio.create_task(monitor.run(period=0.01, after_check=push))
+    while len(pushed) < 4:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    assert actors.restarted == ["api-0"] and monitor.all_ready
 
 
 async def test_a_hung_shard_is_restarted_after_threshold_timeouts() -> None:

@@ -1,0 +1,254 @@
+"""The HTTP API's host, as a plain class: Ray wraps it in actors/ray_api.py.
+
+The API runs inside detached actors rather than in the supervisor, so it keeps answering while
+the supervisor is down (crashed, restarting, being upgraded); several API actors can share the
+port (SO_REUSEPORT) to use more cores. Each owns its NATS publisher and its view of the catalog;
+the supervisor pushes it the health of the shards, the global popularity and catalog reloads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import uvicorn
+from nats.aio.client import Client as NATS
+
+from api.app import create_app
+from api.render import Rendered
+from system import bus, db
+from system.errors import Unavailable
+from system.events import Event
+from system.policy import Model, PolicyConfig, recommend
+from system.settings import Settings
+from system.sharding import SlotMap
+from system.store import CatalogStore, StateStore
+
+log = logging.getLogger(__name__)
+
+# How long a shard that failed a call is skipped (fallback slates at once) before it is tried again.
+SHARD_DOWN_SECONDS = 1.0
+
+
+class Gateway(Protocol):
+    async def recommend(self, shard: int, uxid: str, limit: int) -> list[int]: ...
+
+    async def profile(self, shard: int, uxid: str) -> list[list[int]]: ...
+
+
+class LiveBackend:
+    """The API's backend (see api/backend.py): shards through the gateway, NATS through the publisher."""
+
+    def __init__(
+        self, settings: Settings, rendered: Rendered, slot_map: SlotMap, gateway: Gateway, publisher: bus.Publisher
+    ) -> None:
+        self.settings = settings
+        self.slot_map = slot_map
+        self.gateway = gateway
+        self.publisher = publisher
+        self.policy = PolicyConfig()
+        self.rng = np.random.default_rng()
+        self.health: dict[str, Any] = {"shards": [], "consumer": {}, "at": 0.0}
+        self.down_until: dict[int, float] = {}
+        self.started = time.time()
+        self.set_catalog(rendered)
+
+    @property
+    def catalog(self) -> Rendered:
+        return self._rendered
+
+    def set_catalog(self, rendered: Rendered) -> None:
+        self._rendered = rendered
+        self.model = Model(rendered.catalog, self.policy)
+
+    def set_popularity(self, version: int, clicks: np.ndarray, seen: np.ndarray) -> None:
+        if version == self._rendered.catalog.version:
+            self.model = Model(self._rendered.catalog, self.policy, clicks, seen)
+
+    def set_health(self, snapshot: dict[str, Any]) -> None:
+        self.health = {**snapshot, "at": time.time()}
+        for shard in snapshot.get("shards", []):
+            if not shard.get("ready"):
+                self.down_until[shard["shard"]] = time.monotonic() + SHARD_DOWN_SECONDS
+
+    async def recommend(self, uxid: str, limit: int) -> list[int]:
+        shard = self.slot_map.shard_of(uxid)
+        if self.down_until.get(shard, 0.0) > time.monotonic():
+            raise Unavailable(f"shard {shard} is down")  # answer from popularity at once
+        try:
+            return await self.gateway.recommend(shard, uxid, limit)
+        except Unavailable:
+            self.down_until[shard] = time.monotonic() + SHARD_DOWN_SECONDS
+            raise
+
+    async def profile(self, uxid: str) -> list[list[int]]:
+        return await self.gateway.profile(self.slot_map.shard_of(uxid), uxid)
+
+    def fallback(self, limit: int) -> list[int]:
+        empty = self.model.view(np.zeros((0, 3), dtype=np.int32))
+        slate = recommend(self.model, empty, limit, self.rng)
+        return self.catalog.catalog.movie_ids[slate.movies].tolist()  # type: ignore[no-any-return]
+
+    def publish(self, events: Sequence[Event]) -> bool:
+        return self.publisher.submit_many(self.subject, [(e.encode(), e.event_id or "") for e in events])
+
+    async def publish_durably(self, events: Sequence[Event], timeout: float) -> None:
+        await self.publisher.publish(self.subject, [(e.encode(), e.event_id or "") for e in events], timeout)
+
+    @property
+    def subject(self) -> str:
+        return f"{self.settings.events_subject}.api"
+
+    def readiness(self) -> dict[str, Any]:
+        shards = {str(s["shard"]): bool(s.get("ready")) for s in self.health.get("shards", [])}
+        consumer = bool(self.health.get("consumer", {}).get("running"))
+        catalog = len(self._rendered.catalog) > 0
+        ready = bool(shards) and all(shards.values()) and consumer and catalog and self.publisher.connected
+        return {
+            "ready": ready,
+            "catalog": catalog,
+            "consumer": consumer,
+            "nats": self.publisher.connected,
+            "shards": shards,
+        }
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "uptime": round(time.time() - self.started, 1),
+            "namespace": self.settings.namespace,
+            "catalog": {"version": self._rendered.catalog.version, "movies": len(self._rendered.catalog)},
+            "shards": self.health.get("shards", []),
+            "consumer": self.health.get("consumer", {}),
+            "supervisor_seen_seconds_ago": round(time.time() - self.health["at"], 1) if self.health["at"] else None,
+            "publisher": self.publisher.status(),
+            "stream_last_seq": self.health.get("stream_last_seq", 0),
+            "ray_dashboard": self.health.get("ray_dashboard"),
+        }
+
+
+class ApiServer:
+    def __init__(self, settings: Settings, index: int, port: int, gateway: Gateway) -> None:
+        # Cheap and I/O-free: Ray re-runs this on a restart; `ensure_serving` does the work.
+        self.settings = settings
+        self.index = index
+        self.port = port
+        self.gateway = gateway
+        self.backend: LiveBackend | None = None
+        self._server: uvicorn.Server | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._starting: asyncio.Task[None] | None = None
+        self._nc: NATS | None = None
+        self.last_error: str | None = None
+
+    async def ensure_serving(self) -> dict[str, Any]:
+        """Start serving unless serving or starting (idempotent, never waits). Returns `status()`."""
+        if self._task is None and (self._starting is None or self._starting.done()):
+            if self._starting is not None and not self._starting.cancelled() and self._starting.exception():
+                self.last_error = repr(self._starting.exception())
+            self._starting = asyncio.create_task(self._start())
+        return self.status()
+
+    async def wait_serving(self) -> dict[str, Any]:
+        await self.ensure_serving()
+        if self._starting is not None:
+            await asyncio.shield(self._starting)
+        return self.status()
+
+    async def _start(self) -> None:
+        settings = self.settings
+        pool = await db.open_pool(settings.database_url or "", name=f"api-{self.index}")
+        try:
+            rendered = await asyncio.to_thread(Rendered, await CatalogStore(pool).read())
+            slot_map = await StateStore(pool).slot_map()
+        finally:
+            await pool.close()
+        if self._nc is None:
+            self._nc = await bus.connect(settings.nats_url or "", f"{settings.namespace}-api-{self.index}")
+        publisher = bus.Publisher(self._nc)
+        publisher.start()
+        self.backend = LiveBackend(settings, rendered, slot_map, self.gateway, publisher)
+        config = uvicorn.Config(
+            create_app(self.backend),
+            log_config=None,
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=5,
+        )
+        self._server = _Server(config)
+        sock = reusable_socket(settings.host, self.port)
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
+        while not self._server.started and not self._task.done():
+            await asyncio.sleep(0.01)
+        if self._task.done():
+            self._task.result()
+        log.info(
+            "api serving", extra={"host": settings.host, "port": self.port, "index": self.index, "pid": os.getpid()}
+        )
+
+    async def set_health(self, snapshot: dict[str, Any]) -> None:
+        if self.backend is not None:
+            self.backend.set_health(snapshot)
+
+    async def set_popularity(self, version: int, clicks: np.ndarray, seen: np.ndarray) -> None:
+        if self.backend is not None:
+            self.backend.set_popularity(version, clicks, seen)
+
+    async def reload_catalog(self) -> int:
+        if self.backend is None:
+            raise Unavailable("the API is starting")
+        pool = await db.open_pool(self.settings.database_url or "", name=f"api-{self.index}")
+        try:
+            store = CatalogStore(pool)
+            if await store.version() != self.backend.catalog.catalog.version:
+                self.backend.set_catalog(await asyncio.to_thread(Rendered, await store.read()))
+        finally:
+            await pool.close()
+        return self.backend.catalog.catalog.version
+
+    async def stop(self) -> None:
+        """Stop taking requests, flush what was submitted to NATS, close."""
+        if self._server is not None and self._task is not None:
+            self._server.should_exit = True
+            with contextlib.suppress(Exception):
+                await self._task
+        if self.backend is not None:
+            await self.backend.publisher.drain()
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await self._nc.drain()
+        self._task = self._server = None
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "api": self.index,
+            "serving": self._task is not None and not self._task.done(),
+            "port": self.port,
+            "pid": os.getpid(),
+            "publisher": self.backend.publisher.status() if self.backend else None,
+            "last_error": self.last_error,
+        }
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self):  # type: ignore[no-untyped-def]
+        yield  # in an actor, signals belong to Ray
+
+
+def reusable_socket(host: str, port: int) -> socket.socket:
+    """A listening socket that other API actors on this node can bind too (SO_REUSEPORT): the
+    kernel spreads connections over them."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
