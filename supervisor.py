@@ -20,6 +20,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -234,6 +235,56 @@ def _actor_names(cluster: Any, shards: int) -> list[str]:
     return found
 
 
+async def verify(settings: Settings, as_json: bool, timeout: float) -> int:
+    """`mabrec verify` against the system started from this directory (or the configured URLs)."""
+    import orjson
+
+    runtime = Runtime.load(settings.state_dir)
+    if runtime is not None:
+        settings = replace(
+            settings,
+            database_url=settings.database_url or runtime.database_url,
+            nats_url=settings.nats_url or runtime.nats_url,
+            ray_address=settings.ray_address or runtime.ray_address,
+            namespace=runtime.namespace,
+        )
+    if not (settings.database_url and settings.nats_url and settings.ray_address):
+        print(
+            "mabrec verify: no running system here (start one with `mabrec up`) and no URLs configured", file=sys.stderr
+        )
+        return 2
+    local_ray = runtime is not None and any(s.name == "ray" for s in runtime.services)
+    os.environ.update(_ray_env(replace(settings, ray_address=None) if local_ray else settings))
+    from actors import ray_api
+    from actors.verify import verify as recount_and_compare
+
+    ray_api.connect(settings, settings.ray_address or "")
+    try:
+        cluster = ray_api.Cluster(settings)
+        pool = await db.open_pool(settings.database_url or "", name="verify")
+        try:
+            shards = (await StateStore(pool).slot_map()).shards
+        finally:
+            await pool.close()
+        report = await recount_and_compare(
+            settings, lambda shard: cluster.shard(shard, "export", timeout=60), shards, catch_up_timeout=timeout
+        )
+    finally:
+        ray_api.disconnect()
+    if as_json:
+        print(orjson.dumps(report.as_dict(), option=orjson.OPT_INDENT_2).decode())
+    else:
+        print(
+            f"recounted {report.events} events of stream {report.stream} (through #{report.through}) in {report.seconds:.1f}s"
+        )
+        print(f"live state:   {report.live.users} users checked, {report.live.mismatches} mismatches")
+        print(f"checkpoints:  {report.checkpoints.users} users checked, {report.checkpoints.mismatches} mismatches")
+        for line in report.lagging + report.live.examples + report.checkpoints.examples:
+            print(f"  {line}")
+        print("OK: every posterior equals the recount" if report.ok else "MISMATCH")
+    return 0 if report.ok else 1
+
+
 def _ray_env(settings: Settings) -> dict[str, str]:
     env = {"RAY_USAGE_STATS_ENABLED": "0"}
     if not settings.ray_address:  # our own local Ray: private, loopback-only, token-authenticated
@@ -265,6 +316,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_load.add_argument("file", type=Path, help=".csv or .jsonl, optionally .gz")
     p_load.add_argument("--merge", action="store_true", help="keep movies that are not in the file (default: replace)")
+
+    p_verify = sub.add_parser(
+        "verify", help="recount every user's state from the event log; compare with live shards and checkpoints"
+    )
+    p_verify.add_argument("--json", action="store_true", help="print JSON")
+    p_verify.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds to wait for shards to catch up (default 30)"
+    )
 
     p_bench = sub.add_parser("bench", help="load-test a running system (closed loop, keep-alive, latency percentiles)")
     p_bench.add_argument("--url", help="API base URL (default: the system started from this directory)")
@@ -298,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(up(settings))
         if args.command == "status":
             return commands.status(settings, args.json)
+        if args.command == "verify":
+            return asyncio.run(verify(settings, args.json, args.timeout))
         if args.command == "bench":
             return commands.bench(settings, args)
         if args.command == "catalog" and args.catalog_command == "load":

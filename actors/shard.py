@@ -24,7 +24,7 @@ from nats.aio.client import Client as NATS
 from psycopg_pool import AsyncConnectionPool
 
 from actors.shard_state import ShardState
-from system import bus, db
+from system import bus, db, userstate
 from system.errors import Unavailable
 from system.events import Event, decode
 from system.policy import PolicyConfig
@@ -194,6 +194,13 @@ class Shard:
         if self.state is None:
             raise ShardNotReady(f"shard {self.shard_id} is restoring")
         return self.state.counts_of(uxid).tolist()
+
+    async def export(self) -> tuple[int, dict[str, tuple[bytes, bytes]]]:
+        """(covered, {uxid: (counts, recent ids)}): one consistent snapshot, for `mabrec verify`."""
+        state = self.state
+        if state is None:
+            raise ShardNotReady(f"shard {self.shard_id} is restoring")
+        return self.covered, {u: (userstate.to_bytes(x.counts), x.recent.tobytes()) for u, x in state.users.items()}
 
     # --- checkpoints ------------------------------------------------------------------------
 

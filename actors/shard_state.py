@@ -18,7 +18,7 @@ from system.events import CLICKED, SEEN, Event
 from system.policy import Model, PolicyConfig, recommend
 from system.sharding import slot_of
 
-RECENT_IDS = 16  # a retry of one of the user's last 16 events (by event_id) counts once
+RECENT_IDS = 32  # a retry of one of the user's last 32 events (by event_id) counts once
 _OFFSET = 2**31  # keys are int32; shifted to pack (user, key) into one sortable int64
 
 

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 DUPLICATE_WINDOW = 600.0  # seconds in which JetStream drops a re-published Nats-Msg-Id
 DEADLETTER_MAX_AGE = 7 * 24 * 3600.0
+CONSUMER_CHECK_SECONDS = 3.0
 
 
 async def connect(url: str, name: str) -> NATS:
@@ -100,6 +101,7 @@ class StreamCursor:
         self._sub: Any = None
         self._consumer = ""
         self._consumer_seq = 0
+        self._checked = time.monotonic()
 
     async def fetch(self, batch: int = 1000, timeout: float = 1.0) -> list[StreamMessage]:
         """Up to `batch` messages in stream order; [] when the stream has nothing new."""
@@ -108,7 +110,7 @@ class StreamCursor:
         try:
             msgs = await self._sub.fetch(batch, timeout=timeout)
         except NatsTimeout:
-            return []
+            msgs = []
         except (TimeoutError, NatsError) as exc:
             log.warning("stream cursor reset", extra={"stream": self.stream, "error": repr(exc)})
             await self.close()
@@ -123,7 +125,26 @@ class StreamCursor:
             self._consumer_seq = meta.sequence.consumer
             self.next_seq = meta.sequence.stream + 1
             out.append(StreamMessage(meta.sequence.stream, msg.data))
+        if not msgs:
+            await self._check_consumer()
         return out
+
+    async def _check_consumer(self) -> None:
+        """Idle is normal, but a NATS restart also looks idle: it drops ephemeral consumers.
+        Every few idle seconds, make sure ours still exists; recreate it if not."""
+        now = time.monotonic()
+        if now - self._checked < CONSUMER_CHECK_SECONDS:
+            return
+        self._checked = now
+        try:
+            await self.js.consumer_info(self.stream, self._consumer)
+        except NotFoundError:
+            log.warning(
+                "stream cursor lost its consumer; recreating", extra={"stream": self.stream, "at": self.next_seq}
+            )
+            await self.close()
+        except (NatsError, TimeoutError):
+            await self.close()
 
     async def _open(self) -> None:
         config = ConsumerConfig(

@@ -25,6 +25,7 @@ async def open_pool(url: str, *, min_size: int = 1, max_size: int = 4, name: str
         open=False,
         timeout=5.0,
         reconnect_timeout=0,  # keep trying forever; callers see errors meanwhile
+        check=AsyncConnectionPool.check_connection,  # a restarted server leaves dead connections
         kwargs={"autocommit": True, "connect_timeout": 5, "application_name": name},
     )
     await pool.open(wait=False)

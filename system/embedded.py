@@ -126,7 +126,7 @@ def postgres_bin() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "pginstall" / "bin"
 
 
-def start_postgres(state_dir: Path) -> Service:
+def start_postgres(state_dir: Path, port: int | None = None) -> Service:
     POSTGRES_BIN_PATH = postgres_bin()
     data = (state_dir / "postgres").resolve()
     user = _postgres_os_user(data, POSTGRES_BIN_PATH)
@@ -154,7 +154,7 @@ def start_postgres(state_dir: Path) -> Service:
         )
         if init.returncode:
             raise RuntimeError(f"initdb failed for {data}: {init.stderr.strip()}")
-    port = free_port()
+    port = port or free_port()
     cmd = [
         str(POSTGRES_BIN_PATH / "postgres"),
         "-D", str(data),
@@ -216,7 +216,7 @@ def _postgres_os_user(data: Path, bin_path: Path) -> str | None:
 # --- NATS ----------------------------------------------------------------------------------------
 
 
-def start_nats(state_dir: Path) -> Service:
+def start_nats(state_dir: Path, port: int | None = None) -> Service:
     exe = Path(sys.executable).parent / "nats-server"
     if not exe.exists():
         found = shutil.which("nats-server")
@@ -225,7 +225,7 @@ def start_nats(state_dir: Path) -> Service:
         exe = Path(found)
     store = (state_dir / "nats").resolve()
     store.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     cmd = [str(exe), "-a", LOOPBACK, "-p", str(port), "-js", "-sd", str(store), "-l", str(store / "server.log")]
     proc = _spawn(cmd, store / "stdout.log")
     wait_for_port(port, 15.0, proc, store / "server.log")
