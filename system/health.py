@@ -36,7 +36,7 @@ class Actors(Protocol):
 
 
 class HealthMonitor:
-    def __init__(self, actors: Actors, shards: int, apis: int = 0, *, threshold: int = 3, timeout: float = 3.0) -> None:
+    def __init__(self, actors: Actors, shards: int, apis: int = 0, *, threshold: int = 3, timeout: float = 2.0) -> None:
         self.actors = actors
         self.shard_count = shards
         self.api_count = apis

@@ -11,6 +11,7 @@ disturbs nothing else on the machine.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -227,6 +228,28 @@ def test_shard_killed_mid_stream(system: RunningSystem) -> None:
     verify(system)
 
 
+def test_hung_shard_is_found_by_timeouts_and_restarted(system: RunningSystem) -> None:
+    """A shard that stops answering (SIGSTOP: alive, but frozen) is not a crash Ray can see: the
+    supervisor's health checks time out, and after three in a row it has the shard killed."""
+    with Load(system, "shardhang") as load:
+        time.sleep(2)
+        victim = status(system)["shards"][1]
+        os.kill(victim["pid"], signal.SIGSTOP)
+        frozen = time.monotonic()
+        try:
+            wait_until(
+                lambda: status(system)["shards"][1]["pid"] != victim["pid"] and status(system)["shards"][1]["ready"]
+            )
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim["pid"], signal.SIGCONT)
+        report("shard frozen (SIGSTOP) -> detected, replaced and restored", time.monotonic() - frozen)
+        assert status(system)["shards"][1]["restarts"] >= 1
+        load.wait()
+    check_load(load)
+    verify(system)
+
+
 def test_consumer_killed_mid_stream(system: RunningSystem) -> None:
     with Load(system, "routerkill") as load:
         time.sleep(2)
@@ -274,6 +297,8 @@ def test_nats_restarted_mid_stream(system: RunningSystem, servers: Servers) -> N
         report("NATS restart -> events flowing again", time.monotonic() - restarted)
         load.wait()
     check_load(load)
+    # Impressions of the slates served during the outage waited in the API's buffer: published now.
+    wait_until(lambda: status(system)["publisher"]["pending"] == 0, timeout=30)
     verify(system)
 
 
