@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import orjson
+import psycopg
 import pytest
 
 from system import bus
@@ -301,3 +302,29 @@ def test_embedded_servers_when_no_urls_are_configured(tmp_path: Path) -> None:
     assert code == 0, system.tail()
     assert not any(pid_alive(pid) for pid in pids), "an embedded server outlived mabrec up"
     assert not (tmp_path / "state" / "runtime.json").exists()
+
+
+def test_verify_proves_state_and_catches_a_corrupted_checkpoint(system: RunningSystem) -> None:
+    uxid = f"verify-{secrets.token_hex(4)}"
+    for movie in (2, 4, 15):
+        system.get(f"/api/movies/{movie}", uxid)
+    system.get("/api/recommendations/movies", uxid)
+    wait_for_profile(system, uxid, 3)
+    out = subprocess.run([MABREC, "verify"], env=system.env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and " 0 mismatches" in out.stdout, out.stdout + out.stderr
+    users = int(out.stdout.split("live state:")[1].split("users")[0])
+    assert users >= 1
+
+    assert system.runtime is not None
+    time.sleep(1.0)  # let the user's last checkpoint land, then tamper with it
+    with psycopg.connect(system.runtime.database_url, autocommit=True) as conn:
+        row = conn.execute("SELECT counts FROM user_state WHERE uxid = %s", (uxid,)).fetchone()
+        assert row is not None
+        counts = bytearray(row[0])
+        counts[4] += 1  # one more click on the user's first entity
+        conn.execute("UPDATE user_state SET counts = %s WHERE uxid = %s", (bytes(counts), uxid))
+    out = subprocess.run([MABREC, "verify", "--json"], env=system.env, capture_output=True, text=True, timeout=120)
+    report = orjson.loads(out.stdout)
+    assert out.returncode == 1 and not report["ok"]
+    assert report["live"]["mismatches"] == 0 and report["checkpoints"]["mismatches"] == 1
+    assert report["checkpoints"]["examples"][0].startswith(uxid)
