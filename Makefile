@@ -24,8 +24,8 @@ test: $(STAMP)  ## the whole suite, against real PostgreSQL, NATS JetStream and 
 test-fast: $(STAMP)  ## unit tests only (no services)
 	$(BIN)/pytest -m "not integration and not e2e"
 
-bench: $(STAMP)  ## load test a running system (`make run` in another terminal)
-	$(BIN)/mabrec bench
+bench: $(STAMP)  ## start a fresh system, run every benchmark, write BENCHMARKS.md
+	$(BIN)/mabrec bench report --also-shards 2
 
 clean:
 	rm -rf $(VENV) .mabrec .pytest_cache

@@ -325,14 +325,41 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=30.0, help="seconds to wait for shards to catch up (default 30)"
     )
 
-    p_bench = sub.add_parser("bench", help="load-test a running system (closed loop, keep-alive, latency percentiles)")
-    p_bench.add_argument("--url", help="API base URL (default: the system started from this directory)")
-    p_bench.add_argument("--clients", type=int, default=32, help="concurrent connections (default 32)")
-    p_bench.add_argument("--duration", type=float, default=10.0, help="measured seconds (default 10)")
-    p_bench.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds first (default 2)")
-    p_bench.add_argument("--users", type=int, default=100_000, help="distinct users, drawn Zipf(1.1) (default 100000)")
-    p_bench.add_argument("--mix", default="recommend=1", help="request shares, e.g. recommend=8,open=1,list=1")
-    p_bench.add_argument("--json", type=Path, help="write the JSON report here")
+    p_bench = sub.add_parser("bench", help="benchmarks and load tests (see BENCHMARKS.md)")
+    bench_sub = p_bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
+    p_http = bench_sub.add_parser("http", help="load-test the running system's API (closed or open loop)")
+    p_http.add_argument("--url", help="API base URL (default: the system started from this directory)")
+    p_http.add_argument(
+        "--clients", type=int, default=32, help="connections; closed loop: concurrent clients (default 32)"
+    )
+    p_http.add_argument("--rate", type=float, help="open loop: requests per second, whatever the answers")
+    p_http.add_argument("--duration", type=float, default=10.0, help="measured seconds (default 10)")
+    p_http.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds first (default 2)")
+    p_http.add_argument("--users", type=int, default=100_000, help="distinct users, drawn Zipf(1.1) (default 100000)")
+    p_http.add_argument("--mix", default="recommend=1", help="request shares, e.g. recommend=8,open=1,list=1")
+    p_http.add_argument("--json", type=Path, help="write the JSON report here")
+    p_ingest = bench_sub.add_parser("ingest", help="publish events to JetStream at a fixed rate; applied rate and lag")
+    p_ingest.add_argument("--url", help="API base URL (default: the system started from this directory)")
+    p_ingest.add_argument("--rate", type=float, default=20_000, help="events per second (default 20000)")
+    p_ingest.add_argument("--duration", type=float, default=10.0, help="seconds of publishing (default 10)")
+    p_ingest.add_argument("--per-message", type=int, default=100, help="events per NATS message (default 100)")
+    p_click = bench_sub.add_parser("click", help="how soon a click reaches the user's state, under background load")
+    p_click.add_argument("--url", help="API base URL (default: the system started from this directory)")
+    p_click.add_argument("--probes", type=int, default=200, help="clicks to time (default 200)")
+    p_click.add_argument("--rate", type=float, default=1000, help="background requests per second (default 1000)")
+    p_memory = bench_sub.add_parser("memory", help="memory of N users' state, in-process")
+    p_memory.add_argument("--users", type=int, default=1_000_000)
+    p_memory.add_argument("--movies", type=int, default=20, help="touched movies per user (default 20)")
+    p_memory.add_argument("--shards", type=int, default=4)
+    bench_sub.add_parser("policy", help="microseconds per slate, in-process")
+    p_report = bench_sub.add_parser("report", help="start a fresh system, run every benchmark, write BENCHMARKS.md")
+    p_report.add_argument("--shards", type=int, default=4)
+    p_report.add_argument(
+        "--also-shards", type=int, nargs="*", default=[], help="closed-loop runs with these shard counts too"
+    )
+    p_report.add_argument("--no-dashboard", action="store_true")
+    p_report.add_argument("--quick", action="store_true", help="short runs (a smoke test, not numbers to quote)")
+    p_report.add_argument("--output", type=Path, default=Path("BENCHMARKS.md"))
     return parser
 
 

@@ -9,21 +9,24 @@ the supervisor pushes it the health of the shards, the global popularity and cat
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import gc
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
 import uvicorn
-from nats.aio.client import Client as NATS
+import uvloop
 
 from api.app import create_app
 from api.render import Rendered
-from system import bus, db
+from system import bus, db, wire
 from system.errors import Unavailable
 from system.events import Event
 from system.policy import Model, PolicyConfig, recommend
@@ -41,6 +44,24 @@ class Gateway(Protocol):
     async def recommend(self, shard: int, uxid: str, limit: int) -> list[int]: ...
 
     async def profile(self, shard: int, uxid: str) -> list[list[int]]: ...
+
+
+class DataPlane:
+    """Shards over NATS (system/wire.py); over Ray actor calls while NATS is down."""
+
+    def __init__(self, nats: wire.ShardClient, ray: Gateway) -> None:
+        self.nats = nats
+        self.ray = ray
+
+    async def recommend(self, shard: int, uxid: str, limit: int) -> list[int]:
+        if self.nats.connected:
+            return await self.nats.recommend(shard, uxid, limit)
+        return await self.ray.recommend(shard, uxid, limit)
+
+    async def profile(self, shard: int, uxid: str) -> list[list[int]]:
+        if self.nats.connected:
+            return await self.nats.profile(shard, uxid)
+        return await self.ray.profile(shard, uxid)
 
 
 class LiveBackend:
@@ -97,10 +118,10 @@ class LiveBackend:
         return self.catalog.catalog.movie_ids[slate.movies].tolist()  # type: ignore[no-any-return]
 
     def publish(self, events: Sequence[Event]) -> bool:
-        return self.publisher.submit_many(self.subject, [(e.encode(), e.event_id or "") for e in events])
+        return self.publisher.submit_many(self.subject, [e.encode() for e in events])
 
     async def publish_durably(self, events: Sequence[Event], timeout: float) -> None:
-        await self.publisher.publish(self.subject, [(e.encode(), e.event_id or "") for e in events], timeout)
+        await self.publisher.publish(self.subject, [e.encode() for e in events], timeout)
 
     @property
     def subject(self) -> str:
@@ -134,6 +155,9 @@ class LiveBackend:
 
 
 class ApiServer:
+    """Serves HTTP on a thread of its own with a uvloop event loop: faster than the actor's
+    loop, and Ray's calls into the actor (health pushes, reloads) never queue behind requests."""
+
     def __init__(self, settings: Settings, index: int, port: int, gateway: Gateway) -> None:
         # Cheap and I/O-free: Ray re-runs this on a restart; `ensure_serving` does the work.
         self.settings = settings
@@ -142,14 +166,18 @@ class ApiServer:
         self.gateway = gateway
         self.backend: LiveBackend | None = None
         self._server: uvicorn.Server | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
         self._starting: asyncio.Task[None] | None = None
-        self._nc: NATS | None = None
         self.last_error: str | None = None
+
+    @property
+    def serving(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and bool(self._server and self._server.started)
 
     async def ensure_serving(self) -> dict[str, Any]:
         """Start serving unless serving or starting (idempotent, never waits). Returns `status()`."""
-        if self._task is None and (self._starting is None or self._starting.done()):
+        if not self.serving and (self._starting is None or self._starting.done()):
             if self._starting is not None and not self._starting.cancelled() and self._starting.exception():
                 self.last_error = repr(self._starting.exception())
             self._starting = asyncio.create_task(self._start())
@@ -169,28 +197,50 @@ class ApiServer:
             slot_map = await StateStore(pool).slot_map()
         finally:
             await pool.close()
-        if self._nc is None:
-            self._nc = await bus.connect(settings.nats_url or "", f"{settings.namespace}-api-{self.index}")
-        publisher = bus.Publisher(self._nc)
-        publisher.start()
-        self.backend = LiveBackend(settings, rendered, slot_map, self.gateway, publisher)
-        config = uvicorn.Config(
-            create_app(self.backend),
-            log_config=None,
-            access_log=False,
-            lifespan="on",
-            timeout_graceful_shutdown=5,
+        started: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._thread = threading.Thread(
+            target=self._run_http, args=(rendered, slot_map, started), name=f"http-{self.index}", daemon=True
         )
-        self._server = _Server(config)
-        sock = reusable_socket(settings.host, self.port)
-        self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
-        while not self._server.started and not self._task.done():
-            await asyncio.sleep(0.01)
-        if self._task.done():
-            self._task.result()
+        self._thread.start()
+        await asyncio.wrap_future(started)
         log.info(
             "api serving", extra={"host": settings.host, "port": self.port, "index": self.index, "pid": os.getpid()}
         )
+
+    def _run_http(self, rendered: Rendered, slot_map: SlotMap, started: concurrent.futures.Future[None]) -> None:
+        loop = self._loop = uvloop.new_event_loop()
+        try:
+            loop.run_until_complete(self._serve(rendered, slot_map, started))
+        except BaseException as exc:
+            if not started.done():
+                started.set_exception(exc)
+            log.error("api thread ended", extra={"error": repr(exc)})
+        finally:
+            loop.close()
+
+    async def _serve(self, rendered: Rendered, slot_map: SlotMap, started: concurrent.futures.Future[None]) -> None:
+        settings = self.settings
+        nc = await bus.connect(settings.nats_url or "", f"{settings.namespace}-api-{self.index}")
+        publisher = bus.Publisher(nc)
+        publisher.start()
+        shards = DataPlane(wire.ShardClient(nc, settings.namespace), self.gateway)
+        self.backend = LiveBackend(settings, rendered, slot_map, shards, publisher)
+        config = uvicorn.Config(
+            create_app(self.backend), log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=5
+        )
+        self._server = _Server(config)
+        serving = asyncio.create_task(self._server.serve(sockets=[reusable_socket(settings.host, self.port)]))
+        while not self._server.started and not serving.done():
+            await asyncio.sleep(0.01)
+        if serving.done():
+            serving.result()
+        gc.freeze()  # the catalog and its rendered JSON live as long as the process: skip them in GC passes
+        started.set_result(None)
+        await serving
+        # Stopped: flush what was submitted to NATS, then close.
+        await publisher.drain()
+        with contextlib.suppress(Exception):
+            await nc.drain()
 
     async def set_health(self, snapshot: dict[str, Any]) -> None:
         if self.backend is not None:
@@ -213,22 +263,16 @@ class ApiServer:
         return self.backend.catalog.catalog.version
 
     async def stop(self) -> None:
-        """Stop taking requests, flush what was submitted to NATS, close."""
-        if self._server is not None and self._task is not None:
-            self._server.should_exit = True
-            with contextlib.suppress(Exception):
-                await self._task
-        if self.backend is not None:
-            await self.backend.publisher.drain()
-        if self._nc is not None:
-            with contextlib.suppress(Exception):
-                await self._nc.drain()
-        self._task = self._server = None
+        """Stop taking requests, flush what was submitted to NATS, close (bounded: 15 s)."""
+        if self._server is not None and self._loop is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(setattr, self._server, "should_exit", True)
+            await asyncio.to_thread(self._thread.join, 15)
+        self._server = self._thread = None
 
     def status(self) -> dict[str, Any]:
         return {
             "api": self.index,
-            "serving": self._task is not None and not self._task.done(),
+            "serving": self.serving,
             "port": self.port,
             "pid": os.getpid(),
             "publisher": self.backend.publisher.status() if self.backend else None,
@@ -239,7 +283,7 @@ class ApiServer:
 class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self):  # type: ignore[no-untyped-def]
-        yield  # in an actor, signals belong to Ray
+        yield  # in an actor (and off the main thread), signals belong to Ray
 
 
 def reusable_socket(host: str, port: int) -> socket.socket:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import time
@@ -21,10 +22,11 @@ from typing import Any
 
 import numpy as np
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from psycopg_pool import AsyncConnectionPool
 
-from actors.shard_state import ShardState
-from system import bus, db, userstate
+from actors.shard_state import ShardState, recent_to_bytes
+from system import bus, db, userstate, wire
 from system.errors import Unavailable
 from system.events import Event, decode
 from system.policy import PolicyConfig
@@ -58,12 +60,16 @@ class Shard:
         self._apply_lock = asyncio.Lock()
         self._checkpoint_lock = asyncio.Lock()
         self._restoring: asyncio.Task[None] | None = None
+        self._subscriptions: list[Any] = []
         self._checkpointer: asyncio.Task[None] | None = None
         self.started = time.time()
         self.restored_at: float | None = None
         self.restore_seconds: float | None = None
         self.replayed = 0
         self.gaps = 0
+        self.recommend_calls = 0
+        self.recommendations = 0
+        self.apply_calls = 0
         self.checkpoints = 0
         self.checkpoint_errors = 0
         self.last_checkpoint: float | None = None
@@ -116,6 +122,7 @@ class Shard:
             self.state = state
         self.restored_at = time.time()
         self.restore_seconds = time.monotonic() - began
+        gc.freeze()  # see checkpoint()
         log.info(
             "shard restored",
             extra={
@@ -128,9 +135,44 @@ class Shard:
         )
         if self._checkpointer is None:
             self._checkpointer = asyncio.create_task(self._checkpoint_loop())
+        await self._listen()
+
+    async def _listen(self) -> None:
+        """Take the data plane's messages (system/wire.py): event spans from the router, and
+        slate and profile requests from the API. Only once restored: until then requests find
+        no responder (the API answers from popularity) and spans are missed (and replayed)."""
+        assert self._nc is not None
+        namespace = self.settings.namespace
+        self._subscriptions = [
+            await self._nc.subscribe(wire.apply_subject(namespace, self.shard_id), cb=self._on_apply),
+            await self._nc.subscribe(wire.rpc_subject(namespace, self.shard_id), cb=self._on_rpc),
+        ]
+
+    async def _on_apply(self, msg: Msg) -> None:
+        try:
+            await self.apply(*wire.decode_apply(msg.data))
+        except Exception as exc:  # the next span shows the gap; the stream has the events
+            log.warning("event span not applied", extra={"shard": self.shard_id, "error": repr(exc)})
+
+    async def _on_rpc(self, msg: Msg) -> None:
+        try:
+            op, args = wire.decode_call(msg.data)
+            if op == "recommend":
+                reply = wire.encode_reply(await self.recommend([(uxid, limit) for uxid, limit in args]))
+            elif op == "profile":
+                reply = wire.encode_reply(await self.user_counts(args))
+            else:
+                reply = wire.encode_reply(error=f"unknown operation {op!r}")
+        except Exception as exc:
+            reply = wire.encode_reply(error=repr(exc))
+        await msg.respond(reply)
 
     async def stop(self) -> dict[str, Any]:
         """Final checkpoint, then release connections. The actor may be killed after this."""
+        for subscription in self._subscriptions:
+            with contextlib.suppress(Exception):
+                await subscription.unsubscribe()
+        self._subscriptions = []
         if self._checkpointer is not None:
             self._checkpointer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -152,6 +194,7 @@ class Shard:
         Returns `covered` afterwards."""
         if self.state is None:
             raise ShardNotReady(f"shard {self.shard_id} is restoring")
+        self.apply_calls += 1
         async with self._apply_lock:
             state = self.state
             if prev_seq > self.covered:
@@ -187,6 +230,8 @@ class Shard:
         state = self.state
         if state is None:
             raise ShardNotReady(f"shard {self.shard_id} is restoring")
+        self.recommend_calls += 1
+        self.recommendations += len(requests)
         return [state.recommend(uxid, limit) for uxid, limit in requests]
 
     async def user_counts(self, uxid: str) -> list[list[int]]:
@@ -200,7 +245,9 @@ class Shard:
         state = self.state
         if state is None:
             raise ShardNotReady(f"shard {self.shard_id} is restoring")
-        return self.covered, {u: (userstate.to_bytes(x.counts), x.recent.tobytes()) for u, x in state.users.items()}
+        return self.covered, {
+            u: (userstate.to_bytes(x.counts), recent_to_bytes(x.recent)) for u, x in state.users.items()
+        }
 
     # --- checkpoints ------------------------------------------------------------------------
 
@@ -221,6 +268,9 @@ class Shard:
             self._saved_covered = covered
             self.checkpoints += 1
             self.last_checkpoint = time.time()
+            # Users are long-lived and free of cycles: keep them out of the garbage collector's
+            # full passes, which over a million users would stall serving for tens of ms.
+            gc.freeze()
             return len(rows)
 
     async def _checkpoint_loop(self) -> None:
@@ -270,6 +320,10 @@ class Shard:
             "dirty_users": len(state.dirty) if state else 0,
             "replayed": self.replayed,
             "gaps": self.gaps,
+            "lag_buckets": state.lag_counts.tolist() if state else [],
+            "recommend_calls": self.recommend_calls,
+            "recommendations": self.recommendations,
+            "apply_calls": self.apply_calls,
             "checkpoints": self.checkpoints,
             "checkpoint_errors": self.checkpoint_errors,
             "last_checkpoint": self.last_checkpoint,

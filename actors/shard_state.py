@@ -6,6 +6,9 @@ slates through the policy, and tracks what changed since the last checkpoint.
 
 from __future__ import annotations
 
+import sys
+import time
+from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -14,7 +17,7 @@ import numpy as np
 from system import userstate
 from system.arrays import ranges
 from system.catalog import Catalog
-from system.events import CLICKED, SEEN, Event
+from system.events import CLICKED, LAG_EDGES, SEEN, Event
 from system.policy import Model, PolicyConfig, recommend
 from system.sharding import slot_of
 
@@ -22,10 +25,25 @@ RECENT_IDS = 32  # a retry of one of the user's last 32 events (by event_id) cou
 _OFFSET = 2**31  # keys are int32; shifted to pack (user, key) into one sortable int64
 
 
+def recent_to_bytes(recent: array[int]) -> bytes:
+    """Little-endian uint64s, whatever this machine's byte order (they live in PostgreSQL)."""
+    if sys.byteorder == "big":
+        recent = array("Q", recent)
+        recent.byteswap()
+    return recent.tobytes()
+
+
+def recent_from_bytes(raw: bytes) -> array[int]:
+    recent = array("Q", raw)
+    if sys.byteorder == "big":
+        recent.byteswap()
+    return recent
+
+
 @dataclass(slots=True)
 class User:
     counts: np.ndarray  # see system.userstate
-    recent: np.ndarray  # uint64 hashes of the user's most recent event ids, oldest first
+    recent: array[int]  # 63-bit hashes of the user's most recent event ids, oldest first
 
 
 class ShardState:
@@ -39,6 +57,7 @@ class ShardState:
         self.applied = 0  # events applied
         self.duplicates = 0  # events skipped as repeats of an event_id
         self.unknown_movies = 0  # movie ids not in the catalog, ignored
+        self.lag_counts = np.zeros(len(LAG_EDGES) + 1, dtype=np.int64)
         self.global_counts: tuple[np.ndarray, np.ndarray] | None = None
         self.set_catalog(catalog)
 
@@ -84,7 +103,7 @@ class ShardState:
     # --- users ------------------------------------------------------------------------------
 
     def load_user(self, uxid: str, counts: bytes, recent: bytes) -> None:
-        user = User(userstate.from_bytes(counts), np.frombuffer(recent, dtype="<u8").copy())
+        user = User(userstate.from_bytes(counts), recent_from_bytes(recent))
         if uxid in self.users:
             self._count_locally(self.users[uxid].counts, -1)
         self.users[uxid] = user
@@ -111,6 +130,7 @@ class ShardState:
         rows_movie: list[int] = []
         rows_kind: list[int] = []
         applied = 0
+        stamps: list[float] = []
         touched: list[User] = []
         index: dict[str, int] = {}
         known = self.catalog.id_set
@@ -120,25 +140,32 @@ class ShardState:
                 continue  # nothing to apply (the router dead-letters these; a replay skips them alike)
             user = self.users.get(event.user)
             if user is None:
-                user = self.users[event.user] = User(userstate.empty(), np.zeros(0, dtype="<u8"))
+                user = self.users[event.user] = User(userstate.empty(), array("Q"))
             if event.event_id is not None:
                 h = event.id_hash
-                if (user.recent == h).any():
+                if h in user.recent:
                     self.duplicates += 1
                     continue
-                user.recent = np.append(user.recent[-(RECENT_IDS - 1) :], np.uint64(h))
+                user.recent.append(h)
+                if len(user.recent) > RECENT_IDS:
+                    del user.recent[0]
             u = index.get(event.user)
             if u is None:
                 u = index[event.user] = len(touched)
                 touched.append(user)
             self.dirty.add(event.user)
             applied += 1
+            if event.ts is not None:
+                stamps.append(event.ts)
             rows_user.extend([u] * len(event.movies))
             rows_movie.extend(event.movies)
             rows_kind.extend([event.kind] * len(event.movies))
         if rows_user:
             self._apply_rows(touched, np.array(rows_user), np.array(rows_movie), np.array(rows_kind))
         self.applied += applied
+        if stamps:
+            lags = time.time() - np.array(stamps)
+            np.add.at(self.lag_counts, np.searchsorted(LAG_EDGES, lags), 1)
         return applied
 
     def _apply_rows(
@@ -183,7 +210,7 @@ class ShardState:
     def take_dirty(self) -> list[tuple[str, int, bytes, bytes]]:
         """Snapshot (uxid, slot, counts, recent ids) of every changed user, and reset the set."""
         rows = [
-            (uxid, slot_of(uxid), userstate.to_bytes(self.users[uxid].counts), self.users[uxid].recent.tobytes())
+            (uxid, slot_of(uxid), userstate.to_bytes(self.users[uxid].counts), recent_to_bytes(self.users[uxid].recent))
             for uxid in self.dirty
         ]
         self.dirty = set()

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from actors.shard_state import ShardState
+from actors.shard_state import ShardState, recent_to_bytes
 from system import bus, db, userstate
 from system.catalog import Catalog
 from system.errors import Unavailable
@@ -136,7 +136,7 @@ def _recount(
         for event in mine:
             states[slot_map.shard_of(event.user)].apply([event])
     return {
-        uxid: (userstate.to_bytes(user.counts), user.recent.tobytes())
+        uxid: (userstate.to_bytes(user.counts), recent_to_bytes(user.recent))
         for state in states.values()
         for uxid, user in state.users.items()
     }

@@ -7,10 +7,13 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from system.events import LAG_EDGES
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -54,6 +57,7 @@ class MetricsMiddleware:
     def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
         self.app = app
         self.metrics = metrics
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -71,10 +75,16 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            route = scope.get("route")
-            template = getattr(route, "path", "unmatched")
-            self.metrics.requests.labels(scope["method"], template, str(status)).inc()
-            self.metrics.latency.labels(template).observe(time.perf_counter() - began)
+            template = getattr(scope.get("route"), "path", "unmatched")
+            key = (scope["method"], template, status)
+            children = self._children.get(key)
+            if children is None:  # label lookups cost more than the counting: do them once
+                children = self._children[key] = (
+                    self.metrics.requests.labels(scope["method"], template, str(status)),
+                    self.metrics.latency.labels(template),
+                )
+            children[0].inc()
+            children[1].observe(time.perf_counter() - began)
 
 
 class StatusCollector(Collector):
@@ -109,6 +119,18 @@ class StatusCollector(Collector):
             for s in shards:
                 family.add_metric([str(s["shard"])], float(s.get(key) or 0))
             yield family
+        lag = np.zeros(len(LAG_EDGES) + 1)
+        for s in shards:
+            if s.get("lag_buckets"):
+                lag += np.asarray(s["lag_buckets"])
+        cumulative = np.cumsum(lag)
+        yield HistogramMetricFamily(
+            "mabrec_event_apply_lag_seconds",
+            "From an event's ts (set by its publisher) to its application in a shard",
+            buckets=[(f"{edge:.6g}", float(c)) for edge, c in zip(LAG_EDGES, cumulative[:-1], strict=True)]
+            + [("+Inf", float(cumulative[-1]))],
+            sum_value=float("nan"),
+        )
         router = status.get("consumer") or {}
         dead = CounterMetricFamily(
             "mabrec_events_dead_lettered", "Malformed events sent to the dead-letter subject", labels=["reason"]

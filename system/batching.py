@@ -1,8 +1,9 @@
 """Adaptive micro-batching: concurrent requests to one destination share one call.
 
 While a call is in flight, new requests queue up; when it returns, everything queued leaves in
-the next call. An idle system pays no added latency; a busy one makes fewer, larger calls (one
-Ray actor call costs ~0.8 ms whatever it carries, so this is what lifts the request ceiling).
+the next call. With `linger`, a call also waits that long for company before it leaves. An idle
+system pays at most `linger`; a busy one makes fewer, larger calls (one Ray actor call costs
+~0.8 ms of CPU whatever it carries, so this is what lifts the request ceiling).
 """
 
 from __future__ import annotations
@@ -23,10 +24,13 @@ class Batcher(Generic[Req, Resp]):
         *,
         max_batch: int = 256,
         max_in_flight: int = 1,
+        linger: float = 0.0,
     ) -> None:
         self._call = call
         self.max_batch = max_batch
         self.max_in_flight = max_in_flight
+        self.linger = linger
+        self._lingering = False
         self._queue: deque[tuple[Req, asyncio.Future[Resp]]] = deque()
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -40,6 +44,20 @@ class Batcher(Generic[Req, Resp]):
         return await future
 
     def _kick(self) -> None:
+        """A request arrived: send it now, or after `linger` to let others join."""
+        if self._in_flight >= self.max_in_flight or self._lingering:
+            return  # it leaves with the next call
+        if self.linger and len(self._queue) < self.max_batch:
+            self._lingering = True
+            asyncio.get_running_loop().call_later(self.linger, self._linger_done)
+            return
+        self._dispatch()
+
+    def _linger_done(self) -> None:
+        self._lingering = False
+        self._dispatch()
+
+    def _dispatch(self) -> None:
         while self._queue and self._in_flight < self.max_in_flight:
             batch = [self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))]
             self._in_flight += 1
@@ -66,4 +84,5 @@ class Batcher(Generic[Req, Resp]):
                     future.set_result(result)
         finally:
             self._in_flight -= 1
-            self._kick()
+            if not self._lingering:
+                self._dispatch()  # what queued meanwhile has waited enough

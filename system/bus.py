@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
@@ -198,24 +199,30 @@ async def read_range(
 
 
 class Publisher:
-    """Publishes events to JetStream from a bounded in-memory buffer, in pipelined batches.
+    """Publishes events to JetStream from a bounded in-memory buffer, many events per message.
 
     `submit_many` never blocks a request: it appends to the buffer, or returns False when the
     buffer is full (NATS has been unreachable for a while). `publish` also waits until JetStream
     has the events: a caller that answers "accepted" only then loses nothing if this process dies.
-    A background task drains the buffer; a message leaves it only once JetStream acknowledged it,
-    and its Nats-Msg-Id makes a re-send after a lost acknowledgement count once.
+
+    A background task drains the buffer: what has gathered while the previous message was being
+    acknowledged (or, after a quiet spell, within `linger` seconds) leaves as one message, a JSON
+    array of up to `per_message` events: a busy API sends few, large messages. Events leave the
+    buffer only once JetStream acknowledged their message; a message is re-sent as it was, with
+    the same Nats-Msg-Id, so a re-send after a lost acknowledgement is stored once.
     """
 
-    def __init__(self, nc: NATS, max_buffer: int = 100_000, batch: int = 512) -> None:
+    def __init__(self, nc: NATS, max_buffer: int = 100_000, per_message: int = 500, linger: float = 0.005) -> None:
         self.nc = nc
         self.js = nc.jetstream()
         self.max_buffer = max_buffer
-        self.batch = batch
-        self._buffer: deque[tuple[str, bytes, str, asyncio.Future[None] | None]] = deque()
+        self.per_message = per_message
+        self.linger = linger
+        self._buffer: deque[tuple[str, bytes, asyncio.Future[None] | None]] = deque()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.published = 0
+        self.messages = 0
         self.rejected = 0
         self.failures = 0
         self.last_error: str | None = None
@@ -232,14 +239,14 @@ class Publisher:
     def pending(self) -> int:
         return len(self._buffer)
 
-    def submit_many(self, subject: str, items: Sequence[tuple[bytes, str]]) -> bool:
-        """Queue (payload, msg id) pairs; all or none (False when the buffer has no room)."""
-        return self._enqueue(subject, items, None)
+    def submit_many(self, subject: str, payloads: Sequence[bytes]) -> bool:
+        """Queue encoded events; all or none (False when the buffer has no room)."""
+        return self._enqueue(subject, payloads, None)
 
-    async def publish(self, subject: str, items: Sequence[tuple[bytes, str]], timeout: float) -> None:
-        """Queue and wait until JetStream stored every item; Unavailable if it cannot in time."""
+    async def publish(self, subject: str, payloads: Sequence[bytes], timeout: float) -> None:
+        """Queue and wait until JetStream stored every event; Unavailable if it cannot in time."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if not self._enqueue(subject, items, done):
+        if not self._enqueue(subject, payloads, done):
             raise Unavailable("the event buffer is full (NATS is unreachable); retry later")
         try:
             await asyncio.wait_for(asyncio.shield(done), timeout)
@@ -248,47 +255,63 @@ class Publisher:
                 "NATS did not confirm the events in time; they stay queued, and a retry with the same event ids counts once"
             ) from None
 
-    def _enqueue(self, subject: str, items: Sequence[tuple[bytes, str]], done: asyncio.Future[None] | None) -> bool:
-        if len(self._buffer) + len(items) > self.max_buffer:
-            self.rejected += len(items)
+    def _enqueue(self, subject: str, payloads: Sequence[bytes], done: asyncio.Future[None] | None) -> bool:
+        if len(self._buffer) + len(payloads) > self.max_buffer:
+            self.rejected += len(payloads)
             return False
-        for i, (payload, msg_id) in enumerate(items):
-            self._buffer.append((subject, payload, msg_id, done if i == len(items) - 1 else None))
+        last = len(payloads) - 1
+        for i, payload in enumerate(payloads):
+            self._buffer.append((subject, payload, done if i == last else None))
         self._wakeup.set()
         return True
 
+    def _next_message(self) -> tuple[str, bytes, str, int]:
+        """(subject, payload, msg id, events) from the head of the buffer: one subject per message."""
+        subject = self._buffer[0][0]
+        count = 0
+        for item in self._buffer:
+            if item[0] != subject or count == self.per_message:
+                break
+            count += 1
+        payloads = [self._buffer[i][1] for i in range(count)]
+        payload = payloads[0] if count == 1 else b"[" + b",".join(payloads) + b"]"
+        return subject, payload, secrets.token_hex(12), count
+
     async def _run(self) -> None:
         backoff = 0.1
+        message: tuple[str, bytes, str, int] | None = None
         while True:
             if not self._buffer:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            batch = [self._buffer[i] for i in range(min(self.batch, len(self._buffer)))]
+                if self.linger and len(self._buffer) < self.per_message:
+                    await asyncio.sleep(self.linger)  # let a few more events join this message
+            message = message or self._next_message()
+            subject, payload, msg_id, count = message
             try:
-                futures = [
-                    await self.js.publish_async(subject, payload, headers={"Nats-Msg-Id": msg_id})
-                    for subject, payload, msg_id, _ in batch
-                ]
-                await asyncio.wait_for(asyncio.gather(*futures), timeout=5.0)
+                await self.js.publish(subject, payload, timeout=5.0, headers={"Nats-Msg-Id": msg_id})
             except (NatsError, TimeoutError, OSError) as exc:
                 self.failures += 1
                 self.last_error = repr(exc)
                 log.warning("publish failed; will retry", extra={"error": repr(exc), "pending": len(self._buffer)})
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
-                continue
+                continue  # the same message again, with the same Nats-Msg-Id
             backoff = 0.1
-            for _ in batch:
-                done = self._buffer.popleft()[3]
+            message = None
+            for _ in range(count):
+                done = self._buffer.popleft()[2]
                 if done is not None and not done.done():
                     done.set_result(None)
-            self.published += len(batch)
+            self.published += count
+            self.messages += 1
 
     def status(self) -> dict[str, Any]:
         return {
             "connected": self.connected,
             "pending": self.pending,
             "published": self.published,
+            "messages": self.messages,
             "rejected": self.rejected,
             "failures": self.failures,
             "last_error": self.last_error,

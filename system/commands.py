@@ -9,10 +9,12 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from system import db
 from system.catalog import read_movies
 from system.embedded import Runtime, pid_alive
+from system.errors import BadRequest
 from system.infra import Infrastructure
 from system.settings import Settings
 from system.store import CatalogStore
@@ -124,56 +126,88 @@ async def catalog_load(settings: Settings, path: Path, merge: bool) -> int:
     return 0
 
 
-def bench(settings: Settings, args: argparse.Namespace) -> int:
-    import orjson
-
-    from bench import loadtest
-
-    url = args.url
+def _api_url(settings: Settings, url: str | None) -> str:
     if url is None:
         runtime = Runtime.load(settings.state_dir)
-        if runtime is None or not pid_alive(runtime.supervisor_pid):
-            print("mabrec bench: no running system here; start one (`mabrec up`) or pass --url", file=sys.stderr)
-            return 2
+        if runtime is None:
+            raise BadRequest("no running system here: start one (`mabrec up`) or pass --url")
         url = runtime.api_url
-    if not url.startswith(("http://127.0.0.1", "http://localhost")):
-        print("mabrec bench: load tests target 127.0.0.1 only", file=sys.stderr)
-        return 2
-    try:
-        shares = dict(part.split("=") for part in args.mix.split(","))
-        mix = loadtest.Mix(
-            float(shares.get("recommend", 0)), float(shares.get("open", 0)), float(shares.get("list", 0))
+    if urlsplit(url).hostname not in ("127.0.0.1", "localhost"):
+        raise BadRequest("load tests target 127.0.0.1 only")
+    return url
+
+
+def _bar(desc: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=100, desc=desc, unit="%", disable=not sys.stderr.isatty(), leave=False)
+
+
+def bench(settings: Settings, args: argparse.Namespace) -> int:
+    """`mabrec bench ...`: one benchmark against the running system, or the whole report."""
+    import orjson
+    import uvloop
+
+    from bench import ingest, loadtest, memory, policy, probes, report
+
+    ids = [m.id for m in read_movies(DEFAULT_CATALOG)]
+    what = args.bench_command
+    if what == "report":
+        bar = _bar("benchmarks")
+        results = report.run(args.shards, not args.no_dashboard, args.quick, args.also_shards, step=bar.set_description)
+        bar.close()
+        report.write(results, args.output)
+        print(report.markdown(results))
+        print(f"wrote {args.output} and bench/results/latest.json", file=sys.stderr)
+        return 0
+    if what == "policy":
+        out: Any = policy.run()
+    elif what == "memory":
+        out = memory.run(users=args.users, movies=args.movies, shards=args.shards)
+    elif what == "click":
+        out = uvloop.run(
+            probes.click_to_state(
+                _api_url(settings, args.url), probes=args.probes, background_rate=args.rate, movie_ids=ids
+            )
         )
-    except ValueError:
-        print("mabrec bench: --mix looks like recommend=8,open=1,list=1", file=sys.stderr)
-        return 2
-    catalog_ids = [m.id for m in read_movies(DEFAULT_CATALOG)]
-    config = {
-        "url": url,
-        "clients": args.clients,
-        "duration": args.duration,
-        "warmup": args.warmup,
-        "users": args.users,
-        "mix": args.mix,
-    }
-    print(
-        f"load test: {args.clients} clients, {args.duration}s after {args.warmup}s warm-up, mix {args.mix}",
-        file=sys.stderr,
-    )
-    results = asyncio.run(
-        loadtest.run(
-            url,
-            clients=args.clients,
-            duration=args.duration,
-            warmup=args.warmup,
-            users=args.users,
-            mix=mix,
-            movie_ids=catalog_ids,
+    elif what == "ingest":
+        runtime = Runtime.load(settings.state_dir)
+        if runtime is None:
+            raise BadRequest("no running system here: start one with `mabrec up`")
+        out = uvloop.run(
+            ingest.run(
+                _api_url(settings, args.url),
+                runtime.nats_url,
+                f"{runtime.namespace}.events",
+                rate=args.rate,
+                duration=args.duration,
+                per_message=args.per_message,
+                movie_ids=ids,
+            )
         )
-    )
-    print(loadtest.table(results))
-    if args.json:
-        args.json.write_text(loadtest.report(results, config))
-    else:
-        print(orjson.dumps({"settings": config, "results": [r.as_dict() for r in results.values()]}).decode())
-    return 1 if any(r.errors for r in results.values()) else 0
+    else:  # http
+        url = _api_url(settings, args.url)
+        mix = loadtest.Mix.parse(args.mix)
+        mode = f"open loop at {args.rate:g} req/s" if args.rate else f"closed loop, {args.clients} clients"
+        print(
+            f"load test: {mode}, {args.duration:g} s after {args.warmup:g} s warm-up, mix {args.mix}", file=sys.stderr
+        )
+        results = uvloop.run(
+            loadtest.run(
+                url,
+                clients=args.clients,
+                rate=args.rate,
+                duration=args.duration,
+                warmup=args.warmup,
+                users=args.users,
+                mix=mix,
+                movie_ids=ids,
+            )
+        )
+        print(loadtest.table(results))
+        config = {"url": url, "clients": args.clients, "rate": args.rate, "duration": args.duration, "mix": args.mix}
+        if args.json:
+            args.json.write_text(loadtest.report(results, config))
+        return 1 if any(r.errors for r in results.values()) else 0
+    print(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
+    return 0

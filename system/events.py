@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import numpy as np
 import orjson
 
 from system.errors import BadRequest, MalformedEvent
@@ -25,6 +26,9 @@ MAX_UXID = 128
 MAX_ENTITIES = 100
 MAX_ID = 128
 MAX_BATCH = 1000
+# Publish-to-applied lag (an event's `ts` to the moment a shard applies it) is counted in these
+# log-spaced buckets: upper edges from 1 ms to 100 s.
+LAG_EDGES = np.logspace(-3, 2, 5 * 10 + 1)
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,24 +23,29 @@ def empty() -> np.ndarray:
 def bump(state: np.ndarray, keys: np.ndarray, clicks: np.ndarray, seen: np.ndarray) -> np.ndarray:
     """Add `clicks` and `seen` to the rows of `keys` (sorted, unique). Returns the updated state:
     the same array, updated in place, when every key is already there; a new array otherwise."""
+    n = len(state)
+    if n == 0:
+        fresh = np.empty((len(keys), 3), dtype=DTYPE)
+        fresh[:, KEY], fresh[:, CLICKS], fresh[:, SEEN] = keys, clicks, seen
+        return fresh
     have = state[:, KEY]
     pos = np.searchsorted(have, keys)
-    found = pos < len(have)
-    found[found] = have[pos[found]] == keys[found]
+    found = have[np.minimum(pos, n - 1)] == keys
     if found.all():
         state[pos, CLICKS] += clicks
         state[pos, SEEN] += seen
         return state
-    added = np.empty((int((~found).sum()), 3), dtype=DTYPE)
-    added[:, KEY] = keys[~found]
-    added[:, CLICKS] = clicks[~found]
-    added[:, SEEN] = seen[~found]
-    if found.any():
-        state = state.copy()
-        state[pos[found], CLICKS] += clicks[found]
-        state[pos[found], SEEN] += seen[found]
-    merged = np.concatenate([state, added])
-    return merged[np.argsort(merged[:, KEY], kind="stable")]
+    # Merge: every row's place in the result is its own index plus the new keys before it.
+    new = ~found
+    out = np.empty((n + int(new.sum()), 3), dtype=DTYPE)
+    new_at = pos[new] + np.arange(int(new.sum()))
+    old_at = np.arange(n) + np.searchsorted(keys[new], have)
+    out[old_at] = state
+    out[new_at, KEY], out[new_at, CLICKS], out[new_at, SEEN] = keys[new], clicks[new], seen[new]
+    hit = old_at[pos[found]]
+    out[hit, CLICKS] += clicks[found]
+    out[hit, SEEN] += seen[found]
+    return out
 
 
 def aggregate(keys: np.ndarray, clicks: np.ndarray, seen: np.ndarray) -> tuple[np.ndarray, ...]:

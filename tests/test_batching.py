@@ -43,3 +43,20 @@ async def test_wrong_result_count_is_an_error() -> None:
 
     with pytest.raises(RuntimeError, match="0 results for 1"):
         await Batcher(call).submit(1)
+
+
+async def test_linger_gathers_requests_that_arrive_close_together() -> None:
+    calls: list[list[int]] = []
+
+    async def call(items: Sequence[int]) -> list[int]:
+        calls.append(list(items))
+        return list(items)
+
+    batcher: Batcher[int, int] = Batcher(call, linger=0.02)
+
+    async def later(i: int) -> int:
+        await asyncio.sleep(0.005 * i)
+        return await batcher.submit(i)
+
+    assert await asyncio.gather(*(later(i) for i in range(3))) == [0, 1, 2]
+    assert calls == [[0, 1, 2]]  # one call, not three

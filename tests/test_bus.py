@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import orjson
 import pytest
 
 from system import bus
 from system.errors import Unavailable
+from system.events import decode
 from system.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -36,16 +38,18 @@ async def test_cursor_and_ranges_read_in_order(js: object, settings: Settings) -
     assert beyond == list(range(21, 26))
 
 
-async def test_publisher_publishes_once_per_message_id(js: object, settings: Settings) -> None:
+async def test_publisher_packs_what_gathers_into_few_messages(js: object, settings: Settings) -> None:
     nc = await bus.connect(settings.nats_url or "", "test-publisher")
-    publisher = bus.Publisher(nc)
-    publisher.start()
+    publisher = bus.Publisher(nc, per_message=100)
     subject = f"{settings.events_subject}.api"
-    for i in range(300):
-        assert publisher.submit_many(subject, [(b"x", f"id-{i % 200}")])
-    await publisher.publish(subject, [(b"y", "last")], timeout=5)  # returns once stored
-    assert await bus.last_seq(js, settings.stream) == 201  # type: ignore[arg-type]  # JetStream dropped 100 repeats
-    assert publisher.published == 301 and publisher.status()["connected"]
+    events = [orjson.dumps({"event_type": "seen", "entity_id": 1, "user_id": f"u{i}"}) for i in range(300)]
+    assert publisher.submit_many(subject, events)  # all queued before the publisher runs
+    publisher.start()
+    await publisher.publish(subject, [events[0]], timeout=5)  # returns once stored
+    assert publisher.published == 301 and publisher.messages == 4  # 100 + 100 + 100 + 1
+    decoded = [decode(m.data) async for batch in bus.read_range(js, settings, 0, 10) for m in batch]  # type: ignore[arg-type]
+    assert [len(events) for events, errors in decoded] == [100, 100, 100, 1]
+    assert [e.user for events, _ in decoded for e in events][:3] == ["u0", "u1", "u2"]
     await publisher.drain()
     await nc.close()
 
@@ -53,11 +57,11 @@ async def test_publisher_publishes_once_per_message_id(js: object, settings: Set
 async def test_publisher_buffer_is_bounded_and_all_or_nothing(js: object, settings: Settings) -> None:
     nc = await bus.connect(settings.nats_url or "", "test-publisher")
     publisher = bus.Publisher(nc, max_buffer=3)  # not started: nothing drains the buffer
-    assert publisher.submit_many("s", [(b"x", "1"), (b"x", "2")])
-    assert not publisher.submit_many("s", [(b"x", "3"), (b"x", "4")]) and publisher.pending == 2
+    assert publisher.submit_many("s", [b"1", b"2"])
+    assert not publisher.submit_many("s", [b"3", b"4"]) and publisher.pending == 2
     with pytest.raises(Unavailable, match="buffer is full"):
-        await publisher.publish("s", [(b"x", "5"), (b"x", "6")], timeout=1)
-    assert publisher.submit_many("s", [(b"x", "3")]) and publisher.pending == 3
+        await publisher.publish("s", [b"5", b"6"], timeout=1)
+    assert publisher.submit_many("s", [b"3"]) and publisher.pending == 3
     assert publisher.status()["rejected"] == 4
     await nc.close()
 

@@ -31,3 +31,20 @@ def test_bytes_round_trip_and_split() -> None:
     assert np.array_equal(back, s) and back.flags.writeable
     assert us.movies(s)[:, us.KEY].tolist() == [7, 11]
     assert us.facets(s)[:, us.KEY].tolist() == [-9, -2]
+
+
+def test_bump_matches_a_dictionary_on_random_updates() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        reference: dict[int, list[int]] = {}
+        state = us.empty()
+        for _ in range(6):
+            keys = np.unique(rng.integers(-20, 40, rng.integers(1, 12))).astype(us.DTYPE)
+            clicks = rng.integers(0, 3, len(keys)).astype(us.DTYPE)
+            seen = rng.integers(0, 3, len(keys)).astype(us.DTYPE)
+            state = us.bump(state, keys, clicks, seen)
+            for k, c, s in zip(keys.tolist(), clicks.tolist(), seen.tolist(), strict=True):
+                row = reference.setdefault(k, [0, 0])
+                row[0] += c
+                row[1] += s
+            assert state.tolist() == [[k, *reference[k]] for k in sorted(reference)]

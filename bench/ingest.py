@@ -1,0 +1,116 @@
+"""`mabrec bench ingest`: feedback events into JetStream at a fixed rate, as another service
+would publish them, and how fast and how soon they reach shard state.
+
+Each event carries `ts` (its publish time); shards count publish-to-applied lag in a histogram
+(`mabrec_event_apply_lag_seconds`), read here before and after. The sustained rate is the events
+applied (shards' counters) over the time from the first publish to the last application.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import numpy as np
+import orjson
+
+from bench.loadtest import percentiles_from_buckets
+from system import bus
+from system.events import LAG_EDGES
+
+
+def _applied(status: dict[str, Any]) -> tuple[int, np.ndarray]:
+    shards = status.get("shards", [])
+    lag = np.zeros(len(LAG_EDGES) + 1, dtype=np.int64)
+    for s in shards:
+        if s.get("lag_buckets"):
+            lag += np.asarray(s["lag_buckets"], dtype=np.int64)
+    return sum(s.get("events_applied", 0) + s.get("events_duplicate", 0) for s in shards), lag
+
+
+async def run(
+    api_url: str,
+    nats_url: str,
+    subject: str,
+    *,
+    rate: float = 20_000,
+    duration: float = 10.0,
+    per_message: int = 100,
+    users: int = 100_000,
+    movie_ids: list[int],
+    seed: int = 0,
+    progress: Callable[[float], None] | None = None,
+) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    async with httpx.AsyncClient(base_url=api_url, timeout=10) as http:
+
+        async def status() -> dict[str, Any]:
+            return (await http.get("/api/status")).json()  # type: ignore[no-any-return]
+
+        applied_before, lag_before = _applied(await status())
+        nc = await bus.connect(nats_url, "bench-ingest")
+        js = nc.jetstream()
+        total = int(rate * duration)
+        tick = 0.01
+        per_tick = max(1, int(rate * tick))
+        sent = 0
+        began = time.perf_counter()
+        pending: list[Any] = []
+        ids = np.asarray(movie_ids)
+        while sent < total:
+            due = began + sent / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            now = time.time()
+            batch = []
+            for i in range(min(per_tick, total - sent)):
+                user = f"ingest-{(int(rng.zipf(1.1)) - 1) % users}"
+                if rng.random() < 0.8:  # an impression of a slate of 10
+                    event = {
+                        "event_type": "seen",
+                        "entity_ids": ids[rng.integers(len(ids), size=10)].tolist(),
+                        "user_id": user,
+                    }
+                else:
+                    event = {"event_type": "clicked", "entity_id": int(ids[rng.integers(len(ids))]), "user_id": user}
+                event["event_id"] = f"ingest-{seed}-{sent + i}"
+                event["ts"] = now
+                batch.append(orjson.dumps(event))
+            for start in range(0, len(batch), per_message):
+                chunk = batch[start : start + per_message]
+                pending.append(await js.publish_async(subject, b"[" + b",".join(chunk) + b"]"))
+            sent += len(batch)
+            if len(pending) > 200:
+                await asyncio.gather(*pending)
+                pending.clear()
+            if progress:
+                progress(0.7 * sent / total)
+        await asyncio.gather(*pending)
+        published_in = time.perf_counter() - began
+        await nc.close()
+
+        # Wait for the shards to have applied everything (their counters refresh every second).
+        deadline = time.perf_counter() + 120
+        while True:
+            applied, lag = _applied(await status())
+            if applied - applied_before >= total or time.perf_counter() > deadline:
+                break
+            await asyncio.sleep(0.1)
+        applied_in = time.perf_counter() - began
+    lag_delta = (lag - lag_before).tolist()
+    edges = [*LAG_EDGES.tolist(), float("inf")]
+    lag_ms = {k: round(v * 1e3, 1) for k, v in percentiles_from_buckets(edges, lag_delta, (50, 90, 99)).items()}
+    return {
+        "events": total,
+        "events_per_message": per_message,
+        "target_rate": rate,
+        "published_rate": round(total / published_in, 1),
+        "applied": applied - applied_before,
+        "applied_rate": round((applied - applied_before) / applied_in, 1),
+        "publish_to_applied_ms": lag_ms,
+        "note": "applied_rate has a resolution of about 1 s (shard counters refresh every second)",
+    }

@@ -1,0 +1,59 @@
+"""`mabrec bench memory`: the memory of N users' bandit state, each with M touched movies (and
+the facet values those movies carry), held the way shards hold it, spread over S shards."""
+
+from __future__ import annotations
+
+import gc
+import os
+from array import array
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+from actors.shard_state import ShardState, User
+from system import userstate
+from system.arrays import ranges
+from system.catalog import Catalog, read_movies
+from system.sharding import SlotMap
+
+SHIPPED = Path(__file__).resolve().parent.parent / "data" / "catalog.csv.gz"
+
+
+def run(
+    users: int = 1_000_000, movies: int = 20, shards: int = 4, progress: Callable[[float], None] | None = None
+) -> dict[str, Any]:
+    catalog = Catalog.from_movies(list(read_movies(SHIPPED)))
+    states = [ShardState(catalog) for _ in range(shards)]
+    slot_map = SlotMap.even(shards)
+    rng = np.random.default_rng(0)
+    gc.collect()
+    before = psutil.Process(os.getpid()).memory_info().rss
+    for u in range(users):
+        uxid = f"user-{u:07d}"
+        picked = rng.choice(len(catalog), movies, replace=False)
+        starts = catalog.movie_facets_ptr[picked]
+        facets = catalog.pair_facet[ranges(starts, catalog.movie_facets_ptr[picked + 1] - starts)]
+        keys = np.concatenate([catalog.movie_ids[picked].astype(np.int64), -catalog.facet_ids[facets].astype(np.int64)])
+        keys, clicks, seen = userstate.aggregate(keys, np.zeros(len(keys)), np.ones(len(keys)))
+        recent = array("Q", rng.integers(1, 2**62, movies + 2).tolist())
+        states[slot_map.shard_of(uxid)].users[uxid] = User(
+            userstate.bump(userstate.empty(), keys, clicks, seen), recent
+        )
+        if progress and u % 10_000 == 0:
+            progress(u / users)
+    gc.collect()
+    after = psutil.Process(os.getpid()).memory_info().rss
+    rows = sum(len(x.counts) for s in states for x in s.users.values())
+    return {
+        "users": users,
+        "movies_per_user": movies,
+        "rows_per_user": round(rows / users, 1),
+        "shards": shards,
+        "rss_bytes": after - before,
+        "rss_gib": round((after - before) / 2**30, 3),
+        "bytes_per_user": round((after - before) / users),
+        "checkpoint_bytes_per_user": round(rows / users * 12 + (movies + 2) * 8),
+    }

@@ -1,0 +1,213 @@
+"""`mabrec bench report`: start a fresh system (embedded PostgreSQL and NATS, a local Ray, as
+`make run` does), run every benchmark against it, stop it, and write BENCHMARKS.md (and the raw
+numbers as JSON next to it). Everything runs on this machine, load generator included."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import uvloop
+
+from bench import ingest, loadtest, memory, policy, probes
+from system.catalog import read_movies
+from system.embedded import Runtime, pid_alive, stop_pid
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = ROOT / "data" / "catalog.csv.gz"
+MABREC = str(Path(sys.executable).parent / "mabrec")
+
+TARGETS = {
+    "closed_loop": "≥ 3,000 req/s, 64 connections",
+    "open_loop": "p99 ≤ 10 ms at 1,000 req/s, 0 errors",
+    "ingest": "≥ 20,000 events/s applied, publish-to-applied p99 ≤ 250 ms",
+    "click": "p99 ≤ 50 ms at 1,000 req/s background",
+    "memory": "1,000,000 users × 20 movies ≤ 2 GiB",
+    "startup": "ready ≤ 15 s, catalog loaded",
+}
+
+
+@contextmanager
+def running_system(shards: int, dashboard: bool) -> Iterator[tuple[Runtime, float]]:
+    """`mabrec up` in a fresh state directory, all servers embedded; yields (runtime, seconds to ready)."""
+    state = Path(tempfile.mkdtemp(prefix="mabrec-bench-"))
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "NATS_URL", "RAY_ADDRESS")}
+    env |= {
+        "MABREC_STATE_DIR": str(state),
+        "MABREC_PORT": "0",
+        "MABREC_SHARDS": str(shards),
+        "MABREC_DASHBOARD": "1" if dashboard else "0",
+    }
+    began = time.monotonic()
+    with open(state / "supervisor.log", "wb") as log:
+        proc = subprocess.Popen([MABREC, "up"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"mabrec up exited: see {state / 'supervisor.log'}")
+            runtime = Runtime.load(state)
+            if runtime and runtime.supervisor_pid == proc.pid:
+                try:
+                    if httpx.get(f"{runtime.api_url}/readyz", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+            if time.monotonic() - began > 120:
+                raise TimeoutError("mabrec up was not ready within 120 s")
+            time.sleep(0.05)
+        yield runtime, time.monotonic() - began
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            for service in (Runtime.load(state) or runtime).services if Runtime.load(state) else []:
+                if pid_alive(service.pid):
+                    stop_pid(service.pid)
+
+
+def machine() -> dict[str, Any]:
+    model = next(
+        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+        platform.processor(),
+    )
+    nats = subprocess.run(
+        [str(Path(sys.executable).parent / "nats-server"), "--version"], capture_output=True, text=True
+    ).stdout.strip()
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "ray": version("ray"),
+        "nats_server": nats,
+        "numpy": version("numpy"),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def run(
+    shards: int = 4,
+    dashboard: bool = True,
+    quick: bool = False,
+    also_shards: list[int] | None = None,
+    step: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    seconds = 5.0 if quick else 15.0
+    ids = [m.id for m in read_movies(SHIPPED)]
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "settings": {"shards": shards, "dashboard": dashboard, "measured_seconds": seconds},
+    }
+    step("policy micro-benchmark")
+    results["policy"] = policy.run(rounds=500 if quick else 2000)
+    with running_system(shards, dashboard) as (runtime, startup):
+        results["startup_seconds"] = round(startup, 2)
+        api = runtime.api_url
+        step(f"closed loop, 64 connections, {seconds:.0f} s")
+        closed = uvloop.run(loadtest.run(api, clients=64, duration=seconds, warmup=3, movie_ids=ids))
+        results["closed_loop"] = {k: v.as_dict() for k, v in closed.items()}
+        step("closed loop, browsing mix (8 slates : 1 open : 1 page)")
+        mixed = uvloop.run(
+            loadtest.run(api, clients=64, duration=seconds, warmup=2, mix=loadtest.Mix(8, 1, 1), movie_ids=ids)
+        )
+        results["closed_loop_mix"] = {k: v.as_dict() for k, v in mixed.items()}
+        step(f"open loop, 1,000 req/s, {seconds:.0f} s")
+        opened = uvloop.run(loadtest.run(api, rate=1000, clients=64, duration=seconds, warmup=2, movie_ids=ids))
+        results["open_loop"] = {k: v.as_dict() for k, v in opened.items()}
+        step("click to state, at 1,000 req/s of background load")
+        results["click"] = uvloop.run(probes.click_to_state(api, probes=60 if quick else 200, movie_ids=ids))
+        step(f"ingestion, 20,000 events/s, {seconds:.0f} s")
+        results["ingest"] = uvloop.run(
+            ingest.run(
+                api, runtime.nats_url, f"{runtime.namespace}.events", rate=20_000, duration=seconds, movie_ids=ids
+            )
+        )
+    for other in also_shards or []:
+        step(f"closed loop with {other} shards")
+        with running_system(other, dashboard) as (runtime, _):
+            again = uvloop.run(loadtest.run(runtime.api_url, clients=64, duration=seconds, warmup=3, movie_ids=ids))
+            results.setdefault("closed_loop_by_shards", {})[other] = {k: v.as_dict() for k, v in again.items()}
+    step("memory of 1,000,000 users")
+    results["memory"] = memory.run(users=100_000 if quick else 1_000_000, shards=shards)
+    return results
+
+
+def markdown(r: dict[str, Any]) -> str:
+    m, closed, opened = r["machine"], r["closed_loop"]["recommend"], r["open_loop"]["recommend"]
+    ing, click, mem = r["ingest"], r["click"]["click_to_state_ms"], r["memory"]
+    lines = [
+        "# Benchmarks",
+        "",
+        "Written by `mabrec bench report` (`make bench`): it starts a fresh system as `make run` does",
+        "(embedded PostgreSQL and NATS, a local Ray), runs every benchmark against it, stops it and",
+        "writes this file and `bench/results/latest.json`. API, Ray, PostgreSQL, NATS and the load",
+        "generator all share this machine.",
+        "",
+        f"Machine: {m['cpus']} CPUs ({m['cpu_model']}), {m['memory_gib']} GiB, {m['os']}; Python {m['python']},",
+        f"Ray {m['ray']}, {m['nats_server']}, numpy {m['numpy']}. Measured {m['date']}.",
+        f"Settings: {r['settings']['shards']} shards, Ray dashboard {'on' if r['settings']['dashboard'] else 'off'},"
+        f" {r['settings']['measured_seconds']:.0f} s per run after a warm-up; slates of 10; users drawn Zipf(1.1) from 100,000.",
+        "",
+        "| what | target | measured |",
+        "|---|---|---|",
+        f"| recommendations, closed loop, 64 connections | {TARGETS['closed_loop']} | {closed['rate_per_s']:,.0f} req/s, p50 {closed['p50_ms']} ms, p99 {closed['p99_ms']} ms, {closed['errors']} errors |",
+        f"| recommendations, open loop at 1,000 req/s | {TARGETS['open_loop']} | p50 {opened['p50_ms']} ms, p99 {opened['p99_ms']} ms, {opened['errors']} errors ({opened['rate_per_s']:,.0f} req/s served) |",
+        f"| ingestion at 20,000 events/s (100 per message) | {TARGETS['ingest']} | {ing['applied_rate']:,.0f} events/s applied; publish-to-applied p50 {ing['publish_to_applied_ms']['p50']} ms, p99 {ing['publish_to_applied_ms']['p99']} ms |",
+        f"| a click in the user's state, 1,000 req/s background | {TARGETS['click']} | p50 {click['p50']} ms, p99 {click['p99']} ms |",
+        f"| memory, {mem['users']:,} users × {mem['movies_per_user']} movies | {TARGETS['memory']} | {mem['rss_gib']} GiB ({mem['bytes_per_user']} B/user, {mem['rows_per_user']} counters each) |",
+        f"| `mabrec up` to ready | {TARGETS['startup']} | {r['startup_seconds']} s |",
+        f"| policy, one slate in-process | - | {r['policy']['cold_us_per_slate']} µs cold user, {r['policy']['warm_us_per_slate']} µs with history |",
+        "",
+        "Browsing mix (8 slates : 1 movie opened from the last slate : 1 catalog page), closed loop, 64 connections:",
+        "",
+        "| request | req/s | p50 ms | p99 ms | errors |",
+        "|---|---|---|---|---|",
+    ]
+    for name, row in r["closed_loop_mix"].items():
+        lines.append(f"| {name} | {row['rate_per_s']:,.0f} | {row['p50_ms']} | {row['p99_ms']} | {row['errors']} |")
+    if r.get("closed_loop_by_shards"):
+        lines += [
+            "",
+            "Closed loop (slates only, 64 connections) by shard count:",
+            "",
+            "| shards | req/s | p50 ms | p99 ms |",
+            "|---|---|---|---|",
+        ]
+        lines.append(
+            f"| {r['settings']['shards']} | {closed['rate_per_s']:,.0f} | {closed['p50_ms']} | {closed['p99_ms']} |"
+        )
+        for shards, rows in r["closed_loop_by_shards"].items():
+            row = rows["recommend"]
+            lines.append(f"| {shards} | {row['rate_per_s']:,.0f} | {row['p50_ms']} | {row['p99_ms']} |")
+    lines += [
+        "",
+        "Reproduce: `make bench` (or `.venv/bin/mabrec bench report`). Single benchmarks against a",
+        "running system (`make run` in another terminal): `mabrec bench http --clients 64`,",
+        "`mabrec bench http --rate 1000`, `mabrec bench ingest --rate 20000`, `mabrec bench click`,",
+        "`mabrec bench memory`, `mabrec bench policy`; `locust -f bench/locustfile.py` for Locust users.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write(results: dict[str, Any], path: Path) -> None:
+    path.write_text(markdown(results))
+    raw = ROOT / "bench" / "results"
+    raw.mkdir(exist_ok=True)
+    (raw / "latest.json").write_text(json.dumps(results, indent=2))

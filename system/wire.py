@@ -1,0 +1,111 @@
+"""The data plane between the API, the event router and the shards: plain NATS, JSON only.
+
+Ray places, supervises and restarts the actors (the control plane); the per-request traffic
+goes over NATS, which costs ~0.1 ms of CPU per message where a Ray actor call costs ~1.2 ms on
+this kind of machine (measured: BENCHMARKS.md). Two kinds of messages:
+- `<ns>.shard.<i>.rpc`: request-reply; a batch of slate or profile requests for shard i.
+- `<ns>.shard.<i>.apply`: from the router, the shard's events of a stream span (prev, last].
+  Fire and forget: a lost message is a gap the shard notices on the next one and replays from
+  the stream (see actors/shard.py), so this needs no acknowledgement.
+JSON, never pickle: anyone who can publish on the NATS server must not be able to run code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+from nats.aio.client import Client as NATS
+from nats.errors import Error as NatsError
+from nats.errors import NoRespondersError
+
+from system.batching import Batcher
+from system.errors import Unavailable
+from system.events import Event
+
+
+def rpc_subject(namespace: str, shard: int) -> str:
+    return f"{namespace}.shard.{shard}.rpc"
+
+
+def apply_subject(namespace: str, shard: int) -> str:
+    return f"{namespace}.shard.{shard}.apply"
+
+
+def encode_apply(prev_seq: int, last_seq: int, events: Sequence[tuple[int, Event]]) -> bytes:
+    rows = [[seq, e.user, e.kind, e.movies, e.event_id, e.ts] for seq, e in events]
+    return orjson.dumps([prev_seq, last_seq, rows])
+
+
+def decode_apply(payload: bytes) -> tuple[int, int, list[tuple[int, Event]]]:
+    prev_seq, last_seq, rows = orjson.loads(payload)
+    return (
+        prev_seq,
+        last_seq,
+        [(seq, Event(user, kind, tuple(movies), eid, None, ts)) for seq, user, kind, movies, eid, ts in rows],
+    )
+
+
+def encode_call(op: str, args: Any) -> bytes:
+    return orjson.dumps([op, args])
+
+
+def decode_call(payload: bytes) -> tuple[str, Any]:
+    op, args = orjson.loads(payload)
+    return op, args
+
+
+def encode_reply(result: Any = None, error: str | None = None) -> bytes:
+    return orjson.dumps({"error": error} if error is not None else {"result": result})
+
+
+def decode_reply(payload: bytes) -> Any:
+    """The result, or ValueError with the shard's error."""
+    reply = orjson.loads(payload)
+    if "error" in reply:
+        raise ValueError(reply["error"])
+    return reply["result"]
+
+
+class ShardClient:
+    """The API's side of `<ns>.shard.<i>.rpc`: concurrent requests to one shard share one NATS
+    request (see system/batching.py), answered by the shard's reply."""
+
+    def __init__(
+        self, nc: NATS, namespace: str, *, timeout: float = 2.0, linger: float = 0.0, in_flight: int = 2
+    ) -> None:
+        self.nc = nc
+        self.namespace = namespace
+        self.timeout = timeout
+        self.linger = linger
+        self.in_flight = in_flight
+        self._batchers: dict[int, Batcher[tuple[str, int], list[int]]] = {}
+
+    @property
+    def connected(self) -> bool:
+        return bool(self.nc.is_connected)
+
+    async def recommend(self, shard: int, uxid: str, limit: int) -> list[int]:
+        batcher = self._batchers.get(shard)
+        if batcher is None:
+            batcher = self._batchers[shard] = Batcher(
+                lambda requests: self.call(shard, "recommend", list(requests)),
+                linger=self.linger,
+                max_in_flight=self.in_flight,
+            )
+        return await batcher.submit((uxid, limit))
+
+    async def profile(self, shard: int, uxid: str) -> list[list[int]]:
+        return await self.call(shard, "profile", uxid)  # type: ignore[no-any-return]
+
+    async def call(self, shard: int, op: str, args: Any) -> Any:
+        try:
+            msg = await self.nc.request(rpc_subject(self.namespace, shard), encode_call(op, args), timeout=self.timeout)
+            return decode_reply(msg.data)
+        except NoRespondersError:
+            raise Unavailable(f"shard {shard} is not serving (restarting?)") from None
+        except (NatsError, TimeoutError) as exc:
+            raise Unavailable(f"shard {shard} did not answer: {exc!r}") from None
+        except ValueError as exc:
+            raise Unavailable(f"shard {shard} failed: {exc}") from None
