@@ -61,6 +61,7 @@ class Shard:
         self._checkpoint_lock = asyncio.Lock()
         self._restoring: asyncio.Task[None] | None = None
         self._subscriptions: list[Any] = []
+        self._stopped = False
         self._checkpointer: asyncio.Task[None] | None = None
         self.started = time.time()
         self.restored_at: float | None = None
@@ -168,7 +169,10 @@ class Shard:
         await msg.respond(reply)
 
     async def stop(self) -> dict[str, Any]:
-        """Final checkpoint, then release connections. The actor may be killed after this."""
+        """Final checkpoint, then release connections (idempotent). The actor may be killed after this."""
+        if self._stopped:
+            return self.status()
+        self._stopped = True
         for subscription in self._subscriptions:
             with contextlib.suppress(Exception):
                 await subscription.unsubscribe()

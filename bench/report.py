@@ -156,7 +156,7 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         "Written by `mabrec bench report` (`make bench`): it starts a fresh system as `make run` does",
         "(embedded PostgreSQL and NATS, a local Ray), runs every benchmark against it, stops it and",
-        "writes this file and `bench/results/latest.json`. API, Ray, PostgreSQL, NATS and the load",
+        "writes this file and the raw numbers in `BENCHMARKS.json`. API, Ray, PostgreSQL, NATS and the load",
         "generator all share this machine.",
         "",
         f"Machine: {m['cpus']} CPUs ({m['cpu_model']}), {m['memory_gib']} GiB, {m['os']}; Python {m['python']},",
@@ -207,7 +207,6 @@ def markdown(r: dict[str, Any]) -> str:
 
 
 def write(results: dict[str, Any], path: Path) -> None:
+    """The report, and its raw numbers as JSON next to it (BENCHMARKS.md -> BENCHMARKS.json)."""
     path.write_text(markdown(results))
-    raw = ROOT / "bench" / "results"
-    raw.mkdir(exist_ok=True)
-    (raw / "latest.json").write_text(json.dumps(results, indent=2))
+    path.with_suffix(".json").write_text(json.dumps(results, indent=2))

@@ -158,7 +158,7 @@ def bench(settings: Settings, args: argparse.Namespace) -> int:
         bar.close()
         report.write(results, args.output)
         print(report.markdown(results))
-        print(f"wrote {args.output} and bench/results/latest.json", file=sys.stderr)
+        print(f"wrote {args.output} and {args.output.with_suffix('.json')}", file=sys.stderr)
         return 0
     if what == "policy":
         out: Any = policy.run()

@@ -328,3 +328,39 @@ def test_verify_proves_state_and_catches_a_corrupted_checkpoint(system: RunningS
     assert out.returncode == 1 and not report["ok"]
     assert report["live"]["mismatches"] == 0 and report["checkpoints"]["mismatches"] == 1
     assert report["checkpoints"]["examples"][0].startswith(uxid)
+
+
+def test_bench_commands_run_against_the_system(system: RunningSystem) -> None:
+    env = system.env
+    http = subprocess.run(
+        [MABREC, "bench", "http", "--duration", "1.5", "--warmup", "0.5", "--clients", "8", "--mix", "recommend=8,open=1,list=1"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert http.returncode == 0, http.stdout + http.stderr
+    rows = {line.split()[0]: line.split() for line in http.stdout.splitlines()[1:]}
+    assert set(rows) == {"recommend", "open_movie", "list_page"} and all(r[2] == "0" for r in rows.values())
+    opened = subprocess.run(
+        [MABREC, "bench", "http", "--duration", "1.5", "--warmup", "0.5", "--rate", "200"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert opened.returncode == 0 and "recommend" in opened.stdout
+    ingest = subprocess.run(
+        [MABREC, "bench", "ingest", "--rate", "2000", "--duration", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    report = orjson.loads(ingest.stdout)
+    assert report["events"] == 2000 and report["applied"] >= 2000 and report["publish_to_applied_ms"]["p99"] < 5000
+    click = subprocess.run(
+        [MABREC, "bench", "click", "--probes", "5", "--rate", "100"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert orjson.loads(click.stdout)["click_to_state_ms"]["p99"] < 5000

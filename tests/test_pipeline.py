@@ -14,8 +14,9 @@ import pytest_asyncio
 
 from actors.router import EventRouter
 from actors.shard import Shard, ShardNotReady
-from system import db, userstate
+from system import bus, db, userstate, wire
 from system.catalog import read_movies
+from system.errors import Unavailable
 from system.events import CLICKED, Event
 from system.settings import Settings
 from system.sharding import SlotMap
@@ -183,3 +184,21 @@ async def test_slates_learn_from_events(pipeline: Pipeline) -> None:
     cold = sum(32 in s for s in slates[30:])
     assert fan >= 12 and fan >= cold + 8, (fan, cold)
     assert not {3, 12, 18} & {m for s in slates[:30] for m in s}  # opened movies go to the back
+
+
+async def test_the_api_reaches_shards_over_nats_request_reply(pipeline: Pipeline) -> None:
+    seq = await pipeline.publish({"event_type": "clicked", "entity_id": 14, "user_id": "rpc-user"})
+    await pipeline.settle(seq)
+    shard = pipeline.slot_map.shard_of("rpc-user")
+    nc = await bus.connect(pipeline.settings.nats_url or "", "test-api")
+    client = wire.ShardClient(nc, pipeline.settings.namespace)
+    slates = await asyncio.gather(*(client.recommend(shard, "rpc-user", 5) for _ in range(20)))
+    assert all(len(s) == 5 and 14 not in s for s in slates)  # concurrent requests, batched
+    assert client._batchers[shard].calls < 20
+    assert [row[0] for row in await client.profile(shard, "rpc-user") if row[0] > 0] == [14]
+    await pipeline.shards[shard].stop()  # no responder any more: fail fast, not after a timeout
+    began = asyncio.get_running_loop().time()
+    with pytest.raises(Unavailable, match="not serving"):
+        await client.recommend(shard, "rpc-user", 5)
+    assert asyncio.get_running_loop().time() - began < 1.0
+    await nc.close()

@@ -1,0 +1,49 @@
+"""The load-test and benchmark tooling: its arithmetic, and that it runs against a real system."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bench.loadtest import Histogram, Mix, Session, percentiles_from_buckets
+from system import wire
+from system.events import CLICKED, Event
+
+
+def test_histogram_percentiles_are_read_from_all_samples() -> None:
+    h = Histogram()
+    for ms in range(1, 101):  # 1..100 ms
+        h.add(ms / 1000)
+    assert h.percentile(50) == pytest.approx(0.050, rel=0.05)
+    assert h.percentile(99) == pytest.approx(0.099, rel=0.05)
+    assert np.isnan(Histogram().percentile(50))
+
+
+def test_bucket_percentiles() -> None:
+    edges = [0.001, 0.01, 0.1, float("inf")]
+    assert percentiles_from_buckets(edges, [0, 90, 9, 1], (50, 99)) == {"p50": 0.01, "p99": 0.1}
+
+
+def test_mix_parsing_and_session_choices() -> None:
+    mix = Mix.parse("recommend=8,open=1,list=1")
+    assert (mix.recommend, mix.open_movie, mix.list_page) == (8, 1, 1)
+    with pytest.raises(ValueError):
+        Mix.parse("buy=1")
+    session = Session(mix, users=1000, zipf=1.1, limit=10, movie_ids=[1, 2, 3], seed=0)
+    kinds = [session.next()[0] for _ in range(2000)]
+    assert 0.75 < kinds.count("recommend") / 2000 < 0.85
+    session.saw("bench-0", b'[{"id": 7}, {"id": 9}]', "rec-1")
+    while True:
+        kind, path, headers, user = session.next()
+        if kind == "open_movie" and user == "bench-0":
+            break
+    assert path in ("/api/movies/7", "/api/movies/9") and headers["X-Recommendation-Id"] == "rec-1"
+
+
+def test_wire_round_trips() -> None:
+    events = [(17, Event("u1", CLICKED, (4, 5), "e-1", None, 12.5))]
+    assert wire.decode_apply(wire.encode_apply(10, 20, events)) == (10, 20, events)
+    assert wire.decode_call(wire.encode_call("recommend", [["u", 10]])) == ("recommend", [["u", 10]])
+    assert wire.decode_reply(wire.encode_reply([[1, 2]])) == [[1, 2]]
+    with pytest.raises(ValueError, match="boom"):
+        wire.decode_reply(wire.encode_reply(error="boom"))
