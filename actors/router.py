@@ -42,7 +42,7 @@ class ShardCalls(Protocol):
 
 
 class EventRouter:
-    def __init__(self, settings: Settings, shards: ShardCalls, batch: int = 1000) -> None:
+    def __init__(self, settings: Settings, shards: ShardCalls, batch: int = 200) -> None:
         self.settings = settings
         self.shards = shards
         self.batch = batch
