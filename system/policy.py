@@ -16,9 +16,7 @@ a mild penalty for piling up the same facets, and movies the user already opened
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from types import MappingProxyType
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -32,17 +30,16 @@ DENSE_INCIDENCE_LIMIT = 2_000_000  # cells of the movie x facet matrix (16 MB as
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    base_rate: float = 0.08  # prior click rate of an average movie, clicks / (clicks + impressions)
-    rating_weight: float = 0.4  # logit shift per standard deviation of catalog rating
-    votes_weight: float = 0.2  # logit shift per standard deviation of log(votes)
-    global_movie_strength: float = 20.0  # pseudo-counts of the catalog prior in a movie's global posterior
-    movie_strength: float = 20.0  # pseudo-counts of a user's movie prior: lower explores more
+    # Tuned with `mabrec simulate` (docs/simulation.md); each value is the best of those tried.
+    base_rate: float = 0.03  # prior click rate of an average movie, clicks / (clicks + impressions)
+    rating_weight: float = 0.8  # logit shift per standard deviation of catalog rating
+    votes_weight: float = 0.4  # logit shift per standard deviation of log(votes)
+    global_movie_strength: float = 5.0  # pseudo-counts of the catalog prior in a movie's global posterior
+    movie_strength: float = 50.0  # pseudo-counts of a user's movie prior: lower explores more
     facet_strength: float = 2.0  # Gamma prior shape/rate of a facet preference (in expected clicks)
     exposure_prior: float = 200.0  # pseudo-impressions at the catalog's facet shares (see facet_lift)
     max_lift: float = 3.0  # bound, in logits, of one facet value's effect on a movie
-    facet_weights: Mapping[str, float] = field(
-        default_factory=lambda: MappingProxyType({"genres": 2.0, "directors": 1.5, "actors": 1.0})
-    )
+    facet_weights: tuple[tuple[str, float], ...] = (("genres", 2.0), ("directors", 1.5), ("actors", 1.0))
     other_facet_weight: float = 1.0
     diversity: float = 0.1  # logit penalty per earlier pick sharing a movie's facets (on average)
     clicked_penalty: float = 1e3  # logits: movies the user already opened go to the back of the line
@@ -115,9 +112,8 @@ class Model:
         # The share of the catalog carrying each facet value: what a user's clicks would land on
         # by chance, before their impressions tell what they were actually shown.
         self.facet_share = np.diff(catalog.facet_movies_ptr) / max(m, 1)
-        kind_weight = np.array(
-            [cfg.facet_weights.get(kind, cfg.other_facet_weight) for kind in catalog.facet_kinds] or [0.0]
-        )
+        weights = dict(cfg.facet_weights)
+        kind_weight = np.array([weights.get(kind, cfg.other_facet_weight) for kind in catalog.facet_kinds] or [0.0])
         self.facet_weight = kind_weight[catalog.facet_kind] if f else np.zeros(0)
 
     def view(self, state: np.ndarray) -> UserView:
