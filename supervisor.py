@@ -325,6 +325,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=30.0, help="seconds to wait for shards to catch up (default 30)"
     )
 
+    p_sim = sub.add_parser(
+        "simulate", help="compare the policy with baselines on synthetic users (see docs/simulation)"
+    )
+    p_sim.add_argument(
+        "--policies", default=",".join(("mabrec", "original", "popularity", "epsilon-greedy", "ucb1", "random"))
+    )
+    p_sim.add_argument("--seeds", type=int, default=5, help="independent worlds (default 5)")
+    p_sim.add_argument("--seed", type=int, default=0, help="the first seed: the same seeds give the same numbers")
+    p_sim.add_argument("--users", type=int, default=1000)
+    p_sim.add_argument("--rounds", type=int, default=200)
+    p_sim.add_argument("--shift-at", type=int, help="re-draw every user's genre tastes at this round")
+    p_sim.add_argument(
+        "--output", type=Path, default=Path("docs/simulation"), help="report, table and plots (default docs/simulation)"
+    )
+    p_sim.add_argument("--url", help="drive a running service over HTTP instead (mabrec's policy only)")
+
     p_bench = sub.add_parser("bench", help="benchmarks and load tests (see BENCHMARKS.md)")
     bench_sub = p_bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
     p_http = bench_sub.add_parser("http", help="load-test the running system's API (closed or open loop)")
@@ -388,6 +404,10 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(verify(settings, args.json, args.timeout))
         if args.command == "bench":
             return commands.bench(settings, args)
+        if args.command == "simulate":
+            from sim.command import simulate
+
+            return simulate(args)
         if args.command == "catalog" and args.catalog_command == "load":
             if not args.file.exists():
                 print(f"mabrec: no such file: {args.file}", file=sys.stderr)

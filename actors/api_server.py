@@ -29,7 +29,7 @@ from api.render import Rendered
 from system import bus, db, wire
 from system.errors import Unavailable
 from system.events import Event
-from system.policy import Model, PolicyConfig, recommend
+from system.policy import Model, Picks, PolicyConfig, recommend
 from system.settings import Settings
 from system.sharding import SlotMap
 from system.store import CatalogStore, StateStore
@@ -41,7 +41,7 @@ SHARD_DOWN_SECONDS = 1.0
 
 
 class Gateway(Protocol):
-    async def recommend(self, shard: int, uxid: str, limit: int) -> list[int]: ...
+    async def recommend(self, shard: int, uxid: str, limit: int) -> Picks: ...
 
     async def profile(self, shard: int, uxid: str) -> list[list[int]]: ...
 
@@ -53,7 +53,7 @@ class DataPlane:
         self.nats = nats
         self.ray = ray
 
-    async def recommend(self, shard: int, uxid: str, limit: int) -> list[int]:
+    async def recommend(self, shard: int, uxid: str, limit: int) -> Picks:
         if self.nats.connected:
             return await self.nats.recommend(shard, uxid, limit)
         return await self.ray.recommend(shard, uxid, limit)
@@ -99,7 +99,7 @@ class LiveBackend:
             if not shard.get("ready"):
                 self.down_until[shard["shard"]] = time.monotonic() + SHARD_DOWN_SECONDS
 
-    async def recommend(self, uxid: str, limit: int) -> list[int]:
+    async def recommend(self, uxid: str, limit: int) -> Picks:
         shard = self.slot_map.shard_of(uxid)
         if self.down_until.get(shard, 0.0) > time.monotonic():
             raise Unavailable(f"shard {shard} is down")  # answer from popularity at once
@@ -112,10 +112,10 @@ class LiveBackend:
     async def profile(self, uxid: str) -> list[list[int]]:
         return await self.gateway.profile(self.slot_map.shard_of(uxid), uxid)
 
-    def fallback(self, limit: int) -> list[int]:
+    def fallback(self, limit: int) -> Picks:
         empty = self.model.view(np.zeros((0, 3), dtype=np.int32))
         slate = recommend(self.model, empty, limit, self.rng)
-        return self.catalog.catalog.movie_ids[slate.movies].tolist()  # type: ignore[no-any-return]
+        return self.catalog.catalog.movie_ids[slate.movies].tolist(), ["popular"] * len(slate.movies)
 
     def publish(self, events: Sequence[Event]) -> bool:
         return self.publisher.submit_many(self.subject, [e.encode() for e in events])

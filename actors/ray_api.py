@@ -23,7 +23,7 @@ from actors.shard import Shard
 from system.batching import Batcher
 from system.errors import Restarting, TimedOut, Unavailable
 from system.logs import setup_logging
-from system.policy import PolicyConfig
+from system.policy import Picks, PolicyConfig
 from system.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -148,9 +148,9 @@ class ShardGateway(Named):
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
-        self._batchers: dict[int, Batcher[tuple[str, int], list[int]]] = {}
+        self._batchers: dict[int, Batcher[tuple[str, int], Picks]] = {}
 
-    async def recommend(self, shard: int, uxid: str, limit: int) -> list[int]:
+    async def recommend(self, shard: int, uxid: str, limit: int) -> Picks:
         batcher = self._batchers.get(shard)
         if batcher is None:
             batcher = self._batchers[shard] = Batcher(
@@ -158,7 +158,7 @@ class ShardGateway(Named):
             )
         return await batcher.submit((uxid, limit))
 
-    async def _recommend(self, shard: int, requests: Sequence[tuple[str, int]]) -> list[list[int]]:
+    async def _recommend(self, shard: int, requests: Sequence[tuple[str, int]]) -> list[Picks]:
         return await self.call(shard_name(self.settings, shard), "recommend", list(requests), timeout=RECOMMEND_TIMEOUT)  # type: ignore[no-any-return]
 
     async def profile(self, shard: int, uxid: str) -> list[list[int]]:

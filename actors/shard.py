@@ -29,7 +29,7 @@ from actors.shard_state import ShardState, recent_to_bytes
 from system import bus, db, userstate, wire
 from system.errors import Unavailable
 from system.events import Event, decode
-from system.policy import PolicyConfig
+from system.policy import Picks, PolicyConfig
 from system.settings import Settings
 from system.sharding import slot_of
 from system.store import CatalogStore, StateStore
@@ -229,14 +229,14 @@ class Shard:
 
     # --- serving ----------------------------------------------------------------------------
 
-    async def recommend(self, requests: Sequence[tuple[str, int]]) -> list[list[int]]:
-        """A batch of (uxid, limit) -> movie ids per request, best first."""
+    async def recommend(self, requests: Sequence[tuple[str, int]]) -> list[Picks]:
+        """A batch of (uxid, limit) -> per request, movie ids best first and why each is there."""
         state = self.state
         if state is None:
             raise ShardNotReady(f"shard {self.shard_id} is restoring")
         self.recommend_calls += 1
         self.recommendations += len(requests)
-        return [state.recommend(uxid, limit) for uxid, limit in requests]
+        return [state.recommend_with_reasons(uxid, limit) for uxid, limit in requests]
 
     async def user_counts(self, uxid: str) -> list[list[int]]:
         """A user's raw evidence rows (key, clicks, seen): movie id > 0, minus facet id < 0."""

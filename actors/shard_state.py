@@ -18,7 +18,7 @@ from system import userstate
 from system.arrays import ranges
 from system.catalog import Catalog
 from system.events import CLICKED, LAG_EDGES, SEEN, Event
-from system.policy import Model, PolicyConfig, recommend
+from system.policy import Model, Picks, PolicyConfig, recommend
 from system.sharding import slot_of
 
 RECENT_IDS = 32  # a retry of one of the user's last 32 events (by event_id) counts once
@@ -204,8 +204,12 @@ class ShardState:
     # --- serving and checkpoints --------------------------------------------------------------
 
     def recommend(self, uxid: str, limit: int) -> list[int]:
+        return self.recommend_with_reasons(uxid, limit)[0]
+
+    def recommend_with_reasons(self, uxid: str, limit: int) -> Picks:
+        """Movie ids, best first, and why each is there."""
         slate = recommend(self.model, self.model.view(self.counts_of(uxid)), limit, self.rng)
-        return self.catalog.movie_ids[slate.movies].tolist()
+        return self.catalog.movie_ids[slate.movies].tolist(), slate.reasons
 
     def take_dirty(self) -> list[tuple[str, int, bytes, bytes]]:
         """Snapshot (uxid, slot, counts, recent ids) of every changed user, and reset the set."""

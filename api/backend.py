@@ -8,6 +8,7 @@ from typing import Any, Protocol
 
 from api.render import Rendered
 from system.events import Event
+from system.policy import Picks
 
 
 class Backend(Protocol):
@@ -16,16 +17,16 @@ class Backend(Protocol):
         """The current catalog, pre-rendered (swapped atomically on reload)."""
         ...
 
-    async def recommend(self, uxid: str, limit: int) -> list[int]:
-        """Movie ids for the user, best first. Raises system.errors.Unavailable when the
-        user's shard cannot answer."""
+    async def recommend(self, uxid: str, limit: int) -> Picks:
+        """Movie ids for the user, best first, with why each is there. Raises
+        system.errors.Unavailable when the user's shard cannot answer."""
         ...
 
     async def profile(self, uxid: str) -> list[list[int]]:
         """The user's evidence rows (key, clicks, impressions); see system/userstate.py."""
         ...
 
-    def fallback(self, limit: int) -> list[int]:
+    def fallback(self, limit: int) -> Picks:
         """A non-personalized slate (global popularity) for when a shard is down."""
         ...
 

@@ -204,6 +204,10 @@ def openapi() -> dict[str, Any]:
                         "genres": {"type": "array", "items": facet},
                         "directors": {"type": "array", "items": facet},
                         "actors": {"type": "array", "items": facet},
+                        "reason": {
+                            "type": "string",
+                            "description": "In slates only: why the movie is there, e.g. 'you like Crime', 'popular', 'something new'",
+                        },
                     },
                     "additionalProperties": {
                         "type": "array",

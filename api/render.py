@@ -42,7 +42,15 @@ class Rendered:
     def many(self, indices: Iterable[int]) -> bytes:
         return b"[" + b",".join(self._json[i] for i in indices) + b"]"
 
-    def by_ids(self, ids: Iterable[int]) -> bytes:
-        """The movies with these ids, in this order (ids not in the catalog are left out)."""
+    def by_ids(self, ids: Iterable[int], reasons: Iterable[str] | None = None) -> bytes:
+        """The movies with these ids, in this order (ids not in the catalog are left out), each
+        with its `reason` when given."""
         by_id = self._by_id
-        return b"[" + b",".join(by_id[i] for i in ids if i in by_id) + b"]"
+        if reasons is None:
+            return b"[" + b",".join(by_id[i] for i in ids if i in by_id) + b"]"
+        items = (
+            b'{"reason":' + orjson.dumps(r) + b"," + by_id[i][1:]
+            for i, r in zip(ids, reasons, strict=True)
+            if i in by_id
+        )
+        return b"[" + b",".join(items) + b"]"

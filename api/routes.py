@@ -101,15 +101,15 @@ async def recommendations(request: Request) -> Response:
     backend = _backend(request)
     source = "personal"
     try:
-        movie_ids = await backend.recommend(uxid, limit)
+        movie_ids, reasons = await backend.recommend(uxid, limit)
     except Unavailable:
-        movie_ids, source = backend.fallback(limit), "popularity-fallback"
+        (movie_ids, reasons), source = backend.fallback(limit), "popularity-fallback"
     request.state.metrics.slates.labels(source).inc()
     rid = _new_id()
     if movie_ids:
         _publish(request, [Event(uxid, SEEN, tuple(movie_ids), f"imp-{rid}", rid, time.time())])
     headers = {"X-Recommendation-Id": rid, "X-Mabrec-Source": source, "Cache-Control": "no-store"}
-    return raw_json(backend.catalog.by_ids(movie_ids), headers=headers)
+    return raw_json(backend.catalog.by_ids(movie_ids, reasons), headers=headers)
 
 
 async def profile(request: Request) -> Response:

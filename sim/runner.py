@@ -112,8 +112,9 @@ def run(
     scenario: Scenario = Scenario(),
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    seed0: int = 0,
 ) -> dict[str, Any]:
-    tasks = [(name, seed) for seed in range(seeds) for name in names]
+    tasks = [(name, seed) for seed in range(seed0, seed0 + seeds) for name in names]
     # The slowest first, so the pool ends together.
     tasks.sort(key=lambda t: t[0] not in ("mabrec", "original"))
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in names}

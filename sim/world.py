@@ -86,10 +86,9 @@ class World:
         if slates.shape[1] == 0:
             return np.zeros(len(users))
         p = self.p(users, slates)
-        look = self.config.patience ** np.arange(slates.shape[1])
-        miss = np.cumprod(1.0 - look * p, axis=1)
-        not_yet = np.hstack([np.ones((len(users), 1)), miss[:, :-1]])
-        return (look * p * not_yet).sum(axis=1)  # type: ignore[no-any-return]
+        look = self.config.patience ** np.arange(slates.shape[1])  # P(they get as far as k)
+        passed = np.hstack([np.ones((len(users), 1)), np.cumprod(1.0 - p, axis=1)[:, :-1]])  # no click before k
+        return (look * p * passed).sum(axis=1)  # type: ignore[no-any-return]
 
     def oracle(self, users: np.ndarray) -> np.ndarray:
         """Per user, the 10 unconsumed movies they like most, best first."""

@@ -26,6 +26,7 @@ from system.catalog import Catalog
 
 _EPS = 1e-6
 DENSE_INCIDENCE_LIMIT = 2_000_000  # cells of the movie x facet matrix (16 MB as float64)
+REASON_LIFT = 0.3  # logits: a facet preference that clear is worth naming as the reason
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,9 @@ class PolicyConfig:
     votes_weight: float = 0.4  # logit shift per standard deviation of log(votes)
     global_movie_strength: float = 5.0  # pseudo-counts of the catalog prior in a movie's global posterior
     movie_strength: float = 50.0  # pseudo-counts of a user's movie prior: lower explores more
-    facet_strength: float = 2.0  # Gamma prior shape/rate of a facet preference (in expected clicks)
-    exposure_prior: float = 200.0  # pseudo-impressions at the catalog's facet shares (see facet_lift)
+    facet_strength: float = 1.5  # Gamma prior shape/rate of a facet preference (in expected clicks)
+    exposure_prior: float = 200.0
+    backfit: bool = True  # facet preferences net of movie quality and of other facets (_backfit_expectations)
     max_lift: float = 3.0  # bound, in logits, of one facet value's effect on a movie
     facet_weights: tuple[tuple[str, float], ...] = (("genres", 2.0), ("directors", 1.5), ("actors", 1.0))
     other_facet_weight: float = 1.0
@@ -64,10 +66,15 @@ class UserView:
         return not (len(self.movie) or len(self.facet))
 
 
+# What a shard answers per slate request: movie ids, best first, and a reason for each.
+Picks = tuple[list[int], list[str]]
+
+
 @dataclass(frozen=True)
 class Slate:
     movies: np.ndarray  # dense movie indices, best first
     scores: np.ndarray  # sampled logits of the picks
+    reasons: list[str]  # per pick, a few words on why (the API shows them)
 
 
 class Model:
@@ -96,6 +103,8 @@ class Model:
         self.movie_mean = (g * prior + clicks[:m]) / (g + clicks[:m] + seen[:m])
         self.movie_logit = _logit(self.movie_mean)
         self.by_mean = np.argsort(-self.movie_mean, kind="stable")
+        self.popular = np.zeros(m, dtype=bool)
+        self.popular[self.by_mean[: max(1, m // 50)]] = True  # the best 2%
         # Each facet's movies (the facet_movies CSR rows), best global mean first.
         rank = np.empty(m, dtype=np.int64)
         rank[self.by_mean] = np.arange(m)
@@ -137,7 +146,7 @@ def recommend(model: Model, user: UserView, limit: int, rng: np.random.Generator
     cfg = model.config
     limit = min(limit, len(model.catalog.movies))
     if limit <= 0:
-        return Slate(np.zeros(0, dtype=np.int64), np.zeros(0))
+        return Slate(np.zeros(0, dtype=np.int64), np.zeros(0), [])
     effect = facet_effects(model, user, rng)
     candidates = _candidates(model, effect, rng)
     mean = _sigmoid(model.movie_logit[candidates] + _lift(model, candidates, effect))
@@ -151,7 +160,24 @@ def recommend(model: Model, user: UserView, limit: int, rng: np.random.Generator
     scores = _logit(rng.beta(alpha, beta))
     scores[pos[hit & (user.movie_clicks > 0)]] -= cfg.clicked_penalty
     order = _diverse_top(model, candidates, scores, limit)
-    return Slate(candidates[order], scores[order])
+    picks = candidates[order]
+    return Slate(picks, scores[order], reasons(model, picks, effect))
+
+
+def reasons(model: Model, movies: np.ndarray, effect: np.ndarray | None = None) -> list[str]:
+    """Why each movie is there, in a few words: the facet value the user likes most among the
+    movie's (when that preference is clear), else that it is popular, else that it is new to them."""
+    catalog, out = model.catalog, []
+    for movie in movies.tolist():
+        facets = catalog.facets_of(movie)
+        liked = effect[facets] if effect is not None and len(facets) else np.zeros(0)
+        if len(liked) and liked.max() >= REASON_LIFT:
+            out.append(f"you like {catalog.facets[int(facets[int(liked.argmax())])].name}")
+        elif model.popular[movie]:
+            out.append("popular")
+        else:
+            out.append("something new")
+    return out
 
 
 def facet_effects(model: Model, user: UserView, rng: np.random.Generator) -> np.ndarray:
@@ -174,13 +200,45 @@ def facet_effects(model: Model, user: UserView, rng: np.random.Generator) -> np.
     if not clicks:
         return effect  # no click yet: every facet value is at its prior, indifferent
 
-    exposure = (user.facet_seen + cfg.exposure_prior * model.facet_share[user.facet]) / (
-        user.movie_seen.sum() + cfg.exposure_prior
-    )
-    expected = clicks * exposure
+    if cfg.backfit and model.incidence is not None:
+        expected = _backfit_expectations(model, user)
+    else:
+        exposure = (user.facet_seen + cfg.exposure_prior * model.facet_share[user.facet]) / (
+            user.movie_seen.sum() + cfg.exposure_prior
+        )
+        expected = clicks * exposure
     preference = rng.gamma(cfg.facet_strength + user.facet_clicks) / (cfg.facet_strength + expected)
     effect[user.facet] = np.clip(np.log(preference) * model.facet_weight[user.facet], -cfg.max_lift, cfg.max_lift)
     return effect
+
+
+def _backfit_expectations(model: Model, user: UserView, iterations: int = 3) -> np.ndarray:
+    """Per touched facet value g, the clicks the user would have made on g's movies if g were
+    neutral to them, given everything else we know: each movie's global click rate, the user's
+    own propensity to click, and their other facet preferences (so Drama is not credited with
+    the clicks that Crime earned). A log-linear model,
+        E[clicks on m] = trials_m * p_m * exp(b + sum over m's facet values g of w_g),
+    fitted by a few rounds of iterative proportional fitting over the movies the user was shown
+    or opened, plus `exposure_prior` pseudo-impressions of the catalog at its facet shares (what
+    a user opening movies from the catalog list chose among)."""
+    cfg = model.config
+    a = cfg.facet_strength
+    clicks = user.movie_clicks.sum()
+    base = np.maximum(user.movie_seen, user.movie_clicks) * model.movie_mean[user.movie]
+    member = model.incidence[user.movie][:, user.facet]  # type: ignore[index]  # movies x facets
+    typical = cfg.exposure_prior * float(model.movie_mean.mean())
+    prior = typical * model.facet_share[user.facet]  # the pseudo-catalog's movies of each facet
+    w = np.zeros(len(user.facet))
+    b = 0.0
+    for _ in range(iterations):
+        lift = np.exp(w)
+        rate = base * np.exp(member @ w)
+        total = rate.sum() + (prior * lift).sum() + typical
+        b = np.log((a + clicks) / (a + total))
+        expected = np.exp(b) * (rate @ member + prior * lift)
+        w += np.log((a + user.facet_clicks) / (a + expected))
+    lift = np.exp(w)
+    return np.exp(b) * ((base * np.exp(member @ w)) @ member + prior * lift) / lift  # g itself neutral
 
 
 def facet_lift(model: Model, user: UserView, rng: np.random.Generator) -> np.ndarray:

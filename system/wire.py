@@ -23,6 +23,7 @@ from nats.errors import NoRespondersError
 from system.batching import Batcher
 from system.errors import Unavailable
 from system.events import Event
+from system.policy import Picks
 
 
 def rpc_subject(namespace: str, shard: int) -> str:
@@ -80,13 +81,13 @@ class ShardClient:
         self.timeout = timeout
         self.linger = linger
         self.in_flight = in_flight
-        self._batchers: dict[int, Batcher[tuple[str, int], list[int]]] = {}
+        self._batchers: dict[int, Batcher[tuple[str, int], Picks]] = {}
 
     @property
     def connected(self) -> bool:
         return bool(self.nc.is_connected)
 
-    async def recommend(self, shard: int, uxid: str, limit: int) -> list[int]:
+    async def recommend(self, shard: int, uxid: str, limit: int) -> Picks:
         batcher = self._batchers.get(shard)
         if batcher is None:
             batcher = self._batchers[shard] = Batcher(
@@ -94,7 +95,8 @@ class ShardClient:
                 linger=self.linger,
                 max_in_flight=self.in_flight,
             )
-        return await batcher.submit((uxid, limit))
+        ids, reasons = await batcher.submit((uxid, limit))
+        return ids, reasons
 
     async def profile(self, shard: int, uxid: str) -> list[list[int]]:
         return await self.call(shard, "profile", uxid)  # type: ignore[no-any-return]

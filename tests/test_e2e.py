@@ -109,6 +109,7 @@ def test_a_new_user_gets_a_full_slate_of_distinct_movies(system: RunningSystem) 
     slate = response.json()
     assert len(slate) == 10 and len({m["id"] for m in slate}) == 10
     assert all(m["genres"] for m in slate) and response.headers["x-recommendation-id"]
+    assert all(m["reason"] in ("popular", "something new") for m in slate)  # a newcomer: nothing liked yet
     assert len(system.get("/api/recommendations/movies", "someone", params={"limit": 25}).json()) == 25
 
 
@@ -122,8 +123,10 @@ def test_twenty_crime_clicks_make_the_next_slates_mostly_crime(system: RunningSy
     profile = wait_for_profile(system, uxid, 20, timeout=1.0)
     assert profile["clicks"] == 20, "the clicks did not reach the user's state within a second"
     assert time.monotonic() - clicked_at < 1.0
-    shares = [crime_share(system.get("/api/recommendations/movies", uxid).json()) for _ in range(5)]
+    slates = [system.get("/api/recommendations/movies", uxid).json() for _ in range(5)]
+    shares = [crime_share(slate) for slate in slates]
     assert np.mean(shares) >= 0.6, shares  # the catalog's base rate is 21%
+    assert sum(m["reason"] == "you like Crime" for slate in slates for m in slate) >= 20
     crime = next(f for f in profile["facets"] if f["name"] == "Crime")
     assert (crime["alpha"], crime["beta"]) == (21, 1)
 

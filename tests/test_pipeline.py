@@ -179,7 +179,7 @@ async def test_slates_learn_from_events(pipeline: Pipeline) -> None:
         seq = await pipeline.publish({"event_type": "clicked", "entity_id": movie, "user_id": "nolan-fan"})
     await pipeline.settle(seq, "nolan-fan")
     shard = pipeline.shard_of("nolan-fan")
-    slates = await shard.recommend([("nolan-fan", 5)] * 30 + [("cold", 5)] * 30)
+    slates = [ids for ids, _ in await shard.recommend([("nolan-fan", 5)] * 30 + [("cold", 5)] * 30)]
     assert all(len(s) == 5 and len(set(s)) == 5 for s in slates)
     fan = sum(32 in s for s in slates[:30])  # The Prestige: the one Nolan movie left
     cold = sum(32 in s for s in slates[30:])
@@ -193,7 +193,7 @@ async def test_the_api_reaches_shards_over_nats_request_reply(pipeline: Pipeline
     shard = pipeline.slot_map.shard_of("rpc-user")
     nc = await bus.connect(pipeline.settings.nats_url or "", "test-api")
     client = wire.ShardClient(nc, pipeline.settings.namespace)
-    slates = await asyncio.gather(*(client.recommend(shard, "rpc-user", 5) for _ in range(20)))
+    slates = [ids for ids, _ in await asyncio.gather(*(client.recommend(shard, "rpc-user", 5) for _ in range(20)))]
     assert all(len(s) == 5 and 14 not in s for s in slates)  # concurrent requests, batched
     assert client._batchers[shard].calls < 20
     assert [row[0] for row in await client.profile(shard, "rpc-user") if row[0] > 0] == [14]

@@ -133,6 +133,17 @@ def test_clicks_on_a_rare_genre_say_more_than_on_a_common_one(catalog: Catalog) 
     assert lift_crime > 1.0 and lift_crime > lift_drama + 1.0
 
 
+def test_each_pick_comes_with_a_reason(catalog: Catalog) -> None:
+    state = ShardState(catalog, rng=np.random.default_rng(4))
+    crime = [m.id for m in catalog.movies if "Crime" in m.facets.get("genres", [])][100:115]
+    state.apply([Event("fan", CLICKED, (m,)) for m in crime])
+    ids, reasons = state.recommend_with_reasons("fan", 10)
+    assert len(ids) == len(reasons) == 10
+    assert reasons.count("you like Crime") >= 5, reasons
+    cold_ids, cold_reasons = state.recommend_with_reasons("newcomer", 10)
+    assert set(cold_reasons) <= {"popular", "something new"} and "popular" in cold_reasons
+
+
 def test_opened_movies_go_to_the_back(small: Catalog) -> None:
     state = ShardState(small, rng=np.random.default_rng(1))
     state.apply([Event("u", CLICKED, (m,)) for m in (2, 4, 15)])  # Crime

@@ -1,0 +1,55 @@
+"""`mabrec simulate`: run the comparison, write the report and plots, print the table."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from sim import report, runner
+
+
+def simulate(args: argparse.Namespace) -> int:
+    if args.url:
+        import uvloop
+
+        from sim.http import run_http
+
+        out = uvloop.run(run_http(args.url, users=args.users, rounds=args.rounds, seed=args.seed))
+        print(f"{out['users']} users x {out['rounds']} rounds against {args.url}: CTR by round {out['ctr_by_round']}")
+        print(
+            f"mean CTR {out['ctr']:.3f}; cold start (rounds 1-5) {out['cold_start_ctr']:.3f}; {out['empty_slates']} empty slates"
+        )
+        return 0
+    from tqdm import tqdm
+
+    names = tuple(args.policies.split(","))
+    unknown = set(names) - set(runner.POLICIES)
+    if unknown:
+        print(
+            f"mabrec simulate: unknown policies {sorted(unknown)}; known: {', '.join(runner.POLICIES)}", file=sys.stderr
+        )
+        return 2
+    scenario = runner.Scenario(users=args.users, rounds=args.rounds, shift_at=args.shift_at)
+    began = time.monotonic()
+    bar = tqdm(total=len(names) * args.seeds, desc="simulating", unit="run", disable=not sys.stderr.isatty())
+
+    def progress(done: int, total: int) -> None:
+        bar.update(done - bar.n)
+
+    result = runner.run(names, args.seeds, scenario, progress=progress, seed0=args.seed)
+    bar.close()
+    result["seconds"] = round(time.monotonic() - began, 1)
+    stem = "shift" if args.shift_at is not None else "comparison"
+    out: Path = args.output
+    runner.write(result, out / f"{stem}.json")
+    images = report.plots(result, out, stem)
+    text = report.table(result)
+    (out / f"{stem}.md").write_text(text + "\n")
+    print(text)
+    print(
+        f"\n{result['seconds']:.0f} s; wrote {out / (stem + '.json')}, {out / (stem + '.md')}, "
+        + ", ".join(str(p) for p in images)
+    )
+    return 0
