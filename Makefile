@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-fast bench lint clean
+.PHONY: run test test-fast bench simulate lint clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "mabrec needs Python 3.11 or newer")'
@@ -26,6 +26,9 @@ test-fast: $(STAMP)  ## unit tests only (no services)
 
 bench: $(STAMP)  ## start a fresh system, run every benchmark, write BENCHMARKS.md
 	$(BIN)/mabrec bench report --also-shards 2
+
+simulate: $(STAMP)  ## the policy against the baselines on synthetic users (docs/simulation)
+	$(BIN)/mabrec simulate
 
 clean:
 	rm -rf $(VENV) .mabrec .pytest_cache

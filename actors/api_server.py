@@ -33,6 +33,7 @@ from system.policy import Model, Picks, PolicyConfig, recommend
 from system.settings import Settings
 from system.sharding import SlotMap
 from system.store import CatalogStore, StateStore
+from system.tasks import Background
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +169,7 @@ class ApiServer:
         self._server: uvicorn.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._starting: asyncio.Task[None] | None = None
-        self.last_error: str | None = None
+        self._starting = Background(self._start)
 
     @property
     def serving(self) -> bool:
@@ -177,16 +177,13 @@ class ApiServer:
 
     async def ensure_serving(self) -> dict[str, Any]:
         """Start serving unless serving or starting (idempotent, never waits). Returns `status()`."""
-        if not self.serving and (self._starting is None or self._starting.done()):
-            if self._starting is not None and not self._starting.cancelled() and self._starting.exception():
-                self.last_error = repr(self._starting.exception())
-            self._starting = asyncio.create_task(self._start())
+        if not self.serving:
+            self._starting.ensure()
         return self.status()
 
     async def wait_serving(self) -> dict[str, Any]:
-        await self.ensure_serving()
-        if self._starting is not None:
-            await asyncio.shield(self._starting)
+        if not self.serving:
+            await self._starting.wait()
         return self.status()
 
     async def _start(self) -> None:
@@ -276,7 +273,7 @@ class ApiServer:
             "port": self.port,
             "pid": os.getpid(),
             "publisher": self.backend.publisher.status() if self.backend else None,
-            "last_error": self.last_error,
+            "last_error": self._starting.last_error,
         }
 
 

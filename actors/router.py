@@ -26,6 +26,7 @@ from system.events import Event, decode
 from system.settings import Settings
 from system.sharding import SlotMap
 from system.store import CatalogStore, StateStore
+from system.tasks import Background
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class EventRouter:
         self.settings = settings
         self.shards = shards
         self.batch = batch
-        self._task: asyncio.Task[None] | None = None
+        self._loop = Background(self._run)
         self._nc: NATS | None = None
         self.declared: dict[int, int] = {}  # per shard: the stream sequence the last call covered through
         self._last_call: dict[int, float] = {}
@@ -62,18 +63,11 @@ class EventRouter:
 
     def ensure_running(self) -> dict[str, Any]:
         """Start the consume loop if it is not running (idempotent). Returns `status()`."""
-        if self._task is None or self._task.done():
-            if self._task is not None and not self._task.cancelled() and self._task.exception():
-                self.last_error = repr(self._task.exception())
-            self._task = asyncio.create_task(self._run())
+        self._loop.ensure()
         return self.status()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
+        await self._loop.cancel()
         if self._nc is not None:
             with contextlib.suppress(Exception):
                 await self._nc.close()
@@ -192,7 +186,7 @@ class EventRouter:
 
     def status(self) -> dict[str, Any]:
         return {
-            "running": self._task is not None and not self._task.done(),
+            "running": self._loop.running,
             "pid": os.getpid(),
             "position": self.position,
             "events": self.events,

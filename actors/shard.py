@@ -33,6 +33,7 @@ from system.policy import Picks, PolicyConfig
 from system.settings import Settings
 from system.sharding import slot_of
 from system.store import CatalogStore, StateStore
+from system.tasks import Background
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class Shard:
         self._nc: NATS | None = None
         self._apply_lock = asyncio.Lock()
         self._checkpoint_lock = asyncio.Lock()
-        self._restoring: asyncio.Task[None] | None = None
+        self._restoring = Background(self._restore)
         self._subscriptions: list[Any] = []
         self._stopped = False
         self._checkpointer: asyncio.Task[None] | None = None
@@ -81,18 +82,16 @@ class Shard:
     async def ensure_ready(self) -> dict[str, Any]:
         """Start restoring from the checkpoint and the stream unless restored or restoring; never
         waits for it (a health check must not block). Returns `status()`."""
-        if self.state is None and (self._restoring is None or self._restoring.done()):
-            if self._restoring is not None and not self._restoring.cancelled() and self._restoring.exception():
-                self.last_error = repr(self._restoring.exception())
-            self._restoring = asyncio.create_task(self._restore())
+        if self.state is None:
+            self._restoring.ensure()
         return self.status()
 
     async def wait_ready(self) -> dict[str, Any]:
         """Restore and wait for it; raises ShardNotReady if the restore fails."""
-        await self.ensure_ready()
-        assert self._restoring is not None
+        if self.state is not None:
+            return self.status()
         try:
-            await asyncio.shield(self._restoring)
+            await self._restoring.wait()
         except Exception as exc:
             raise ShardNotReady(f"shard {self.shard_id} could not restore: {exc!r}") from exc
         return self.status()
@@ -333,7 +332,7 @@ class Shard:
             "last_checkpoint": self.last_checkpoint,
             "restore_seconds": self.restore_seconds,
             "catalog_version": state.catalog.version if state else None,
-            "last_error": self.last_error,
+            "last_error": self.last_error or self._restoring.last_error,
         }
 
 

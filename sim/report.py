@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,60 +27,65 @@ def _smooth(values: np.ndarray, window: int = 5) -> np.ndarray:
 
 
 def plots(report: dict[str, Any], out: Path, name: str = "ctr") -> list[Path]:
+    """`<name>.png` (CTR by round, with 95% bands) and `<name>-regret.png` (cumulative regret)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    policies = report["policies"]
-    scenario = report["scenario"]
-    written = []
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
-    for policy, s in policies.items():
-        ctr = np.array(s["ctr_by_round"])
-        ci = np.array(s["ctr_by_round_ci"])
-        rounds = np.arange(1, len(ctr) + 1)
-        colour = COLOURS.get(policy)
-        ax.plot(rounds, _smooth(ctr), label=policy, color=colour, linewidth=2 if policy == "mabrec" else 1.2)
-        ax.fill_between(rounds, _smooth(ctr - ci), _smooth(ctr + ci), color=colour, alpha=0.15, linewidth=0)
-    if scenario.get("shift_at") is not None:
-        ax.axvline(scenario["shift_at"] + 1, color="black", linestyle=":", linewidth=1)
-        ax.text(scenario["shift_at"] + 2, ax.get_ylim()[1] * 0.95, "taste shift", fontsize=8, va="top")
-    ax.set_xlabel("round (one visit: a slate of 10)")
-    ax.set_ylabel("click-through rate (5-round mean)")
-    ax.set_title(
-        f"{scenario['users']:,} users x {scenario['rounds']} rounds, mean of {next(iter(policies.values()))['seeds']} seeds, 95% CI"
-    )
-    ax.legend(fontsize=8, ncol=3)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = out / f"{name}.png"
-    fig.savefig(path)
-    plt.close(fig)
-    written.append(path)
+    policies, scenario = report["policies"], report["scenario"]
+    seeds = next(iter(policies.values()))["seeds"]
 
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
-    for policy, s in policies.items():
-        regret = np.array(s["cumulative_regret_by_round"])
-        ax.plot(
-            np.arange(1, len(regret) + 1),
+    def figure(path: Path, title: str, xlabel: str, ylabel: str, draw: Callable[[Any], None]) -> Path:
+        fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+        draw(ax)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend(fontsize=8, ncol=3)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+        return path
+
+    def style(policy: str) -> dict[str, Any]:
+        return {"label": policy, "color": COLOURS.get(policy), "linewidth": 2 if policy == "mabrec" else 1.2}
+
+    def ctr(ax: Any) -> None:
+        for policy, s in policies.items():
+            mean, ci = np.array(s["ctr_by_round"]), np.array(s["ctr_by_round_ci"])
+            rounds = np.arange(1, len(mean) + 1)
+            ax.plot(rounds, _smooth(mean), **style(policy))
+            ax.fill_between(
+                rounds, _smooth(mean - ci), _smooth(mean + ci), color=COLOURS.get(policy), alpha=0.15, linewidth=0
+            )
+        if scenario.get("shift_at") is not None:
+            ax.axvline(scenario["shift_at"] + 1, color="black", linestyle=":", linewidth=1)
+            ax.text(scenario["shift_at"] + 2, ax.get_ylim()[1] * 0.95, "taste shift", fontsize=8, va="top")
+
+    def regret(ax: Any) -> None:
+        for policy, s in policies.items():
+            values = np.array(s["cumulative_regret_by_round"])
+            ax.plot(np.arange(1, len(values) + 1), values, **style(policy))
+
+    return [
+        figure(
+            out / f"{name}.png",
+            f"{scenario['users']:,} users x {scenario['rounds']} rounds, mean of {seeds} seeds, 95% CI",
+            "round (one visit: a slate of 10)",
+            "click-through rate (5-round mean)",
+            ctr,
+        ),
+        figure(
+            out / f"{name}-regret.png",
+            "Regret against an oracle that knows every user's taste (lower is better)",
+            "round",
+            "cumulative regret per user (clicks)",
             regret,
-            label=policy,
-            color=COLOURS.get(policy),
-            linewidth=2 if policy == "mabrec" else 1.2,
-        )
-    ax.set_xlabel("round")
-    ax.set_ylabel("cumulative regret per user (clicks)")
-    ax.set_title("Regret against an oracle that knows every user's taste (lower is better)")
-    ax.legend(fontsize=8, ncol=3)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = out / f"{name}-regret.png"
-    fig.savefig(path)
-    plt.close(fig)
-    written.append(path)
-    return written
+        ),
+    ]
 
 
 def table(report: dict[str, Any]) -> str:

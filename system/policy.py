@@ -5,9 +5,10 @@ original service's Beta(alpha, beta) evidence: clicks and impressions (system/us
 The model on top of it is hierarchical:
 - every movie has a global posterior mean: a catalog prior (rating, votes) sharpened by all
   users' feedback;
-- a user's preference for a facet value is a Gamma posterior over how much more often their
-  clicks land on it than chance would have it (see `facet_lift`); each movie's prior mean for
-  the user is the global one lifted, in logits, by the sampled preferences for its facets;
+- a user's preference for a facet value is a Gamma posterior over how much more often they
+  click its movies than expected from those movies' global click rates, their own propensity
+  to click and their other preferences (see `facet_effects`); each movie's prior mean for the
+  user is the global one lifted, in logits, by the sampled preferences for its facets;
 - the user's own evidence on the movie updates a Beta around that prior mean.
 Each request draws for a few hundred candidates at once (the globally best, the best of the
 user's favourite facet values, a random sample of everything); the slate is the best draws with
@@ -31,7 +32,7 @@ REASON_LIFT = 0.3  # logits: a facet preference that clear is worth naming as th
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    # Tuned with `mabrec simulate` (docs/simulation.md); each value is the best of those tried.
+    # Tuned with `mabrec simulate` (docs/simulation/README.md): each value is the best of those tried.
     base_rate: float = 0.03  # prior click rate of an average movie, clicks / (clicks + impressions)
     rating_weight: float = 0.8  # logit shift per standard deviation of catalog rating
     votes_weight: float = 0.4  # logit shift per standard deviation of log(votes)
