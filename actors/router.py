@@ -30,7 +30,9 @@ from system.tasks import Background
 
 log = logging.getLogger(__name__)
 
-IDLE_ADVANCE = 2.0  # seconds: a shard without events still hears, this often, how far the stream is read
+# Seconds: a shard without events still hears, this often, how far the stream is read. It is
+# also the heartbeat that repairs a lost span when no later span follows it.
+IDLE_ADVANCE = 2.0
 # Seconds a routing cycle lasts at least when the stream is drained: events gather into fewer,
 # larger shard calls (each Ray call costs ~1 ms of CPU) for at most this much added latency.
 MIN_CYCLE = 0.015
@@ -152,11 +154,9 @@ class EventRouter:
 
     async def _advance_idle(self) -> None:
         now = time.monotonic()
-        idle = [
-            s
-            for s, seq in self.declared.items()
-            if seq < self.position and now - self._last_call.get(s, 0) > IDLE_ADVANCE
-        ]
+        # Also shards already told the position: if that span was lost (the shard was restarting,
+        # NATS dropped it), this one's `prev` is past the shard's `covered` and it replays the gap.
+        idle = [s for s in self.declared if now - self._last_call.get(s, 0) > IDLE_ADVANCE]
         await asyncio.gather(*(self._send(shard, [], self.position) for shard in idle))
 
     async def _send(self, shard: int, events: list[tuple[int, Event]], last: int) -> None:

@@ -12,7 +12,7 @@ import orjson
 import pytest
 import pytest_asyncio
 
-from actors.router import EventRouter
+from actors.router import IDLE_ADVANCE, EventRouter
 from actors.shard import Shard, ShardNotReady
 from system import bus, db, userstate, wire
 from system.catalog import read_movies
@@ -135,6 +135,27 @@ async def test_a_shard_that_missed_a_call_replays_the_gap_from_the_stream(pipeli
         covered, second, [(first, Event("gap-user", CLICKED, (5,))), (second, Event("gap-user", CLICKED, (8,)))]
     )
     assert posterior(shard, "gap-user", 5) == (2, 1)
+
+
+async def test_a_lost_last_span_is_repaired_by_the_heartbeat(pipeline: Pipeline, monkeypatch) -> None:
+    """The span carrying a user's last event is lost and no event follows: the router's idle
+    heartbeat still tells the shard where the stream is, and the shard replays what it missed."""
+    router, shard = pipeline.router, pipeline.shard_of("lost-user")
+    await wait_for(lambda: router._nc is not None)
+    nc, subject, dropped = router._nc, wire.apply_subject(pipeline.settings.namespace, shard.shard_id), []
+    publish = nc.publish
+
+    async def lossy(subj: str, payload: bytes = b"", *args: object, **kwargs: object) -> None:
+        if subj == subject and not dropped and wire.decode_apply(payload)[2]:  # a span with events
+            dropped.append(payload)
+            return
+        await publish(subj, payload, *args, **kwargs)
+
+    monkeypatch.setattr(nc, "publish", lossy)
+    seq = await pipeline.publish({"event_type": "clicked", "entity_id": 5, "user_id": "lost-user"})
+    await wait_for(lambda: bool(dropped))
+    await pipeline.settle(seq, "lost-user", timeout=3 * IDLE_ADVANCE)
+    assert posterior(shard, "lost-user", 5) == (2, 1) and shard.gaps >= 1
 
 
 @pytest.mark.parametrize("checkpoint_interval", [3600.0])  # only the explicit checkpoint below
