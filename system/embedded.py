@@ -16,6 +16,7 @@ import importlib.util
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -236,16 +237,32 @@ def start_nats(state_dir: Path, port: int | None = None) -> Service:
 
 
 def ray_environment(state_dir: Path) -> dict[str, str]:
-    """Environment for a private, loopback-only local Ray. RAY_TMPDIR is private per state dir
-    (a stale `ray_current_cluster` file there cannot mislead a later start) and short (Ray's
-    unix socket paths must fit in 107 bytes)."""
+    """Environment for a private, loopback-only, token-authenticated local Ray. RAY_TMPDIR is
+    private per state dir (a stale `ray_current_cluster` file there cannot mislead a later start)
+    and short (Ray's unix socket paths must fit in 107 bytes). The token lives in the state dir,
+    created on first use, so a fresh machine needs no `~/.ray/auth_token`."""
     digest = hashlib.sha1(str(state_dir.resolve()).encode()).hexdigest()[:10]
     return {
         "RAY_TMPDIR": str(Path(tempfile.gettempdir()) / f"mabrec-ray-{digest}"),
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(_ray_token(state_dir)),
     }
+
+
+def _ray_token(state_dir: Path) -> Path:
+    """The state dir's Ray token file (readable by its owner only), created if missing."""
+    path = (state_dir / "ray_auth_token").resolve()
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".ray_auth_token.")  # mode 0600
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+        with contextlib.suppress(FileExistsError):  # another command made it first: keep theirs
+            os.link(tmp, path)  # whole or not at all
+        os.unlink(tmp)
+    return path
 
 
 def start_ray(state_dir: Path, dashboard: bool, num_cpus: int | None = None) -> tuple[Service, str | None]:
