@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from system import bus, commands, db
-from system.embedded import Runtime, free_port, pid_alive, ray_environment
+from system.embedded import Runtime, free_port, pid_alive, ray_environment, ray_token
 from system.errors import ServiceError, Unavailable
 from system.health import HealthMonitor
 from system.infra import Infrastructure
@@ -147,8 +147,11 @@ async def up(settings: Settings) -> int:
         if not stopping.is_set():
             seconds = round(time.monotonic() - began, 2)
             log.info("mabrec is ready", extra={"api": api_url, "shards": settings.shards, "seconds": seconds})
+            dashboard_note = extra["ray_dashboard"] or "off"
+            if infra.dashboard_url:  # the local Ray we started: its dashboard asks for the token
+                dashboard_note += f" (token in {ray_token(settings.state_dir)})"
             print(
-                f"mabrec is up: API {api_url}  docs {api_url}/docs  Ray dashboard {extra['ray_dashboard'] or 'off'}",
+                f"mabrec is up: API {api_url}  docs {api_url}/docs  Ray dashboard {dashboard_note}",
                 file=sys.stderr,
                 flush=True,
             )

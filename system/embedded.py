@@ -247,11 +247,11 @@ def ray_environment(state_dir: Path) -> dict[str, str]:
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN_PATH": str(_ray_token(state_dir)),
+        "RAY_AUTH_TOKEN_PATH": str(ray_token(state_dir)),
     }
 
 
-def _ray_token(state_dir: Path) -> Path:
+def ray_token(state_dir: Path) -> Path:
     """The state dir's Ray token file (readable by its owner only), created if missing."""
     path = (state_dir / "ray_auth_token").resolve()
     if not path.exists():
