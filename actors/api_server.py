@@ -26,7 +26,7 @@ import uvloop
 
 from api.app import create_app
 from api.render import Rendered
-from system import bus, db, wire
+from system import bus, db, userstate, wire
 from system.errors import Unavailable
 from system.events import Event
 from system.policy import Model, Picks, PolicyConfig, recommend
@@ -114,7 +114,7 @@ class LiveBackend:
         return await self.gateway.profile(self.slot_map.shard_of(uxid), uxid)
 
     def fallback(self, limit: int) -> Picks:
-        empty = self.model.view(np.zeros((0, 3), dtype=np.int32))
+        empty = self.model.view(userstate.empty())
         slate = recommend(self.model, empty, limit, self.rng)
         return self.catalog.catalog.movie_ids[slate.movies].tolist(), ["popular"] * len(slate.movies)
 

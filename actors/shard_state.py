@@ -190,16 +190,15 @@ class ShardState:
         self.local_seen += np.bincount(dense, weights=seen, minlength=n)
 
         packed = (row_user[owner].astype(np.int64) << 32) | (keys + _OFFSET)
-        uniq, inverse = np.unique(packed, return_inverse=True)
-        sum_clicks = np.bincount(inverse, weights=clicks).astype(userstate.DTYPE)
-        sum_seen = np.bincount(inverse, weights=seen).astype(userstate.DTYPE)
+        # `owner` is the row's place in event order: what came after a click is told apart.
+        uniq, sum_clicks, sum_seen, since = userstate.aggregate(packed, clicks, seen, order=owner)
         users = uniq >> 32
         keys = ((uniq & 0xFFFFFFFF) - _OFFSET).astype(userstate.DTYPE)
         bounds = np.searchsorted(users, np.arange(len(touched) + 1))
         for u, user in enumerate(touched):
             a, b = bounds[u], bounds[u + 1]
             if a < b:
-                user.counts = userstate.bump(user.counts, keys[a:b], sum_clicks[a:b], sum_seen[a:b])
+                user.counts = userstate.bump(user.counts, keys[a:b], sum_clicks[a:b], sum_seen[a:b], since[a:b])
 
     # --- serving and checkpoints --------------------------------------------------------------
 

@@ -121,7 +121,7 @@ async def profile(request: Request) -> Response:
     rows = await backend.profile(uxid)
     catalog = backend.catalog.catalog
     movies, facets = [], []
-    for key, clicks, seen in rows:
+    for key, clicks, seen, *_ in rows:
         if key > 0:
             index = int(catalog.movie_index([key])[0])
             name = catalog.movies[index].name if index >= 0 else None

@@ -37,10 +37,10 @@ def run(
         starts = catalog.movie_facets_ptr[picked]
         facets = catalog.pair_facet[ranges(starts, catalog.movie_facets_ptr[picked + 1] - starts)]
         keys = np.concatenate([catalog.movie_ids[picked].astype(np.int64), -catalog.facet_ids[facets].astype(np.int64)])
-        keys, clicks, seen = userstate.aggregate(keys, np.zeros(len(keys)), np.ones(len(keys)))
+        keys, clicks, seen, since = userstate.aggregate(keys, np.zeros(len(keys)), np.ones(len(keys)))
         recent = array("Q", rng.integers(1, 2**62, movies + 2).tolist())
         states[slot_map.shard_of(uxid)].users[uxid] = User(
-            userstate.bump(userstate.empty(), keys, clicks, seen), recent
+            userstate.bump(userstate.empty(), keys, clicks, seen, since), recent
         )
         if progress and u % 10_000 == 0:
             progress(u / users)

@@ -39,8 +39,9 @@ def migrations() -> list[tuple[int, Path]]:
     return found
 
 
-async def migrate(url: str) -> list[int]:
-    """Apply the migrations not yet applied; returns their numbers. Idempotent and concurrency-safe."""
+async def migrate(url: str, through: int | None = None) -> list[int]:
+    """Apply the migrations not yet applied (up to `through`, if given); returns their numbers.
+    Idempotent and concurrency-safe."""
     applied_now = []
     async with await AsyncConnection.connect(url, autocommit=True) as conn:
         await conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
@@ -52,7 +53,7 @@ async def migrate(url: str) -> list[int]:
             cur = await conn.execute("SELECT version FROM schema_migrations")
             done = {row[0] for row in await cur.fetchall()}
             for version, path in migrations():
-                if version in done:
+                if version in done or (through is not None and version > through):
                     continue
                 async with conn.transaction():
                     await conn.execute(path.read_text())

@@ -49,6 +49,10 @@ class PolicyConfig:
     pool_factor: int = 3  # the diversity re-rank looks at limit * pool_factor best draws
     candidates: int = 400  # movies drawn per request, about (see _candidates)
     favourite_facets: int = 4  # the user's facet values whose movies join the candidates
+    # Tastes shift: a facet value's clicks halve each time the user passes up, since their last
+    # click on it, as many of its movies as they would have been expected to click this many
+    # times (`_recent_clicks`). 0 keeps every click forever.
+    forget_half_life: float = 4.0
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,7 @@ class UserView:
     facet: np.ndarray
     facet_clicks: np.ndarray
     facet_seen: np.ndarray
+    facet_since: np.ndarray  # impressions after the last click
 
     @property
     def cold(self) -> bool:
@@ -139,6 +144,7 @@ class Model:
             facet=fi[fk],
             facet_clicks=facets[fk, userstate.CLICKS].astype(np.float64),
             facet_seen=facets[fk, userstate.SEEN].astype(np.float64),
+            facet_since=facets[fk, userstate.SINCE].astype(np.float64),
         )
 
 
@@ -201,19 +207,38 @@ def facet_effects(model: Model, user: UserView, rng: np.random.Generator) -> np.
     if not clicks:
         return effect  # no click yet: every facet value is at its prior, indifferent
 
+    facet_clicks = _recent_clicks(cfg, user)
+    # The user's propensity to click fades with the clicks it was learned from: judged against
+    # all their clicks, every facet value would look passed up once old ones fade.
+    if user.facet_clicks.sum() > 0:
+        clicks *= facet_clicks.sum() / user.facet_clicks.sum()
     if cfg.backfit and model.incidence is not None:
-        expected = _backfit_expectations(model, user)
+        expected = _backfit_expectations(model, user, clicks, facet_clicks)
     else:
         exposure = (user.facet_seen + cfg.exposure_prior * model.facet_share[user.facet]) / (
             user.movie_seen.sum() + cfg.exposure_prior
         )
         expected = clicks * exposure
-    preference = rng.gamma(cfg.facet_strength + user.facet_clicks) / (cfg.facet_strength + expected)
+    preference = rng.gamma(cfg.facet_strength + facet_clicks) / (cfg.facet_strength + expected)
     effect[user.facet] = np.clip(np.log(preference) * model.facet_weight[user.facet], -cfg.max_lift, cfg.max_lift)
     return effect
 
 
-def _backfit_expectations(model: Model, user: UserView, iterations: int = 3) -> np.ndarray:
+def _recent_clicks(cfg: PolicyConfig, user: UserView) -> np.ndarray:
+    """Per touched facet value, the user's clicks on it, discounted by the evidence since their
+    last one: `since` impressions at the user's click rate on it are the clicks they would have
+    made had their taste stayed; each `forget_half_life` of those missed halves the old ones.
+    A taste the user keeps acting on keeps its weight; one they stopped acting on fades, at the
+    pace of the evidence rather than of the clock."""
+    if cfg.forget_half_life <= 0:
+        return user.facet_clicks
+    rate = user.facet_clicks / np.maximum(user.facet_clicks + user.facet_seen, 1.0)
+    return user.facet_clicks * np.exp2(-user.facet_since * rate / cfg.forget_half_life)
+
+
+def _backfit_expectations(
+    model: Model, user: UserView, clicks: float, facet_clicks: np.ndarray, iterations: int = 3
+) -> np.ndarray:
     """Per touched facet value g, the clicks the user would have made on g's movies if g were
     neutral to them, given everything else we know: each movie's global click rate, the user's
     own propensity to click, and their other facet preferences (so Drama is not credited with
@@ -224,7 +249,6 @@ def _backfit_expectations(model: Model, user: UserView, iterations: int = 3) -> 
     a user opening movies from the catalog list chose among)."""
     cfg = model.config
     a = cfg.facet_strength
-    clicks = user.movie_clicks.sum()
     base = np.maximum(user.movie_seen, user.movie_clicks) * model.movie_mean[user.movie]
     member = model.incidence[user.movie][:, user.facet]  # type: ignore[index]  # movies x facets
     typical = cfg.exposure_prior * float(model.movie_mean.mean())
@@ -237,7 +261,7 @@ def _backfit_expectations(model: Model, user: UserView, iterations: int = 3) -> 
         total = rate.sum() + (prior * lift).sum() + typical
         b = np.log((a + clicks) / (a + total))
         expected = np.exp(b) * (rate @ member + prior * lift)
-        w += np.log((a + user.facet_clicks) / (a + expected))
+        w += np.log((a + facet_clicks) / (a + expected))
     lift = np.exp(w)
     return np.exp(b) * ((base * np.exp(member @ w)) @ member + prior * lift) / lift  # g itself neutral
 

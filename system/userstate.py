@@ -1,61 +1,81 @@
 """One user's bandit evidence: sparse integer counts per entity the user touched.
 
-A user's state is an int32 array of shape (n, 3) with rows (key, clicks, seen), sorted by key.
-Keys are stable across catalog reloads: a movie is its movie id (> 0), a facet value (a genre, a
-director, ...) is minus its facet id (< 0). The Beta posterior of an entity is
+A user's state is an int32 array of shape (n, 4) with rows (key, clicks, seen, since), sorted by
+key. Keys are stable across catalog reloads: a movie is its movie id (> 0), a facet value (a
+genre, a director, ...) is minus its facet id (< 0). The Beta posterior of an entity is
 Beta(prior_alpha + clicks, prior_beta + seen): the original service's `alpha += r; beta += 1 - r`
-with r = 1 for a click and r = 0 for an impression, kept as exact integers so that a recount
-from the event log reproduces the state bit for bit.
+with r = 1 for a click and r = 0 for an impression. `since` counts the entity's impressions
+after its last click: the recency the policy discounts old clicks by, when tastes shift. All
+exact integers, and a batch of events changes them as the same events one by one would, so a
+recount from the event log reproduces the state bit for bit however the events were batched.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-KEY, CLICKS, SEEN = 0, 1, 2
+KEY, CLICKS, SEEN, SINCE = 0, 1, 2, 3
+WIDTH = 4
 DTYPE = np.dtype("<i4")
 
 
 def empty() -> np.ndarray:
-    return np.zeros((0, 3), dtype=DTYPE)
+    return np.zeros((0, WIDTH), dtype=DTYPE)
 
 
-def bump(state: np.ndarray, keys: np.ndarray, clicks: np.ndarray, seen: np.ndarray) -> np.ndarray:
-    """Add `clicks` and `seen` to the rows of `keys` (sorted, unique). Returns the updated state:
-    the same array, updated in place, when every key is already there; a new array otherwise."""
+def bump(state: np.ndarray, keys: np.ndarray, clicks: np.ndarray, seen: np.ndarray, since: np.ndarray) -> np.ndarray:
+    """Add a batch's summary (see `aggregate`) to the rows of `keys` (sorted, unique): `clicks`
+    and `seen` add up; `since` replaces a row's count where the batch clicked it, else adds up.
+    Returns the updated state: the same array, updated in place, when every key is already
+    there; a new array otherwise."""
     n = len(state)
     if n == 0:
-        fresh = np.empty((len(keys), 3), dtype=DTYPE)
-        fresh[:, KEY], fresh[:, CLICKS], fresh[:, SEEN] = keys, clicks, seen
+        fresh = np.empty((len(keys), WIDTH), dtype=DTYPE)
+        fresh[:, KEY], fresh[:, CLICKS], fresh[:, SEEN], fresh[:, SINCE] = keys, clicks, seen, since
         return fresh
     have = state[:, KEY]
     pos = np.searchsorted(have, keys)
     found = have[np.minimum(pos, n - 1)] == keys
     if found.all():
-        state[pos, CLICKS] += clicks
-        state[pos, SEEN] += seen
+        _add(state, pos, clicks, seen, since)
         return state
     # Merge: every row's place in the result is its own index plus the new keys before it.
     new = ~found
-    out = np.empty((n + int(new.sum()), 3), dtype=DTYPE)
+    out = np.empty((n + int(new.sum()), WIDTH), dtype=DTYPE)
     new_at = pos[new] + np.arange(int(new.sum()))
     old_at = np.arange(n) + np.searchsorted(keys[new], have)
     out[old_at] = state
-    out[new_at, KEY], out[new_at, CLICKS], out[new_at, SEEN] = keys[new], clicks[new], seen[new]
-    hit = old_at[pos[found]]
-    out[hit, CLICKS] += clicks[found]
-    out[hit, SEEN] += seen[found]
+    out[new_at, KEY], out[new_at, CLICKS], out[new_at, SEEN], out[new_at, SINCE] = (
+        keys[new], clicks[new], seen[new], since[new]
+    )  # fmt: skip
+    _add(out, old_at[pos[found]], clicks[found], seen[found], since[found])
     return out
 
 
-def aggregate(keys: np.ndarray, clicks: np.ndarray, seen: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Sum duplicate keys: (unique sorted keys, clicks per key, seen per key)."""
+def _add(state: np.ndarray, rows: np.ndarray, clicks: np.ndarray, seen: np.ndarray, since: np.ndarray) -> None:
+    state[rows, CLICKS] += clicks
+    state[rows, SEEN] += seen
+    state[rows, SINCE] = np.where(clicks > 0, since, state[rows, SINCE] + since)
+
+
+def aggregate(
+    keys: np.ndarray, clicks: np.ndarray, seen: np.ndarray, order: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Summarize a batch of (key, clicks, seen) rows, in event order (or ordered by `order`):
+    (unique sorted keys, clicks per key, seen per key, impressions per key after its last click
+    in the batch). Keys keep their dtype (callers pack more into them); counts are DTYPE."""
     uniq, inverse = np.unique(keys, return_inverse=True)
     n = len(uniq)
+    order = np.arange(len(keys)) if order is None else np.asarray(order)
+    clicked = np.asarray(clicks) > 0
+    last_click = np.full(n, -1, dtype=np.int64)
+    np.maximum.at(last_click, inverse[clicked], order[clicked])
+    after = order > last_click[inverse]
     return (
-        uniq.astype(DTYPE),
+        uniq,
         np.bincount(inverse, weights=clicks, minlength=n).astype(DTYPE),
         np.bincount(inverse, weights=seen, minlength=n).astype(DTYPE),
+        np.bincount(inverse, weights=np.where(after, seen, 0), minlength=n).astype(DTYPE),
     )
 
 
@@ -64,7 +84,7 @@ def to_bytes(state: np.ndarray) -> bytes:
 
 
 def from_bytes(raw: bytes) -> np.ndarray:
-    return np.frombuffer(raw, dtype=DTYPE).reshape(-1, 3).copy()
+    return np.frombuffer(raw, dtype=DTYPE).reshape(-1, WIDTH).copy()
 
 
 def movies(state: np.ndarray) -> np.ndarray:

@@ -84,23 +84,34 @@ def test_same_seed_same_slate(catalog: Catalog) -> None:
     assert a.tolist() == b.tolist() and a.tolist() != c.tolist()
 
 
-def crime_fan_shares(catalog: Catalog, seed: int, rounds: int = 40) -> list[float]:
-    """A user who clicks only Crime movies: each round a slate of 10, and a click on the first
-    Crime movie of it with probability 1/2 (a cascade: at most one click per slate)."""
+def genre_movies(catalog: Catalog, name: str) -> set[int]:
+    return {int(m) for m in catalog.movies_of(int(np.flatnonzero([f.name == name for f in catalog.facets])[0]))}
+
+
+def fan_shares(
+    catalog: Catalog, seed: int, tastes: list[str], config: policy.PolicyConfig | None = None
+) -> list[float]:
+    """A user who, in round r, clicks only movies of genre tastes[r]: each round a slate of 10,
+    and a click on the first such movie of it with probability 1/2 (a cascade: at most one click
+    per slate). Returns, per round, the share of the slate in that round's genre."""
     rng = np.random.default_rng(seed)
-    state = ShardState(catalog, rng=rng)
-    crime = {int(m) for m in catalog.movies_of(int(np.flatnonzero([f.name == "Crime" for f in catalog.facets])[0]))}
+    state = ShardState(catalog, config, rng=rng)
+    members = {name: genre_movies(catalog, name) for name in set(tastes)}
     shares = []
-    for _ in range(rounds):
+    for taste in tastes:
         ids = state.recommend("fan", 10)
-        is_crime = [int(i) in crime for i in catalog.movie_index(ids)]
-        shares.append(float(np.mean(is_crime)))
+        liked = [int(i) in members[taste] for i in catalog.movie_index(ids)]
+        shares.append(float(np.mean(liked)))
         events = [Event("fan", SEEN, tuple(ids))]
-        first = next((m for m, c in zip(ids, is_crime, strict=False) if c), None)
+        first = next((m for m, c in zip(ids, liked, strict=False) if c), None)
         if first is not None and rng.random() < 0.5:
             events.append(Event("fan", CLICKED, (first,)))
         state.apply(events)
     return shares
+
+
+def crime_fan_shares(catalog: Catalog, seed: int, rounds: int = 40) -> list[float]:
+    return fan_shares(catalog, seed, ["Crime"] * rounds)
 
 
 def test_crime_fan_gets_a_clear_majority_of_crime_within_a_few_dozen_rounds(catalog: Catalog) -> None:
@@ -108,9 +119,20 @@ def test_crime_fan_gets_a_clear_majority_of_crime_within_a_few_dozen_rounds(cata
         catalog
     )
     assert 0.19 < base_rate < 0.23
-    late = [np.mean(crime_fan_shares(catalog, seed)[25:]) for seed in range(4)]
+    # A dozen users: with fewer, the spread of Thompson draws weighs more than what was learned.
+    late = [np.mean(crime_fan_shares(catalog, seed)[25:]) for seed in range(12)]
     assert np.mean(late) > 0.55, late
     assert min(late) > 2 * base_rate, late
+
+
+def test_after_a_taste_shift_old_clicks_fade_and_slates_follow_the_new_taste(catalog: Catalog) -> None:
+    """40 rounds of Crime, then 30 of Comedy: with old clicks discounted by the evidence since
+    (forget_half_life), the slates turn to Comedy sooner than when every click counts forever."""
+    tastes = ["Crime"] * 40 + ["Comedy"] * 30
+    keep_all = policy.PolicyConfig(forget_half_life=0)
+    forgetting = [np.mean(fan_shares(catalog, seed, tastes)[50:]) for seed in range(6)]
+    remembering = [np.mean(fan_shares(catalog, seed, tastes, keep_all)[50:]) for seed in range(6)]
+    assert np.mean(forgetting) > np.mean(remembering) + 0.05, (forgetting, remembering)
 
 
 def test_clicks_on_a_rare_genre_say_more_than_on_a_common_one(catalog: Catalog) -> None:

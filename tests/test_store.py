@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
+import numpy as np
 import psycopg
 import pytest
 import pytest_asyncio
 from psycopg_pool import AsyncConnectionPool
 
-from system import db
+from system import db, userstate
 from system.catalog import Movie, read_movies
 from system.errors import BadRequest, ConfigError
 from system.settings import SLOTS
@@ -29,7 +30,7 @@ async def pool(database_url: str) -> AsyncIterator[AsyncConnectionPool]:
 
 
 async def test_migrations_apply_once(database_url: str) -> None:
-    assert await db.migrate(database_url) == [1, 2]
+    assert await db.migrate(database_url) == [1, 2, 3]
     assert await db.migrate(database_url) == []
     with psycopg.connect(database_url) as conn:
         tables = {r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
@@ -105,3 +106,18 @@ async def test_checkpoints_refer_to_one_event_stream(pool: AsyncConnectionPool) 
         await store.check_event_log("S_EVENTS", datetime(2026, 2, 1, tzinfo=UTC), 60)
     with pytest.raises(ConfigError, match="reset or replaced"):
         await store.check_event_log("S_EVENTS", created, 10)  # the stream is behind the checkpoints
+
+
+async def test_checkpoints_from_before_the_since_column_load_with_it_zero(database_url: str) -> None:
+    """Migration 003 widens stored rows (key, clicks, seen) to (key, clicks, seen, since)."""
+    assert await db.migrate(database_url, through=2) == [1, 2]
+    old = np.array([[-4, 1, 6], [9, 1, 2]], dtype="<i4").tobytes()
+    with psycopg.connect(database_url) as conn:
+        conn.execute("INSERT INTO user_state (uxid, slot, counts) VALUES ('old', 3, %s), ('none', 3, '')", (old,))
+    assert await db.migrate(database_url) == [3]
+    pool = await db.open_pool(database_url)
+    try:
+        rows = {u: userstate.from_bytes(c).tolist() for u, c, _ in await StateStore(pool).load_users([3])}
+    finally:
+        await pool.close()
+    assert rows == {"old": [[-4, 1, 6, 0], [9, 1, 2, 0]], "none": []}
