@@ -7,7 +7,8 @@ The model on top of it is hierarchical:
   users' feedback;
 - a user's preference for a facet value is a Gamma posterior over how much more often they
   click its movies than expected from those movies' global click rates, their own propensity
-  to click and their other preferences (see `facet_effects`); each movie's prior mean for the
+  to click and their other preferences (see `facet_effects`), old clicks fading as the user
+  passes up what they used to click (`_recent_clicks`); each movie's prior mean for the
   user is the global one lifted, in logits, by the sampled preferences for its facets;
 - the user's own evidence on the movie updates a Beta around that prior mean.
 Each request draws for a few hundred candidates at once (the globally best, the best of the
