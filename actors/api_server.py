@@ -29,7 +29,7 @@ from api.render import Rendered
 from system import bus, db, userstate, wire
 from system.errors import Unavailable
 from system.events import Event
-from system.policy import Model, Picks, PolicyConfig, recommend
+from system.policy import Model, Picks, recommend
 from system.settings import Settings
 from system.sharding import SlotMap
 from system.store import CatalogStore, StateStore
@@ -75,7 +75,7 @@ class LiveBackend:
         self.slot_map = slot_map
         self.gateway = gateway
         self.publisher = publisher
-        self.policy = PolicyConfig()
+        self.policy = settings.policy()
         self.rng = np.random.default_rng()
         self.health: dict[str, Any] = {"shards": [], "consumer": {}, "at": 0.0}
         self.down_until: dict[int, float] = {}

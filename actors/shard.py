@@ -49,7 +49,7 @@ class Shard:
         # Cheap and I/O-free: Ray re-runs this on every restart. `ensure_ready` restores.
         self.shard_id = shard_id
         self.settings = settings
-        self.policy = policy
+        self.policy = policy or settings.policy()
         self.seed = seed
         self.state: ShardState | None = None
         self.covered = 0

@@ -54,6 +54,9 @@ class PolicyConfig:
     # click on it, as many of its movies as they would have been expected to click this many
     # times (`_recent_clicks`). 0 keeps every click forever.
     forget_half_life: float = 4.0
+    # Scales the spread of every Thompson draw, keeping its mean: below 1 exploits what is
+    # known sooner, above 1 keeps trying more (MABREC_EXPLORATION).
+    exploration: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -165,7 +168,8 @@ def recommend(model: Model, user: UserView, limit: int, rng: np.random.Generator
     hit = candidates[pos] == user.movie
     alpha[pos[hit]] += user.movie_clicks[hit]
     beta[pos[hit]] += user.movie_seen[hit]
-    scores = _logit(rng.beta(alpha, beta))
+    e = cfg.exploration  # Beta(a/e, b/e): the same mean, about e times the variance
+    scores = _logit(rng.beta(alpha / e, beta / e))
     scores[pos[hit & (user.movie_clicks > 0)]] -= cfg.clicked_penalty
     order = _diverse_top(model, candidates, scores, limit)
     picks = candidates[order]
@@ -220,7 +224,8 @@ def facet_effects(model: Model, user: UserView, rng: np.random.Generator) -> np.
             user.movie_seen.sum() + cfg.exposure_prior
         )
         expected = clicks * exposure
-    preference = rng.gamma(cfg.facet_strength + facet_clicks) / (cfg.facet_strength + expected)
+    shape, e = cfg.facet_strength + facet_clicks, cfg.exploration  # Gamma(k/e, e): mean k, variance k*e
+    preference = rng.gamma(shape / e, e) / (cfg.facet_strength + expected)
     effect[user.facet] = np.clip(np.log(preference) * model.facet_weight[user.facet], -cfg.max_lift, cfg.max_lift)
     return effect
 

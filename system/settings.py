@@ -7,9 +7,12 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from system.errors import ConfigError
+
+if TYPE_CHECKING:
+    from system.policy import PolicyConfig
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # Users hash to a fixed number of slots; slots (never users) move between shards.
@@ -32,6 +35,8 @@ class Settings:
     catalog_file: Path | None = None
     event_retention_days: float = 0.0  # 0 keeps the event log forever
     api_workers: int = 1  # API actors sharing the port
+    exploration: float = 1.0  # the spread of every Thompson draw (system/policy.py)
+    forget_half_life: float = 4.0  # how fast old clicks fade (system/policy.py); 0: never
 
     @property
     def event_retention(self) -> float:
@@ -57,9 +62,17 @@ class Settings:
             "catalog_file": Path(env["MABREC_CATALOG"]) if env.get("MABREC_CATALOG") else None,
             "event_retention_days": _float(env, "MABREC_EVENT_RETENTION_DAYS", 0.0, 0.0, 36500.0, "days"),
             "api_workers": _int(env, "MABREC_API_WORKERS", 1, 1, 64),
+            "exploration": _float(env, "MABREC_EXPLORATION", 1.0, 0.05, 20.0, "(a factor)"),
+            "forget_half_life": _float(env, "MABREC_FORGET_HALF_LIFE", 4.0, 0.0, 1000.0, "missed clicks"),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return replace(cls(), **values).validated()
+
+    def policy(self) -> PolicyConfig:
+        """The bandit policy's settings: its tuned defaults, with what operators may change."""
+        from system.policy import PolicyConfig  # numpy: only for those that serve or learn
+
+        return PolicyConfig(exploration=self.exploration, forget_half_life=self.forget_half_life)
 
     def validated(self) -> Settings:
         if not 1 <= self.shards <= 256:

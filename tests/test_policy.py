@@ -75,6 +75,21 @@ def test_cold_slates_favor_well_rated_popular_movies(catalog: Catalog) -> None:
     assert len(set(picked.tolist())) > 40  # but not the same ten for everyone
 
 
+def test_exploration_widens_the_draws_and_keeps_their_mean(catalog: Catalog) -> None:
+    """Low exploration: the same few top movies for every cold user; high: many more movies,
+    still better rated than the catalog on average."""
+    picked = {}
+    for e in (0.05, 1.0, 4.0):
+        model = policy.Model(catalog, policy.PolicyConfig(exploration=e))
+        cold = model.view(userstate.empty())
+        picked[e] = np.concatenate(
+            [policy.recommend(model, cold, 10, np.random.default_rng(s)).movies for s in range(30)]
+        )
+    distinct = {e: len(set(p.tolist())) for e, p in picked.items()}
+    assert distinct[0.05] < distinct[1.0] < distinct[4.0], distinct
+    assert np.nanmean(catalog.rating[picked[4.0]]) > np.nanmean(catalog.rating), "exploring, not random"
+
+
 def test_same_seed_same_slate(catalog: Catalog) -> None:
     model = policy.Model(catalog)
     view = model.view(userstate.empty())

@@ -34,6 +34,12 @@ def test_reads_and_casts_environment() -> None:
     assert s.stream == "PROD_EU_EVENTS" and s.events_subject == "prod_eu.events"
 
 
+def test_policy_settings_reach_the_policy() -> None:
+    assert Settings.from_env({}).policy() == Settings.from_env({}).policy().__class__()  # the tuned defaults
+    policy = Settings.from_env({"MABREC_EXPLORATION": "0.5", "MABREC_FORGET_HALF_LIFE": "0"}).policy()
+    assert (policy.exploration, policy.forget_half_life) == (0.5, 0.0)
+
+
 def test_cli_overrides_win_over_environment() -> None:
     s = Settings.from_env({"MABREC_SHARDS": "8"}, shards=3, port=None)
     assert s.shards == 3 and s.port == 8000
@@ -51,6 +57,8 @@ def test_cli_overrides_win_over_environment() -> None:
         ({"NATS_URL": "http://x"}, "NATS_URL"),
         ({"MABREC_NAMESPACE": "Bad-Name"}, "MABREC_NAMESPACE"),
         ({"MABREC_DASHBOARD": "maybe"}, "MABREC_DASHBOARD"),
+        ({"MABREC_EXPLORATION": "0"}, "MABREC_EXPLORATION"),
+        ({"MABREC_FORGET_HALF_LIFE": "-1"}, "MABREC_FORGET_HALF_LIFE"),
     ],
 )
 def test_invalid_values_fail_fast_naming_the_variable(env: dict[str, str], named: str) -> None:
