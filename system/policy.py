@@ -55,8 +55,10 @@ class PolicyConfig:
     # times (`_recent_clicks`). 0 keeps every click forever.
     forget_half_life: float = 4.0
     # Scales the spread of every Thompson draw, keeping its mean: below 1 exploits what is
-    # known sooner, above 1 keeps trying more (MABREC_EXPLORATION).
-    exploration: float = 1.0
+    # known sooner, above 1 keeps trying more (MABREC_EXPLORATION). Sharpened posteriors did
+    # better in the simulator (+5% clicks at 0.5, +8% at 0.25, docs/simulation); 0.5 keeps
+    # some of the exploration a catalog prior less true than our world's may need.
+    exploration: float = 0.5
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ class Settings:
     catalog_file: Path | None = None
     event_retention_days: float = 0.0  # 0 keeps the event log forever
     api_workers: int = 1  # API actors sharing the port
-    exploration: float = 1.0  # the spread of every Thompson draw (system/policy.py)
+    exploration: float = 0.5  # the spread of every Thompson draw (system/policy.py)
     forget_half_life: float = 4.0  # how fast old clicks fade (system/policy.py); 0: never
 
     @property
@@ -62,7 +62,7 @@ class Settings:
             "catalog_file": Path(env["MABREC_CATALOG"]) if env.get("MABREC_CATALOG") else None,
             "event_retention_days": _float(env, "MABREC_EVENT_RETENTION_DAYS", 0.0, 0.0, 36500.0, "days"),
             "api_workers": _int(env, "MABREC_API_WORKERS", 1, 1, 64),
-            "exploration": _float(env, "MABREC_EXPLORATION", 1.0, 0.05, 20.0, "(a factor)"),
+            "exploration": _float(env, "MABREC_EXPLORATION", 0.5, 0.05, 20.0, "(a factor)"),
             "forget_half_life": _float(env, "MABREC_FORGET_HALF_LIFE", 4.0, 0.0, 1000.0, "missed clicks"),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
