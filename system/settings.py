@@ -62,7 +62,7 @@ class Settings:
             "catalog_file": Path(env["MABREC_CATALOG"]) if env.get("MABREC_CATALOG") else None,
             "event_retention_days": _float(env, "MABREC_EVENT_RETENTION_DAYS", 0.0, 0.0, 36500.0, "days"),
             "api_workers": _int(env, "MABREC_API_WORKERS", 1, 1, 64),
-            "exploration": _float(env, "MABREC_EXPLORATION", 0.5, 0.05, 20.0, "(a factor)"),
+            "exploration": _float(env, "MABREC_EXPLORATION", 0.5, 0.05, 20.0, "times the posterior spread"),
             "forget_half_life": _float(env, "MABREC_FORGET_HALF_LIFE", 4.0, 0.0, 1000.0, "missed clicks"),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
