@@ -28,6 +28,7 @@ from system.catalog import Catalog
 
 _EPS = 1e-6
 DENSE_INCIDENCE_LIMIT = 2_000_000  # cells of the movie x facet matrix (16 MB as float64)
+MAX_CLICK_RATE = 0.05  # clicks per impression a facet value is expected to earn, at most
 REASON_LIFT = 0.3  # logits: a facet preference that clear is worth naming as the reason
 
 
@@ -240,7 +241,9 @@ def _recent_clicks(cfg: PolicyConfig, user: UserView) -> np.ndarray:
     pace of the evidence rather than of the clock."""
     if cfg.forget_half_life <= 0:
         return user.facet_clicks
-    rate = user.facet_clicks / np.maximum(user.facet_clicks + user.facet_seen, 1.0)
+    # Clicks per impression, bounded: a slate gets at most one click, and clicks made from the
+    # catalog list (no impression before them) must not make every later impression a miss.
+    rate = np.minimum(user.facet_clicks / np.maximum(user.facet_clicks + user.facet_seen, 1.0), MAX_CLICK_RATE)
     return user.facet_clicks * np.exp2(-user.facet_since * rate / cfg.forget_half_life)
 
 

@@ -22,6 +22,15 @@ from system.settings import Settings
 DATA = Path(__file__).parent / "data"
 SMALL_CSV = DATA / "small_catalog.csv"
 SMALL_JSONL = DATA / "small_catalog.jsonl"
+# Lines the chaos tests measure (time to recover from each fault), shown after the run.
+RECOVERY: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if RECOVERY:
+        terminalreporter.section("time to recover (chaos tests)")
+        for line in RECOVERY:
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="session")

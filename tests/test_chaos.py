@@ -30,6 +30,7 @@ import pytest
 from system import bus, embedded
 from system.catalog import read_movies
 from system.embedded import Service, free_port
+from tests.conftest import RECOVERY
 from tests.running import MABREC, RunningSystem
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration]
@@ -211,7 +212,7 @@ def check_load(load: Load) -> None:
 
 
 def report(fault: str, seconds: float) -> None:
-    print(f"RECOVERY {fault}: {seconds:.2f} s")
+    RECOVERY.append(f"{fault}: {seconds:.2f} s")  # printed in the run's summary (tests/conftest.py)
 
 
 def test_shard_killed_mid_stream(system: RunningSystem) -> None:
@@ -324,4 +325,6 @@ def test_every_event_published_twice(system: RunningSystem) -> None:
     check_load(load)
     verify(system)
     wait_until(lambda: sum(s["events_duplicate"] for s in status(system)["shards"]) >= EVENTS, timeout=10)
-    print(f"duplicates skipped: {sum(s['events_duplicate'] for s in status(system)['shards'])}")
+    RECOVERY.append(
+        f"every event published twice: {sum(s['events_duplicate'] for s in status(system)['shards'])} repeats skipped"
+    )

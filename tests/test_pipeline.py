@@ -200,12 +200,13 @@ async def test_slates_learn_from_events(pipeline: Pipeline) -> None:
         seq = await pipeline.publish({"event_type": "clicked", "entity_id": movie, "user_id": "nolan-fan"})
     await pipeline.settle(seq, "nolan-fan")
     shard = pipeline.shard_of("nolan-fan")
-    slates = [ids for ids, _ in await shard.recommend([("nolan-fan", 5)] * 30 + [("cold", 5)] * 30)]
+    # 100 slates each: fewer, and the spread of the draws says more than what was learned.
+    slates = [ids for ids, _ in await shard.recommend([("nolan-fan", 5)] * 100 + [("cold", 5)] * 100)]
     assert all(len(s) == 5 and len(set(s)) == 5 for s in slates)
-    fan = sum(32 in s for s in slates[:30])  # The Prestige: the one Nolan movie left
-    cold = sum(32 in s for s in slates[30:])
-    assert fan >= 8 and fan >= cold + 6, (fan, cold)
-    assert not {3, 12, 18} & {m for s in slates[:30] for m in s}  # opened movies go to the back
+    fan = sum(32 in s for s in slates[:100])  # The Prestige: the one Nolan movie left
+    cold = sum(32 in s for s in slates[100:])
+    assert fan >= 18 and fan >= cold + 15, (fan, cold)
+    assert not {3, 12, 18} & {m for s in slates[:100] for m in s}  # opened movies go to the back
 
 
 async def test_the_api_reaches_shards_over_nats_request_reply(pipeline: Pipeline) -> None:

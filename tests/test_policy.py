@@ -142,17 +142,32 @@ def test_crime_fan_gets_a_clear_majority_of_crime_within_a_few_dozen_rounds(cata
     assert min(late) > 2 * base_rate, late
 
 
-def test_after_a_taste_shift_old_clicks_fade_and_slates_follow_the_new_taste(catalog: Catalog) -> None:
-    """40 rounds of Crime, then 30 of Comedy: with old clicks discounted by the evidence since
-    (forget_half_life), the slates turn to Comedy sooner than when every click counts forever."""
-    tastes = ["Crime"] * 40 + ["Comedy"] * 30
-    keep_all = policy.PolicyConfig(forget_half_life=0)
-    forgetting = [np.mean(fan_shares(catalog, seed, tastes)[50:]) for seed in range(6)]
-    remembering = [np.mean(fan_shares(catalog, seed, tastes, keep_all)[50:]) for seed in range(6)]
-    assert np.mean(forgetting) > np.mean(remembering) + 0.05, (forgetting, remembering)
-    # Every one of them follows: none is left with slates of genres never tried (what fading the
-    # clicks without fading the propensity they were judged against did to one of these).
-    assert min(forgetting) > 0.4, forgetting
+def test_old_clicks_fade_as_the_user_passes_up_what_they_used_to_click(catalog: Catalog) -> None:
+    """20 Crime clicks, then 80 impressions of Crime movies without a click and 3 Comedy clicks:
+    with forget_half_life, Crime's sampled preference falls and Comedy overtakes it; a taste
+    the user still acts on (no impressions since the clicks) is left exactly as it was."""
+    crime = sorted(genre_movies(catalog, "Crime") - genre_movies(catalog, "Comedy"))
+    comedy = sorted(genre_movies(catalog, "Comedy") - genre_movies(catalog, "Crime"))
+    ids = catalog.movie_ids
+    clicks = [Event("u", CLICKED, (int(ids[m]),)) for m in crime[:20]]
+    passed_up = [Event("u", SEEN, tuple(int(ids[m]) for m in crime[20 + 10 * k : 30 + 10 * k])) for k in range(8)]
+    shifted = [Event("u", CLICKED, (int(ids[m]),)) for m in comedy[:3]]
+    g_crime, g_comedy = (int(catalog.facet_index([-facet_key(catalog, "genres", g)])[0]) for g in ("Crime", "Comedy"))
+
+    def effects(config: policy.PolicyConfig, events: list[Event]) -> np.ndarray:
+        state = ShardState(catalog, config)
+        state.apply(events)
+        view = state.model.view(state.counts_of("u"))
+        return np.array([policy.facet_effects(state.model, view, np.random.default_rng(s)) for s in range(200)])
+
+    forgetting, keeping = policy.PolicyConfig(), policy.PolicyConfig(forget_half_life=0)
+    assert forgetting.forget_half_life > 0  # the default fades
+    still = clicks + shifted
+    assert np.array_equal(effects(forgetting, still), effects(keeping, still))
+    moved = clicks + passed_up + shifted
+    fading, kept = effects(forgetting, moved).mean(axis=0), effects(keeping, moved).mean(axis=0)
+    assert fading[g_crime] < kept[g_crime] - 0.2, (fading[g_crime], kept[g_crime])
+    assert fading[g_comedy] > fading[g_crime] and kept[g_comedy] < kept[g_crime]
 
 
 def test_clicks_on_a_rare_genre_say_more_than_on_a_common_one(catalog: Catalog) -> None:
