@@ -8,6 +8,7 @@ running (it crashed), started otherwise. `stop` stops what this supervisor owns,
 from __future__ import annotations
 
 import logging
+import shutil
 import signal
 from dataclasses import dataclass, field, replace
 
@@ -75,6 +76,8 @@ class Infrastructure:
             if service.owned and service.alive():
                 log.info("stopping embedded server", extra={"service": service.name, "pid": service.pid})
                 embedded.stop_pid(service.pid, signal.SIGTERM if service.name == "ray" else signal.SIGINT)
+                if service.name == "ray":  # its sockets and session logs, in a private temp dir
+                    shutil.rmtree(embedded.ray_environment(self.settings.state_dir)["RAY_TMPDIR"], ignore_errors=True)
         self.services = []
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from system import bus
 from system.catalog import read_movies
-from system.embedded import Runtime, pid_alive
+from system.embedded import Runtime, pid_alive, ray_environment
 from tests.conftest import SMALL_JSONL, drop_database, make_database
 from tests.running import MABREC, RunningSystem
 
@@ -300,11 +300,14 @@ def test_embedded_servers_when_no_urls_are_configured(tmp_path: Path) -> None:
         assert all("127.0.0.1:" in s.url for s in runtime.services)
         assert len(system.get("/api/recommendations/movies", "laptop-user").json()) == 10
         pids = [s.pid for s in runtime.services]
+        ray_tmp = Path(ray_environment(tmp_path / "state")["RAY_TMPDIR"])
+        assert ray_tmp.is_dir()
     finally:
         code = system.stop()
     assert code == 0, system.tail()
     assert not any(pid_alive(pid) for pid in pids), "an embedded server outlived mabrec up"
     assert not (tmp_path / "state" / "runtime.json").exists()
+    assert not ray_tmp.exists(), "the local Ray's temp dir outlived it"
 
 
 def test_verify_proves_state_and_catches_a_corrupted_checkpoint(system: RunningSystem) -> None:
