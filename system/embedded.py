@@ -241,14 +241,19 @@ def ray_environment(state_dir: Path) -> dict[str, str]:
     private per state dir (a stale `ray_current_cluster` file there cannot mislead a later start)
     and short (Ray's unix socket paths must fit in 107 bytes). The token lives in the state dir,
     created on first use, so a fresh machine needs no `~/.ray/auth_token`."""
-    digest = hashlib.sha1(str(state_dir.resolve()).encode()).hexdigest()[:10]
     return {
-        "RAY_TMPDIR": str(Path(tempfile.gettempdir()) / f"mabrec-ray-{digest}"),
+        "RAY_TMPDIR": str(ray_tmpdir(state_dir)),
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": str(ray_token(state_dir)),
     }
+
+
+def ray_tmpdir(state_dir: Path) -> Path:
+    """The local Ray's sockets and session files: one temp dir per state dir."""
+    digest = hashlib.sha1(str(state_dir.resolve()).encode()).hexdigest()[:10]
+    return Path(tempfile.gettempdir()) / f"mabrec-ray-{digest}"
 
 
 def ray_token(state_dir: Path) -> Path:

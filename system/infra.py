@@ -77,7 +77,7 @@ class Infrastructure:
                 log.info("stopping embedded server", extra={"service": service.name, "pid": service.pid})
                 embedded.stop_pid(service.pid, signal.SIGTERM if service.name == "ray" else signal.SIGINT)
                 if service.name == "ray":  # its sockets and session logs, in a private temp dir
-                    shutil.rmtree(embedded.ray_environment(self.settings.state_dir)["RAY_TMPDIR"], ignore_errors=True)
+                    shutil.rmtree(embedded.ray_tmpdir(self.settings.state_dir), ignore_errors=True)
         self.services = []
 
 

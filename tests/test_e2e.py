@@ -17,7 +17,7 @@ import pytest
 
 from system import bus
 from system.catalog import read_movies
-from system.embedded import Runtime, pid_alive, ray_environment
+from system.embedded import Runtime, pid_alive, ray_tmpdir
 from tests.conftest import SMALL_JSONL, drop_database, make_database
 from tests.running import MABREC, RunningSystem
 
@@ -300,7 +300,7 @@ def test_embedded_servers_when_no_urls_are_configured(tmp_path: Path) -> None:
         assert all("127.0.0.1:" in s.url for s in runtime.services)
         assert len(system.get("/api/recommendations/movies", "laptop-user").json()) == 10
         pids = [s.pid for s in runtime.services]
-        ray_tmp = Path(ray_environment(tmp_path / "state")["RAY_TMPDIR"])
+        ray_tmp = ray_tmpdir(tmp_path / "state")
         assert ray_tmp.is_dir()
     finally:
         code = system.stop()
