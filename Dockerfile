@@ -3,13 +3,14 @@
 FROM python:3.11-slim
 ENV PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0
 WORKDIR /opt/mabrec
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY system system
 COPY actors actors
 COPY api api
 COPY bench bench
+COPY sim sim
 COPY sql sql
 COPY data data
-COPY supervisor.py ./
+COPY cli.py supervisor.py ./
 RUN pip install --no-cache-dir -e .
 CMD ["mabrec", "up"]

@@ -24,6 +24,12 @@ test: $(STAMP)  ## the whole suite, against real PostgreSQL, NATS JetStream and 
 test-fast: $(STAMP)  ## unit tests only (no services)
 	$(BIN)/pytest -m "not integration and not e2e"
 
+lint: $(STAMP)  ## ruff, mypy (strict on system/core), and the import layers (lint-imports)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
 bench: $(STAMP)  ## start a fresh system, run every benchmark, write BENCHMARKS.md
 	$(BIN)/mabrec bench report --also-shards 2
 

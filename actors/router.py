@@ -1,16 +1,16 @@
-"""The event consumer, as a plain class (Ray wraps it in actors/ray_api.py).
+"""The event router, as a plain class (Ray wraps it in actors/ray_api.py).
 
-It reads the events stream in order, validates each event, dead-letters what is malformed, and
-publishes to each shard its events in batches over NATS (system/wire.py), every batch naming
-the stream span it covers (see actors/shard.py). It keeps no durable position of its own: on start it resumes after the
-furthest point any shard has covered; a shard that is behind replays its gap from the stream.
-Nothing is ever re-sent: the next span tells a shard what it missed.
+It consumes the events stream in order, validates each event, dead-letters what is malformed,
+and publishes to each shard its events in batches over NATS (system/bus/dataplane.py), every
+batch naming the stream span it covers (see actors/shard.py). It keeps no durable position of
+its own: on start it resumes after the furthest point any shard has covered; a shard that is
+behind replays its gap from the stream. Nothing is ever re-sent: the next span tells a shard
+what it missed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
@@ -21,12 +21,14 @@ from typing import Any, Protocol
 import orjson
 from nats.aio.client import Client as NATS
 
-from system import bus, db, wire
-from system.events import Event, decode
-from system.settings import Settings
-from system.sharding import SlotMap
-from system.store import CatalogStore, StateStore
-from system.tasks import Background
+from system.bus import dataplane, stream
+from system.core.events import Event, decode
+from system.core.settings import Settings
+from system.core.sharding import SlotMap
+from system.db.catalog_store import CatalogStore
+from system.db.pool import short_lived_pool
+from system.db.state_store import StateStore
+from system.tasks import Background, gather_logged
 
 log = logging.getLogger(__name__)
 
@@ -34,22 +36,22 @@ log = logging.getLogger(__name__)
 # also the heartbeat that repairs a lost span when no later span follows it.
 IDLE_ADVANCE = 2.0
 # Seconds a routing cycle lasts at least when the stream is drained: events gather into fewer,
-# larger shard calls (each Ray call costs ~1 ms of CPU) for at most this much added latency.
+# larger spans (each costs the shard a fixed overhead) for at most this much added latency.
 MIN_CYCLE = 0.015
 
 
-class ShardCalls(Protocol):
-    """What the router asks shards outside the data plane (Ray in production)."""
+class ShardPositions(Protocol):
+    """How far each shard has applied the stream (asked over Ray in production)."""
 
     async def covered(self, shard: int) -> int | None: ...
 
 
 class EventRouter:
-    def __init__(self, settings: Settings, shards: ShardCalls, batch: int = 200) -> None:
+    def __init__(self, settings: Settings, shards: ShardPositions, batch: int = 200) -> None:
         self.settings = settings
         self.shards = shards
         self.batch = batch
-        self._loop = Background(self._run)
+        self._loop = Background(self._run, "router", forever=True)
         self._nc: NATS | None = None
         self.declared: dict[int, int] = {}  # per shard: the stream sequence the last call covered through
         self._last_call: dict[int, float] = {}
@@ -64,53 +66,49 @@ class EventRouter:
         self.catalog_version = -1
 
     def ensure_running(self) -> dict[str, Any]:
-        """Start the consume loop if it is not running (idempotent). Returns `status()`."""
+        """Start the routing loop if it is not running (idempotent). Returns `status()`."""
         self._loop.ensure()
         return self.status()
 
     async def stop(self) -> None:
         await self._loop.cancel()
-        if self._nc is not None:
-            with contextlib.suppress(Exception):
-                await self._nc.close()
-            self._nc = None
+        nc, self._nc = self._nc, None
+        if nc is not None:
+            await nc.close()
 
     async def reload(self) -> None:
         """Re-read the catalog and slot map (the supervisor calls this when they change)."""
-        pool = await db.open_pool(self.settings.database_url or "", max_size=1, name="router")
-        try:
+        async with short_lived_pool(self.settings.database_url or "", "router") as pool:
             catalog_store, state_store = CatalogStore(pool), StateStore(pool)
             version = await catalog_store.version()
             if version != self.catalog_version:
                 catalog = await catalog_store.read()
                 self.known_movies, self.catalog_version = catalog.id_set, catalog.version
             self.slot_map = await state_store.slot_map()
-        finally:
-            await pool.close()
 
     async def _run(self) -> None:
-        settings = self.settings
+        backoff = 0.5
         while True:
             try:
-                await self._consume(settings)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # NATS or a dependency hiccup: log, back off, resume
+                await self._consume(self.settings)
+            except Exception as exc:  # noqa: BLE001 - NATS or PostgreSQL away: log, back off, resume
                 self.last_error = repr(exc)
-                log.warning("router loop restarting", extra={"error": repr(exc)})
-                await asyncio.sleep(1.0)
+                log.warning("router loop restarting", extra={"error": repr(exc), "pause": backoff})
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
 
     async def _consume(self, settings: Settings) -> None:
         if self.slot_map is None:
             await self.reload()
+        assert self.slot_map is not None
         if self._nc is None:
-            self._nc = await bus.connect(settings.nats_url or "", f"{settings.namespace}-router")
+            self._nc = await stream.connect(settings.nats_url or "", f"{settings.namespace}-router")
         js = self._nc.jetstream()
         start = await self._start_position()
         self.position = start - 1
-        self.declared = {shard: start - 1 for shard in range(self.slot_map.shards)}  # type: ignore[union-attr]
-        cursor = bus.StreamCursor(js, settings.stream, start)
-        log.info("router consuming", extra={"from_seq": start})
+        self.declared = {shard: start - 1 for shard in range(self.slot_map.shards)}
+        cursor = stream.StreamCursor(js, settings.stream, start)
+        log.info("router reading the stream", extra={"from_seq": start})
         loop = asyncio.get_running_loop()
         try:
             while True:
@@ -127,12 +125,12 @@ class EventRouter:
     async def _start_position(self) -> int:
         """After the furthest sequence a live shard covers (0 if none is up yet)."""
         assert self.slot_map is not None
-        covered = await asyncio.gather(
-            *(self.shards.covered(s) for s in range(self.slot_map.shards)), return_exceptions=True
+        covered = await gather_logged(
+            {str(s): self.shards.covered(s) for s in range(self.slot_map.shards)}, "asking a shard its position"
         )
-        return max([c for c in covered if isinstance(c, int)], default=0) + 1
+        return max([c for c in covered.values() if c is not None], default=0) + 1
 
-    async def _route(self, js: Any, batch: Sequence[bus.StreamMessage]) -> None:
+    async def _route(self, js: Any, batch: Sequence[stream.StreamMessage]) -> None:
         assert self.slot_map is not None
         per_shard: dict[int, list[tuple[int, Event]]] = {}
         for msg in batch:
@@ -160,17 +158,17 @@ class EventRouter:
         await asyncio.gather(*(self._send(shard, [], self.position) for shard in idle))
 
     async def _send(self, shard: int, events: list[tuple[int, Event]], last: int) -> None:
-        """Publish the shard's span (system/wire.py). If it gets lost (the shard is down, NATS
-        drops it), the next span starts past this one, and the shard replays the gap."""
+        """Publish the shard's span (system/bus/dataplane.py). If it gets lost (the shard is down,
+        NATS drops it), the next span starts past this one, and the shard replays the gap."""
         prev = self.declared.get(shard, last)
         self.declared[shard] = last
         self._last_call[shard] = time.monotonic()
         assert self._nc is not None
         try:
             await self._nc.publish(
-                wire.apply_subject(self.settings.namespace, shard), wire.encode_apply(prev, last, events)
+                dataplane.apply_subject(self.settings.namespace, shard), dataplane.encode_apply(prev, last, events)
             )
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a lost span is repaired by the next one
             self.failed_calls += 1
             self.last_error = f"shard {shard}: {exc!r}"
             log.warning("span publish failed", extra={"shard": shard, "error": repr(exc)})
@@ -181,7 +179,7 @@ class EventRouter:
         headers = {"Mabrec-Reason": reason[:200], "Mabrec-Error": label, "Mabrec-Seq": str(seq)}
         try:
             await js.publish(self.settings.deadletter_subject, payload, headers=headers, timeout=2.0)
-        except Exception as exc:  # the counter still has it; never let a bad event stop the loop
+        except Exception as exc:  # noqa: BLE001 - the counter has it; a bad event never stops the loop
             log.warning("dead-letter publish failed", extra={"seq": seq, "error": repr(exc)})
 
     def status(self) -> dict[str, Any]:

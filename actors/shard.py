@@ -12,7 +12,6 @@ redeliveries and retries change nothing, and nothing is lost while the stream ho
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import os
@@ -23,17 +22,23 @@ from typing import Any
 import numpy as np
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
 from psycopg_pool import AsyncConnectionPool
 
-from actors.shard_state import ShardState, recent_to_bytes
-from system import bus, db, userstate, wire
-from system.errors import Unavailable
-from system.events import Event, decode
-from system.policy import Picks, PolicyConfig
-from system.settings import Settings
-from system.sharding import slot_of
-from system.store import CatalogStore, StateStore
-from system.tasks import Background
+from system.bus import dataplane, stream
+from system.core import userstate
+from system.core.catalog import Catalog
+from system.core.errors import Unavailable
+from system.core.events import Event, decode
+from system.core.policy import Picks
+from system.core.policy_config import PolicyConfig
+from system.core.settings import Settings
+from system.core.shard_state import ShardState, recent_to_bytes
+from system.core.sharding import slot_of
+from system.db.catalog_store import CatalogStore
+from system.db.pool import open_pool
+from system.db.state_store import StateStore
+from system.tasks import Background, cancel_and_wait, start_task
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +65,7 @@ class Shard:
         self._nc: NATS | None = None
         self._apply_lock = asyncio.Lock()
         self._checkpoint_lock = asyncio.Lock()
-        self._restoring = Background(self._restore)
+        self._restoring = Background(self._restore, f"shard-{shard_id} restore", forever=False)
         self._subscriptions: list[Any] = []
         self._stopped = False
         self._checkpointer: asyncio.Task[None] | None = None
@@ -69,8 +74,8 @@ class Shard:
         self.restore_seconds: float | None = None
         self.replayed = 0
         self.gaps = 0
-        self.recommend_calls = 0
-        self.recommendations = 0
+        self.slate_calls = 0
+        self.slates_served = 0
         self.apply_calls = 0
         self.checkpoints = 0
         self.checkpoint_errors = 0
@@ -100,9 +105,9 @@ class Shard:
         began = time.monotonic()
         settings = self.settings
         if self._pool is None:
-            self._pool = await db.open_pool(settings.database_url or "", max_size=2, name=f"shard-{self.shard_id}")
+            self._pool = await open_pool(settings.database_url or "", max_size=2, name=f"shard-{self.shard_id}")
         if self._nc is None:
-            self._nc = await bus.connect(settings.nats_url or "", f"{settings.namespace}-shard-{self.shard_id}")
+            self._nc = await stream.connect(settings.nats_url or "", f"{settings.namespace}-shard-{self.shard_id}")
         store = StateStore(self._pool)
         catalog = await CatalogStore(self._pool).read()
         slots = (await store.slot_map()).slots_of(self.shard_id)
@@ -112,7 +117,7 @@ class Shard:
         rng = np.random.default_rng(self.seed)
         state = await asyncio.to_thread(_build_state, catalog, self.policy, rng, rows)
         self.slots, self._slot_set = slots, frozenset(slots)
-        end = await bus.last_seq(self._nc.jetstream(), settings.stream)
+        end = await stream.last_seq(self._nc.jetstream(), settings.stream)
         async with self._apply_lock:
             self.covered = covered
             self._saved_covered = covered
@@ -122,7 +127,11 @@ class Shard:
             self.state = state
         self.restored_at = time.time()
         self.restore_seconds = time.monotonic() - began
-        gc.freeze()  # see checkpoint()
+        # The catalog and the restored users live as long as the process and hold no cycles:
+        # keep them out of the garbage collector's full passes, which over a million users would
+        # stall serving for tens of milliseconds. Collected first, so no garbage is pinned.
+        gc.collect()
+        gc.freeze()
         log.info(
             "shard restored",
             extra={
@@ -134,38 +143,51 @@ class Shard:
             },
         )
         if self._checkpointer is None:
-            self._checkpointer = asyncio.create_task(self._checkpoint_loop())
+            self._checkpointer = start_task(
+                self._checkpoint_loop(), f"shard-{self.shard_id} checkpoints", self._restart_checkpoints
+            )
         await self._listen()
 
+    def _restart_checkpoints(self, exc: BaseException | None) -> None:
+        self._checkpointer = (
+            None
+            if self._stopped
+            else start_task(self._checkpoint_loop(), f"shard-{self.shard_id} checkpoints", self._restart_checkpoints)
+        )
+
     async def _listen(self) -> None:
-        """Take the data plane's messages (system/wire.py): event spans from the router, and
+        """Take the data plane's messages (system/bus/dataplane.py): event spans from the router, and
         slate and profile requests from the API. Only once restored: until then requests find
         no responder (the API answers from popularity) and spans are missed (and replayed)."""
         assert self._nc is not None
         namespace = self.settings.namespace
         self._subscriptions = [
-            await self._nc.subscribe(wire.apply_subject(namespace, self.shard_id), cb=self._on_apply),
-            await self._nc.subscribe(wire.rpc_subject(namespace, self.shard_id), cb=self._on_rpc),
+            await self._nc.subscribe(dataplane.apply_subject(namespace, self.shard_id), cb=self._on_apply),
+            await self._nc.subscribe(dataplane.rpc_subject(namespace, self.shard_id), cb=self._on_rpc),
         ]
 
     async def _on_apply(self, msg: Msg) -> None:
         try:
-            await self.apply(*wire.decode_apply(msg.data))
+            await self.apply(*dataplane.decode_apply(msg.data))
         except Exception as exc:  # the next span shows the gap; the stream has the events
             log.warning("event span not applied", extra={"shard": self.shard_id, "error": repr(exc)})
 
     async def _on_rpc(self, msg: Msg) -> None:
         try:
-            op, args = wire.decode_call(msg.data)
-            if op == "recommend":
-                reply = wire.encode_reply(await self.recommend([(uxid, limit) for uxid, limit in args]))
-            elif op == "profile":
-                reply = wire.encode_reply(await self.user_counts(args))
+            op, args = dataplane.decode_call(msg.data)
+            if op == dataplane.SLATES:
+                reply = dataplane.encode_reply(await self.slates([(uxid, limit) for uxid, limit in args]))
+            elif op == dataplane.PROFILE:
+                reply = dataplane.encode_reply(await self.user_counts(args))
             else:
-                reply = wire.encode_reply(error=f"unknown operation {op!r}")
-        except Exception as exc:
-            reply = wire.encode_reply(error=repr(exc))
-        await msg.respond(reply)
+                reply = dataplane.encode_reply(error=f"unknown operation {op!r}")
+        except Exception as exc:  # noqa: BLE001 - the caller gets the error as the reply
+            log.warning("shard request failed", extra={"shard": self.shard_id, "error": repr(exc)})
+            reply = dataplane.encode_reply(error=repr(exc))
+        try:
+            await msg.respond(reply)
+        except NatsError as exc:  # the caller times out and answers from popularity
+            log.warning("shard reply lost", extra={"shard": self.shard_id, "error": repr(exc)})
 
     async def stop(self) -> dict[str, Any]:
         """Final checkpoint, then release connections (idempotent). The actor may be killed after this."""
@@ -173,19 +195,18 @@ class Shard:
             return self.status()
         self._stopped = True
         for subscription in self._subscriptions:
-            with contextlib.suppress(Exception):
+            try:
                 await subscription.unsubscribe()
+            except NatsError as exc:  # NATS is down: the subscription dies with the connection
+                log.info("unsubscribe failed", extra={"shard": self.shard_id, "error": repr(exc)})
         self._subscriptions = []
-        if self._checkpointer is not None:
-            self._checkpointer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._checkpointer
-            self._checkpointer = None
+        checkpointer, self._checkpointer = self._checkpointer, None
+        await cancel_and_wait(checkpointer)
+        await self._restoring.cancel()
         if self.state is not None:
             await self.checkpoint()
         if self._nc is not None:
-            with contextlib.suppress(Exception):
-                await self._nc.close()
+            await self._nc.close()
         if self._pool is not None:
             await self._pool.close()
         return self.status()
@@ -215,7 +236,7 @@ class Shard:
         (and, with `slot_covered`, only those past their slot's checkpoint)."""
         assert self._nc is not None
         floor = slot_covered or {}
-        async for batch in bus.read_range(self._nc.jetstream(), self.settings, after, through):
+        async for batch in stream.read_range(self._nc.jetstream(), self.settings, after, through):
             mine = [
                 e
                 for msg in batch
@@ -228,20 +249,21 @@ class Shard:
 
     # --- serving ----------------------------------------------------------------------------
 
-    async def recommend(self, requests: Sequence[tuple[str, int]]) -> list[Picks]:
+    async def slates(self, requests: Sequence[tuple[str, int]]) -> list[Picks]:
         """A batch of (uxid, limit) -> per request, movie ids best first and why each is there."""
         state = self.state
         if state is None:
             raise ShardNotReady(f"shard {self.shard_id} is restoring")
-        self.recommend_calls += 1
-        self.recommendations += len(requests)
-        return [state.recommend_with_reasons(uxid, limit) for uxid, limit in requests]
+        self.slate_calls += 1
+        self.slates_served += len(requests)
+        return [state.slate(uxid, limit) for uxid, limit in requests]
 
     async def user_counts(self, uxid: str) -> list[list[int]]:
         """A user's raw evidence rows (key, clicks, seen): movie id > 0, minus facet id < 0."""
         if self.state is None:
             raise ShardNotReady(f"shard {self.shard_id} is restoring")
-        return self.state.counts_of(uxid).tolist()
+        rows: list[list[int]] = self.state.counts_of(uxid).tolist()
+        return rows
 
     async def export(self) -> tuple[int, dict[str, tuple[bytes, bytes]]]:
         """(covered, {uxid: (counts, recent ids)}): one consistent snapshot, for `mabrec verify`."""
@@ -271,9 +293,6 @@ class Shard:
             self._saved_covered = covered
             self.checkpoints += 1
             self.last_checkpoint = time.time()
-            # Users are long-lived and free of cycles: keep them out of the garbage collector's
-            # full passes, which over a million users would stall serving for tens of ms.
-            gc.freeze()
             return len(rows)
 
     async def _checkpoint_loop(self) -> None:
@@ -324,8 +343,8 @@ class Shard:
             "replayed": self.replayed,
             "gaps": self.gaps,
             "lag_buckets": state.lag_counts.tolist() if state else [],
-            "recommend_calls": self.recommend_calls,
-            "recommendations": self.recommendations,
+            "slate_calls": self.slate_calls,
+            "slates_served": self.slates_served,
             "apply_calls": self.apply_calls,
             "checkpoints": self.checkpoints,
             "checkpoint_errors": self.checkpoint_errors,
@@ -337,7 +356,7 @@ class Shard:
 
 
 def _build_state(
-    catalog: Any, policy: PolicyConfig | None, rng: np.random.Generator, rows: list[tuple[str, bytes, bytes]]
+    catalog: Catalog, policy: PolicyConfig | None, rng: np.random.Generator, rows: list[tuple[str, bytes, bytes]]
 ) -> ShardState:
     state = ShardState(catalog, policy, rng)
     for uxid, counts, recent in rows:

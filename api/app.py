@@ -41,7 +41,7 @@ def create_app(backend: Backend, metrics: ApiMetrics | None = None) -> Starlette
         routes=[
             Route("/api/movies", routes.list_movies, methods=["GET"]),
             Route("/api/movies/{id}", routes.get_movie, methods=["GET"]),
-            Route("/api/recommendations/movies", routes.recommendations, methods=["GET"]),
+            Route("/api/recommendations/movies", routes.get_recommendations, methods=["GET"]),
             Route("/api/events", routes.post_events, methods=["POST"]),
             Route("/api/profile", routes.profile, methods=["GET"]),
             Route("/api/status", routes.status, methods=["GET"]),
@@ -52,6 +52,6 @@ def create_app(backend: Backend, metrics: ApiMetrics | None = None) -> Starlette
             Route("/docs", routes.docs, methods=["GET"]),
         ],
         middleware=[Middleware(MetricsMiddleware, metrics=metrics)],
-        exception_handlers=HANDLERS,  # type: ignore[arg-type]
+        exception_handlers=HANDLERS,
         lifespan=lifespan,
     )

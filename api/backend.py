@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from api.render import Rendered
-from system.events import Event
-from system.policy import Picks
+from system.core.events import Event
+from system.core.policy import Picks
 
 
 class Backend(Protocol):
@@ -17,13 +17,13 @@ class Backend(Protocol):
         """The current catalog, pre-rendered (swapped atomically on reload)."""
         ...
 
-    async def recommend(self, uxid: str, limit: int) -> Picks:
+    async def slate(self, uxid: str, limit: int) -> Picks:
         """Movie ids for the user, best first, with why each is there. Raises
         system.errors.Unavailable when the user's shard cannot answer."""
         ...
 
     async def profile(self, uxid: str) -> list[list[int]]:
-        """The user's evidence rows (key, clicks, impressions); see system/userstate.py."""
+        """The user's evidence rows (key, clicks, impressions); see system/core/userstate.py."""
         ...
 
     def fallback(self, limit: int) -> Picks:
@@ -34,8 +34,9 @@ class Backend(Protocol):
         """Queue events for the event stream; False when the buffer is full."""
         ...
 
-    async def publish_durably(self, events: Sequence[Event], timeout: float) -> None:
-        """Return once the events are in the event stream; Unavailable if that cannot happen in time."""
+    async def publish_durably(self, events: Sequence[Event], timeout: float) -> int:
+        """Return once the events are in the event stream, with the stream sequence they reach;
+        Unavailable if that cannot happen in time."""
         ...
 
     def readiness(self) -> dict[str, Any]: ...

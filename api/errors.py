@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from api.responses import json_response
-from system.errors import ServiceError
+from system.core.errors import ServiceError
 
 log = logging.getLogger(__name__)
 

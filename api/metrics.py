@@ -1,5 +1,5 @@
 """Prometheus metrics: HTTP traffic (a pure ASGI middleware), the API's own counters, and the
-system's status (shards, consumer, publisher) read at scrape time from the backend."""
+system's status (shards, router, publisher) read at scrape time from the backend."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from system.events import LAG_EDGES
+from system.core.events import LAG_EDGES
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -115,10 +115,10 @@ class StatusCollector(Collector):
                 family.add_metric([str(s["shard"])], float(s.get(key) or 0))
             yield family
         for key, (name, doc) in counters.items():
-            family = CounterMetricFamily(name, doc, labels=["shard"])
+            counter = CounterMetricFamily(name, doc, labels=["shard"])
             for s in shards:
-                family.add_metric([str(s["shard"])], float(s.get(key) or 0))
-            yield family
+                counter.add_metric([str(s["shard"])], float(s.get(key) or 0))
+            yield counter
         lag = np.zeros(len(LAG_EDGES) + 1)
         for s in shards:
             if s.get("lag_buckets"):
@@ -131,7 +131,7 @@ class StatusCollector(Collector):
             + [("+Inf", float(cumulative[-1]))],
             sum_value=float("nan"),
         )
-        router = status.get("consumer") or {}
+        router = status.get("router") or {}
         dead = CounterMetricFamily(
             "mabrec_events_dead_lettered", "Malformed events sent to the dead-letter subject", labels=["reason"]
         )
@@ -139,7 +139,7 @@ class StatusCollector(Collector):
             dead.add_metric([reason], float(count))
         yield dead
         yield CounterMetricFamily(
-            "mabrec_consumer_events", "Events routed to shards", value=float(router.get("events") or 0)
+            "mabrec_router_events", "Events routed to shards", value=float(router.get("events") or 0)
         )
         yield GaugeMetricFamily(
             "mabrec_stream_last_seq",

@@ -147,7 +147,11 @@ def openapi() -> dict[str, Any]:
                         },
                     },
                     "responses": {
-                        "202": {"description": 'Accepted: `{"accepted": n, "event_ids": [...]}`'},
+                        "202": {
+                            "description": 'Accepted: `{"accepted": n, "event_ids": [...], "stream_seq": s}`; the '
+                            "events are stored in the event log, through stream sequence s (what /api/status "
+                            "compares with each shard's `covered_seq`)"
+                        },
                         "400": ERROR,
                         "413": ERROR,
                         "503": ERROR,
@@ -167,14 +171,14 @@ def openapi() -> dict[str, Any]:
             },
             "/api/status": {
                 "get": {
-                    "summary": "Shards, event consumer and publisher status",
+                    "summary": "Shards, event router and publisher status",
                     "responses": {"200": {"description": "Status"}},
                 }
             },
             "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "The process runs"}}}},
             "/readyz": {
                 "get": {
-                    "summary": "Readiness: catalog loaded, every shard restored, consumer running",
+                    "summary": "Readiness: catalog loaded, every shard restored, router running",
                     "responses": {
                         "200": {"description": "Ready"},
                         "503": {"description": "Not ready (detail in body)"},

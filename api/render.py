@@ -7,7 +7,7 @@ from typing import Any
 
 import orjson
 
-from system.catalog import STANDARD_KINDS, Catalog
+from system.core.catalog import STANDARD_KINDS, Catalog
 
 
 def movie_json(catalog: Catalog, index: int) -> dict[str, Any]:

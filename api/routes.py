@@ -14,8 +14,9 @@ from starlette.responses import HTMLResponse, Response
 from api.backend import Backend
 from api.openapi import docs_html, openapi
 from api.responses import json_response, raw_json
-from system.errors import BadRequest, MalformedEvent, NotFound, PayloadTooLarge, Unavailable
-from system.events import CLICKED, KIND_NAMES, MAX_BATCH, SEEN, Event, check_uxid, parse_event
+from system.core.errors import BadRequest, MalformedEvent, NotFound, PayloadTooLarge, Unavailable
+from system.core.events import CLICKED, KIND_NAMES, MAX_BATCH, SEEN, Event, parse_event
+from system.core.inputs import bounded, check_uxid
 
 MAX_LIMIT = 100
 MAX_PER_PAGE = 100
@@ -23,7 +24,8 @@ MAX_BODY = 1 << 20
 
 
 def _backend(request: Request) -> Backend:
-    return request.state.backend  # type: ignore[no-any-return]
+    backend: Backend = request.state.backend
+    return backend
 
 
 def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> int:
@@ -31,12 +33,9 @@ def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> i
     if raw is None or raw == "":
         return default
     try:
-        value = int(raw)
-    except ValueError:
-        value = lo - 1
-    if not lo <= value <= hi:
-        raise BadRequest(f"{name} must be an integer between {lo} and {hi}, got {raw!r}")
-    return value
+        return bounded(raw, int, lo, hi)
+    except ValueError as exc:
+        raise BadRequest(f"{name} {exc}") from None
 
 
 def _uxid(request: Request, required: bool) -> str | None:
@@ -94,14 +93,14 @@ async def get_movie(request: Request) -> Response:
     return raw_json(rendered.one(index))
 
 
-async def recommendations(request: Request) -> Response:
+async def get_recommendations(request: Request) -> Response:
     uxid = _uxid(request, required=True)
     assert uxid is not None
     limit = _int_param(request, "limit", 10, 1, MAX_LIMIT)
     backend = _backend(request)
     source = "personal"
     try:
-        movie_ids, reasons = await backend.recommend(uxid, limit)
+        movie_ids, reasons = await backend.slate(uxid, limit)
     except Unavailable:
         (movie_ids, reasons), source = backend.fallback(limit), "popularity-fallback"
     request.state.metrics.slates.labels(source).inc()
@@ -173,10 +172,12 @@ async def post_events(request: Request) -> Response:
             400,
         )
     # Answer "accepted" only once JetStream has the events: then nothing accepted can be lost.
-    await _backend(request).publish_durably(events, timeout=5.0)
+    stream_seq = await _backend(request).publish_durably(events, timeout=5.0)
     for event in events:
         request.state.metrics.events.labels(KIND_NAMES[event.kind]).inc()
-    return json_response({"accepted": len(events), "event_ids": [e.event_id for e in events]}, 202)
+    return json_response(
+        {"accepted": len(events), "event_ids": [e.event_id for e in events], "stream_seq": stream_seq}, 202
+    )
 
 
 async def _read_body(request: Request) -> bytes:

@@ -18,8 +18,8 @@ import numpy as np
 import orjson
 
 from bench.loadtest import percentiles_from_buckets
-from system import bus
-from system.events import LAG_EDGES
+from system.bus import stream
+from system.core.events import LAG_EDGES
 
 
 def _applied(status: dict[str, Any]) -> tuple[int, np.ndarray, float]:
@@ -50,11 +50,12 @@ async def run(
     async with httpx.AsyncClient(base_url=api_url, timeout=10) as http:
 
         async def status() -> dict[str, Any]:
-            return (await http.get("/api/status")).json()  # type: ignore[no-any-return]
+            answer: dict[str, Any] = (await http.get("/api/status")).json()
+            return answer
 
         applied_before, lag_before, _ = _applied(await status())
         samples: list[tuple[float, int]] = []  # (when the shard counters were read, applied)
-        nc = await bus.connect(nats_url, "bench-ingest")
+        nc = await stream.connect(nats_url, "bench-ingest")
         js = nc.jetstream()
         total = int(rate * duration)
         tick = 0.01

@@ -7,19 +7,17 @@ import gc
 import os
 from array import array
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import psutil
 
-from actors.shard_state import ShardState, User
-from system import userstate
-from system.arrays import ranges
-from system.catalog import Catalog, read_movies
-from system.sharding import SlotMap
-
-SHIPPED = Path(__file__).resolve().parent.parent / "data" / "catalog.csv.gz"
+from system.core import userstate
+from system.core.arrays import ranges
+from system.core.catalog import Catalog
+from system.core.catalog_file import SHIPPED, read_movies
+from system.core.shard_state import ShardState, User
+from system.core.sharding import SlotMap
 
 
 def run(

@@ -4,15 +4,13 @@ and for users with history, measured in-process (no Ray, no HTTP)."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 
-from actors.shard_state import ShardState
-from system.catalog import Catalog, read_movies
-from system.events import CLICKED, SEEN, Event
-
-SHIPPED = Path(__file__).resolve().parent.parent / "data" / "catalog.csv.gz"
+from system.core.catalog import Catalog
+from system.core.catalog_file import SHIPPED, read_movies
+from system.core.events import CLICKED, SEEN, Event
+from system.core.shard_state import ShardState
 
 
 def run(rounds: int = 2000, seed: int = 0) -> dict[str, float]:
@@ -34,7 +32,7 @@ def run(rounds: int = 2000, seed: int = 0) -> dict[str, float]:
     ):
         began = time.perf_counter()
         for uxid in users:
-            state.recommend(uxid, 10)
+            state.slate(uxid, 10)
         out[f"{name}_us_per_slate"] = round((time.perf_counter() - began) / rounds * 1e6, 1)
     return out
 

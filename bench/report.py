@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-import signal
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -18,16 +18,15 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psutil
 import uvloop
 
 from bench import ingest, loadtest, memory, policy, probes
-from system.catalog import read_movies
-from system.embedded import Runtime, pid_alive, stop_pid
+from bench.running import RunningSystem
+from system.core.catalog_file import SHIPPED, read_movies
+from system.local.runtime import Runtime
 
 ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = ROOT / "data" / "catalog.csv.gz"
 MABREC = str(Path(sys.executable).parent / "mabrec")
 
 TARGETS = {
@@ -44,40 +43,13 @@ TARGETS = {
 def running_system(shards: int, dashboard: bool) -> Iterator[tuple[Runtime, float]]:
     """`mabrec up` in a fresh state directory, all servers embedded; yields (runtime, seconds to ready)."""
     state = Path(tempfile.mkdtemp(prefix="mabrec-bench-"))
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "NATS_URL", "RAY_ADDRESS")}
-    env |= {
-        "MABREC_STATE_DIR": str(state),
-        "MABREC_PORT": "0",
-        "MABREC_SHARDS": str(shards),
-        "MABREC_DASHBOARD": "1" if dashboard else "0",
-    }
-    began = time.monotonic()
-    with open(state / "supervisor.log", "wb") as log:
-        proc = subprocess.Popen([MABREC, "up"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    env = {"MABREC_SHARDS": str(shards), "MABREC_DASHBOARD": "1" if dashboard else "0"}
     try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"mabrec up exited: see {state / 'supervisor.log'}")
-            runtime = Runtime.load(state)
-            if runtime and runtime.supervisor_pid == proc.pid:
-                try:
-                    if httpx.get(f"{runtime.api_url}/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-            if time.monotonic() - began > 120:
-                raise TimeoutError("mabrec up was not ready within 120 s")
-            time.sleep(0.05)
-        yield runtime, time.monotonic() - began
+        with RunningSystem(state, env).start(timeout=120) as system:
+            assert system.runtime is not None
+            yield system.runtime, system.started_in
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(90)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            for service in (Runtime.load(state) or runtime).services if Runtime.load(state) else []:
-                if pid_alive(service.pid):
-                    stop_pid(service.pid)
+        shutil.rmtree(state, ignore_errors=True)  # embedded servers' data: hundreds of MB
 
 
 def machine() -> dict[str, Any]:

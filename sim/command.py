@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from sim import report, runner
+from sim import POLICIES, report, runner
 
 
 def simulate(args: argparse.Namespace) -> int:
@@ -16,20 +16,20 @@ def simulate(args: argparse.Namespace) -> int:
 
         from sim.http import run_http
 
-        out = uvloop.run(run_http(args.url, users=args.users, rounds=args.rounds, seed=args.seed))
-        print(f"{out['users']} users x {out['rounds']} rounds against {args.url}: CTR by round {out['ctr_by_round']}")
+        live = uvloop.run(run_http(args.url, users=args.users, rounds=args.rounds, seed=args.seed))
         print(
-            f"mean CTR {out['ctr']:.3f}; cold start (rounds 1-5) {out['cold_start_ctr']:.3f}; {out['empty_slates']} empty slates"
+            f"{live['users']} users x {live['rounds']} rounds against {args.url}: CTR by round {live['ctr_by_round']}"
+        )
+        print(
+            f"mean CTR {live['ctr']:.3f}; cold start (rounds 1-5) {live['cold_start_ctr']:.3f}; {live['empty_slates']} empty slates"
         )
         return 0
     from tqdm import tqdm
 
     names = tuple(args.policies.split(","))
-    unknown = set(names) - set(runner.POLICIES)
+    unknown = set(names) - set(POLICIES)
     if unknown:
-        print(
-            f"mabrec simulate: unknown policies {sorted(unknown)}; known: {', '.join(runner.POLICIES)}", file=sys.stderr
-        )
+        print(f"mabrec simulate: unknown policies {sorted(unknown)}; known: {', '.join(POLICIES)}", file=sys.stderr)
         return 2
     scenario = runner.Scenario(users=args.users, rounds=args.rounds, shift_at=args.shift_at)
     began = time.monotonic()

@@ -9,14 +9,15 @@ or -1), and `opened(user, round, movie)` when the user opened a movie from the c
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
 
-from actors.shard_state import ShardState
-from system.catalog import Catalog
-from system.events import CLICKED, SEEN, Event
-from system.policy import PolicyConfig
+from system.core.catalog import Catalog
+from system.core.events import CLICKED, SEEN, Event
+from system.core.policy_config import PolicyConfig
+from system.core.shard_state import ShardState
 
 SLATE = 10
 
@@ -45,7 +46,7 @@ class Mabrec:
         self.pending: list[Event] = []
 
     def slate(self, user: int, round: int) -> np.ndarray:
-        ids = self.state.recommend(f"u{user}", SLATE)
+        ids, _ = self.state.slate(f"u{user}", SLATE)
         return self.catalog.movie_index(ids)
 
     def observe(self, user: int, round: int, slate: np.ndarray, clicked: int) -> None:
@@ -255,7 +256,7 @@ class OriginalDesign:
         pass
 
 
-class _LazySorted(dict):  # type: ignore[type-arg]
+class _LazySorted(dict[int, np.ndarray]):
     """facet -> its movies sorted by a rank, computed on first use and kept for the round."""
 
     def __init__(self, catalog: Catalog, rank: np.ndarray, cache: dict[int, np.ndarray]) -> None:
@@ -269,7 +270,7 @@ class _LazySorted(dict):  # type: ignore[type-arg]
         return self.cache[facet]
 
 
-BASELINES = {
+BASELINES: dict[str, Callable[[Catalog, int], Policy]] = {
     "random": RandomSlates,
     "popularity": Popularity,
     "epsilon-greedy": EpsilonGreedy,
@@ -281,4 +282,5 @@ BASELINES = {
 def make(name: str, catalog: Catalog, seed: int, config: PolicyConfig | None = None) -> Policy:
     if name == "mabrec":
         return Mabrec(catalog, seed, config)
-    return BASELINES[name](catalog, seed)  # type: ignore[no-any-return]
+    baseline: Policy = BASELINES[name](catalog, seed)
+    return baseline

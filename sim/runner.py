@@ -20,13 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from sim import policies
+from sim import POLICIES, policies
 from sim.world import World, WorldConfig
-from system.catalog import Catalog, read_movies
-from system.policy import PolicyConfig
-
-SHIPPED = Path(__file__).resolve().parent.parent / "data" / "catalog.csv.gz"
-POLICIES = ("mabrec", "original", "popularity", "epsilon-greedy", "ucb1", "random")
+from system.core.catalog import Catalog
+from system.core.catalog_file import SHIPPED, read_movies
+from system.core.policy_config import PolicyConfig
 
 
 @dataclass(frozen=True)
@@ -103,7 +101,8 @@ def intra_list_diversity(genres: np.ndarray, slates: np.ndarray) -> np.ndarray:
     pairs = real[:, :, None] * real[:, None, :] * (1.0 - np.eye(slates.shape[1]))[None]
     count = pairs.sum(axis=(1, 2))
     mean = np.divide((jaccard * pairs).sum(axis=(1, 2)), count, out=np.zeros(len(slates)), where=count > 0)
-    return np.where(count > 0, 1.0 - mean, 0.0)  # type: ignore[no-any-return]
+    diversity: np.ndarray = np.where(count > 0, 1.0 - mean, 0.0)
+    return diversity
 
 
 def run(

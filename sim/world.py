@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from system.catalog import Catalog
+from system.core.catalog import Catalog
 
 SLATE = 10
 
@@ -55,7 +55,7 @@ class World:
         self.genres = np.zeros((m, g))
         self.genres[catalog.pair_movie, catalog.pair_facet] = 1.0
         self.genre_mean = self.genres / np.maximum(self.genres.sum(axis=1, keepdims=True), 1.0)
-        rating = np.nan_to_num(catalog.rating, nan=np.nanmean(catalog.rating))
+        rating = np.nan_to_num(catalog.rating, nan=float(np.nanmean(catalog.rating)))
         self.quality_z = (rating - rating.mean()) / rating.std()
         self.quality = self.rng.uniform(cfg.quality_low, cfg.quality_high, users)
         self.idiosyncratic = self.rng.normal(0.0, cfg.idiosyncratic_sd, (users, m)).astype(np.float32)
@@ -88,7 +88,8 @@ class World:
         p = self.p(users, slates)
         look = self.config.patience ** np.arange(slates.shape[1])  # P(they get as far as k)
         passed = np.hstack([np.ones((len(users), 1)), np.cumprod(1.0 - p, axis=1)[:, :-1]])  # no click before k
-        return (look * p * passed).sum(axis=1)  # type: ignore[no-any-return]
+        clicked: np.ndarray = (look * p * passed).sum(axis=1)
+        return clicked
 
     def oracle(self, users: np.ndarray) -> np.ndarray:
         """Per user, the 10 unconsumed movies they like most, best first."""

@@ -7,8 +7,9 @@ CREATE TABLE slots (
     covered_seq bigint NOT NULL DEFAULT 0
 );
 
--- Per user: int32 rows (key, clicks, seen), see system/userstate.py; and the hashes of the user's
--- most recent event ids, for de-duplication across restarts.
+-- Per user: int32 rows, see system/core/userstate.py (3 wide here: key, clicks, seen; migration
+-- 003 adds a fourth); and the hashes of the user's most recent event ids, for de-duplication
+-- across restarts.
 CREATE TABLE user_state (
     uxid       text PRIMARY KEY,
     slot       smallint NOT NULL,

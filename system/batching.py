@@ -2,8 +2,9 @@
 
 While a call is in flight, new requests queue up; when it returns, everything queued leaves in
 the next call. With `linger`, a call also waits that long for company before it leaves. An idle
-system pays at most `linger`; a busy one makes fewer, larger calls (one Ray actor call costs
-~0.8 ms of CPU whatever it carries, so this is what lifts the request ceiling).
+system pays at most `linger`; a busy one makes fewer, larger calls: a call's fixed cost (a Ray
+actor call, a NATS request; BENCHMARKS.md) is paid once per batch, which is what lifts the
+request ceiling.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
+Key = TypeVar("Key")
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
@@ -86,3 +88,27 @@ class Batcher(Generic[Req, Resp]):
             self._in_flight -= 1
             if not self._lingering:
                 self._dispatch()  # what queued meanwhile has waited enough
+
+
+class Batchers(Generic[Key, Req, Resp]):
+    """One Batcher per destination (a shard), made on first use: concurrent requests to the same
+    destination share calls, requests to different ones never wait for each other."""
+
+    def __init__(
+        self, call: Callable[[Key, Sequence[Req]], Awaitable[Sequence[Resp]]], *, linger: float, max_in_flight: int
+    ) -> None:
+        self._call = call
+        self.linger = linger
+        self.max_in_flight = max_in_flight
+        self._batchers: dict[Key, Batcher[Req, Resp]] = {}
+
+    def __getitem__(self, key: Key) -> Batcher[Req, Resp]:
+        batcher = self._batchers.get(key)
+        if batcher is None:
+            batcher = self._batchers[key] = Batcher(
+                lambda items: self._call(key, items), linger=self.linger, max_in_flight=self.max_in_flight
+            )
+        return batcher
+
+    async def submit(self, key: Key, item: Req) -> Resp:
+        return await self[key].submit(item)

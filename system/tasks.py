@@ -1,26 +1,100 @@
-"""A background task that an idempotent `ensure` call (re)starts: how actors restore, start
-serving or consume without ever making a health check wait."""
+"""Background tasks that never die silently, cancellations that are never swallowed, and
+concurrent calls whose failures are each logged by name."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Awaitable, Callable
+import logging
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from typing import Any, TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def start_task(
+    coro: Coroutine[Any, Any, None],
+    name: str,
+    on_death: Callable[[BaseException | None], None] | None = None,
+    *,
+    forever: bool = True,
+) -> asyncio.Task[None]:
+    """Run `coro` in the background. If it dies (an exception; or, when it should run `forever`,
+    a return), the death is logged with its name and `on_death` (if given) decides what happens
+    next: restart it, or stop the process. A cancellation is an ordered stop, not a death."""
+    task = asyncio.create_task(coro, name=name)
+
+    def ended(task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None and not forever:
+            return
+        if exc is not None:
+            log.error("background task died", extra={"task": name}, exc_info=exc)
+        else:
+            log.error("background task ended", extra={"task": name})
+        if on_death is not None:
+            on_death(exc)
+
+    task.add_done_callback(ended)
+    return task
+
+
+async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
+    """Cancel `task` and wait until it has ended. Its own error, if it had one, is logged. If the
+    caller is cancelled meanwhile, that cancellation goes on up: it is never swallowed."""
+    if task is None or task.done():
+        return
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise  # the caller itself is being cancelled
+    except Exception as exc:  # noqa: BLE001 - it failed while stopping: worth a line, not a crash
+        log.warning("task failed while being cancelled", extra={"task": task.get_name(), "error": repr(exc)})
+
+
+async def gather_logged(calls: Mapping[str, Awaitable[T]], what: str) -> dict[str, T]:
+    """Await `calls` concurrently. Each failure is logged with its key and `what` was being done,
+    and left out of the result; the successes come back by key."""
+    keys = list(calls)
+    results = await asyncio.gather(*calls.values(), return_exceptions=True)
+    out: dict[str, T] = {}
+    for key, result in zip(keys, results, strict=True):
+        if isinstance(result, asyncio.CancelledError):
+            raise result
+        if isinstance(result, BaseException):
+            log.warning(f"{what} failed", extra={"target": key, "error": repr(result)})
+        else:
+            out[key] = result
+    return out
 
 
 class Background:
-    def __init__(self, start: Callable[[], Awaitable[None]]) -> None:
+    """A background task that an idempotent `ensure` call (re)starts: how actors restore, start
+    serving or consume without ever making a health check wait. A task that dies is logged
+    when it dies and started again by the next `ensure`; `forever` says whether returning is a
+    death (a loop) or its job done (a restore)."""
+
+    def __init__(self, start: Callable[[], Coroutine[Any, Any, None]], name: str, *, forever: bool) -> None:
         self._start = start
+        self.name = name
+        self.forever = forever
         self._task: asyncio.Task[None] | None = None
         self.last_error: str | None = None
 
     def ensure(self) -> None:
-        """Start the task unless it is running; a failed one is started again (and its error kept)."""
+        """Start the task unless it is running."""
         if self._task is not None and not self._task.done():
             return
-        if self._task is not None and not self._task.cancelled() and self._task.exception():
-            self.last_error = repr(self._task.exception())
-        self._task = asyncio.create_task(self._start())  # type: ignore[arg-type]
+        self._task = start_task(self._start(), self.name, self._ended, forever=self.forever)
+
+    def _ended(self, exc: BaseException | None) -> None:
+        self.last_error = repr(exc) if exc is not None else "ended"
 
     @property
     def running(self) -> bool:
@@ -33,8 +107,5 @@ class Background:
         await asyncio.shield(self._task)
 
     async def cancel(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait(task)

@@ -5,6 +5,7 @@ and subjects), so tests never collide, with each other or with anything else on 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -14,10 +15,16 @@ from pathlib import Path
 import psycopg
 import pytest
 import pytest_asyncio
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 from psycopg import sql
 
-from system import embedded
-from system.settings import Settings
+from bench.running import RunningSystem
+from system.bus import stream
+from system.core.settings import Settings
+from system.local import servers
+from system.local.processes import stop_pid
+from system.local.runtime import Service
 
 DATA = Path(__file__).parent / "data"
 SMALL_CSV = DATA / "small_catalog.csv"
@@ -36,18 +43,18 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 @pytest.fixture(scope="session")
 def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """Server URLs: from the environment, or embedded servers for this session."""
-    started: list[embedded.Service] = []
+    started: list[Service] = []
     state = tmp_path_factory.mktemp("services")
     urls = {"database": os.environ.get("DATABASE_URL", ""), "nats": os.environ.get("NATS_URL", "")}
     if not urls["database"]:
-        started.append(embedded.start_postgres(state))
+        started.append(servers.start_postgres(state))
         urls["database"] = started[-1].url
     if not urls["nats"]:
-        started.append(embedded.start_nats(state))
+        started.append(servers.start_nats(state))
         urls["nats"] = started[-1].url
     yield urls
     for service in reversed(started):
-        embedded.stop_pid(service.pid, signal.SIGINT)
+        stop_pid(service.pid, signal.SIGINT)
 
 
 def make_database(server_url: str) -> str:
@@ -98,17 +105,19 @@ def settings(
 
 
 @pytest_asyncio.fixture
-async def js(settings: Settings) -> AsyncIterator[object]:
+async def js(settings: Settings) -> AsyncIterator[JetStreamContext]:
     """A JetStream context with this test's streams created, deleted afterwards."""
-    from system import bus
-
-    nc = await bus.connect(settings.nats_url or "", "tests")
+    nc = await stream.connect(settings.nats_url or "", "tests")
     context = nc.jetstream()
-    await bus.ensure_streams(context, settings)
+    await stream.ensure_streams(context, settings)
     yield context
-    for stream in (settings.stream, f"{settings.stream}_DLQ"):
-        try:
-            await context.delete_stream(stream)
-        except Exception:  # noqa: BLE001 - already gone
-            pass
+    for name in (settings.stream, f"{settings.stream}_DLQ"):
+        with contextlib.suppress(NotFoundError):  # a test deleted it already
+            await context.delete_stream(name)
     await nc.close()
+
+
+def system(state_dir: Path, **env: str) -> RunningSystem:
+    """`mabrec up` as the end-to-end tests run it: 2 shards, no dashboard, quick checkpoints."""
+    defaults = {"MABREC_DASHBOARD": "0", "MABREC_SHARDS": "2", "MABREC_CHECKPOINT_INTERVAL": "0.2"}
+    return RunningSystem(state_dir, defaults | env)

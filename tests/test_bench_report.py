@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.running import MABREC
+from bench.running import MABREC
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from bench.loadtest import Histogram, Mix, Session, percentiles_from_buckets
-from system import wire
-from system.events import CLICKED, Event
+from system.bus import dataplane
+from system.core.events import CLICKED, Event
 
 
 def test_histogram_percentiles_are_read_from_all_samples() -> None:
@@ -42,8 +42,11 @@ def test_mix_parsing_and_session_choices() -> None:
 
 def test_wire_round_trips() -> None:
     events = [(17, Event("u1", CLICKED, (4, 5), "e-1", None, 12.5))]
-    assert wire.decode_apply(wire.encode_apply(10, 20, events)) == (10, 20, events)
-    assert wire.decode_call(wire.encode_call("recommend", [["u", 10]])) == ("recommend", [["u", 10]])
-    assert wire.decode_reply(wire.encode_reply([[1, 2]])) == [[1, 2]]
+    assert dataplane.decode_apply(dataplane.encode_apply(10, 20, events)) == (10, 20, events)
+    assert dataplane.decode_call(dataplane.encode_call(dataplane.SLATES, [["u", 10]])) == (
+        dataplane.SLATES,
+        [["u", 10]],
+    )
+    assert dataplane.decode_reply(dataplane.encode_reply([[1, 2]])) == [[1, 2]]
     with pytest.raises(ValueError, match="boom"):
-        wire.decode_reply(wire.encode_reply(error="boom"))
+        dataplane.decode_reply(dataplane.encode_reply(error="boom"))

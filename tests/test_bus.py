@@ -2,61 +2,68 @@
 
 from __future__ import annotations
 
+import logging
+
 import orjson
 import pytest
+from nats.errors import Error as NatsError
+from nats.js import JetStreamContext
+from nats.js.api import StreamConfig
 
-from system import bus
-from system.errors import Unavailable
-from system.events import decode
-from system.settings import Settings
+from system.bus import publisher as publisher_module
+from system.bus import stream
+from system.bus.publisher import Publisher
+from system.core.errors import Unavailable
+from system.core.events import decode
+from system.core.settings import Settings
 
 pytestmark = pytest.mark.integration
 
 
-async def test_streams_are_created_once(js: object, settings: Settings) -> None:
-    await bus.ensure_streams(js, settings)  # type: ignore[arg-type]
-    info = await js.stream_info(settings.stream)  # type: ignore[attr-defined]
+async def test_streams_are_created_once(js: JetStreamContext, settings: Settings) -> None:
+    await stream.ensure_streams(js, settings)
+    info = await js.stream_info(settings.stream)
     assert info.config.subjects == [settings.events_subject, f"{settings.events_subject}.>"]
-    assert info.config.duplicate_window == bus.DUPLICATE_WINDOW
-    dlq = await js.stream_info(f"{settings.stream}_DLQ")  # type: ignore[attr-defined]
+    assert info.config.duplicate_window == stream.DUPLICATE_WINDOW
+    dlq = await js.stream_info(f"{settings.stream}_DLQ")
     assert dlq.config.subjects == [settings.deadletter_subject]
 
 
-async def test_cursor_and_ranges_read_in_order(js: object, settings: Settings) -> None:
+async def test_cursor_and_ranges_read_in_order(js: JetStreamContext, settings: Settings) -> None:
     for i in range(1, 26):
         subject = settings.events_subject if i % 2 else f"{settings.events_subject}.api"
-        await js.publish(subject, str(i).encode())  # type: ignore[attr-defined]
-    cursor = bus.StreamCursor(js, settings.stream, 10)  # type: ignore[arg-type]
-    got = []
+        await js.publish(subject, str(i).encode())
+    cursor = stream.StreamCursor(js, settings.stream, 10)
+    got: list[stream.StreamMessage] = []
     while len(got) < 16:
         got += await cursor.fetch(7, timeout=1.0)
     await cursor.close()
     assert [m.seq for m in got] == list(range(10, 26)) and [int(m.data) for m in got] == list(range(10, 26))
-    ranged = [m.seq async for batch in bus.read_range(js, settings, 5, 12) for m in batch]  # type: ignore[arg-type]
+    ranged = [m.seq async for batch in stream.read_range(js, settings, 5, 12) for m in batch]
     assert ranged == list(range(6, 13))
-    beyond = [m.seq async for batch in bus.read_range(js, settings, 20, 1000) for m in batch]  # type: ignore[arg-type]
+    beyond = [m.seq async for batch in stream.read_range(js, settings, 20, 1000) for m in batch]
     assert beyond == list(range(21, 26))
 
 
-async def test_publisher_packs_what_gathers_into_few_messages(js: object, settings: Settings) -> None:
-    nc = await bus.connect(settings.nats_url or "", "test-publisher")
-    publisher = bus.Publisher(nc, per_message=100)
+async def test_publisher_packs_what_gathers_into_few_messages(js: JetStreamContext, settings: Settings) -> None:
+    nc = await stream.connect(settings.nats_url or "", "test-publisher")
+    publisher = Publisher(nc, per_message=100)
     subject = f"{settings.events_subject}.api"
     events = [orjson.dumps({"event_type": "seen", "entity_id": 1, "user_id": f"u{i}"}) for i in range(300)]
     assert publisher.submit_many(subject, events)  # all queued before the publisher runs
     publisher.start()
-    await publisher.publish(subject, [events[0]], timeout=5)  # returns once stored
+    assert await publisher.publish(subject, [events[0]], timeout=5) == 4  # once stored, with its sequence
     assert publisher.published == 301 and publisher.messages == 4  # 100 + 100 + 100 + 1
-    decoded = [decode(m.data) async for batch in bus.read_range(js, settings, 0, 10) for m in batch]  # type: ignore[arg-type]
+    decoded = [decode(m.data) async for batch in stream.read_range(js, settings, 0, 10) for m in batch]
     assert [len(events) for events, errors in decoded] == [100, 100, 100, 1]
     assert [e.user for events, _ in decoded for e in events][:3] == ["u0", "u1", "u2"]
     await publisher.drain()
     await nc.close()
 
 
-async def test_publisher_buffer_is_bounded_and_all_or_nothing(js: object, settings: Settings) -> None:
-    nc = await bus.connect(settings.nats_url or "", "test-publisher")
-    publisher = bus.Publisher(nc, max_buffer=3)  # not started: nothing drains the buffer
+async def test_publisher_buffer_is_bounded_and_all_or_nothing(js: JetStreamContext, settings: Settings) -> None:
+    nc = await stream.connect(settings.nats_url or "", "test-publisher")
+    publisher = Publisher(nc, max_buffer=3)  # not started: nothing drains the buffer
     assert publisher.submit_many("s", [b"1", b"2"])
     assert not publisher.submit_many("s", [b"3", b"4"]) and publisher.pending == 2
     with pytest.raises(Unavailable, match="buffer is full"):
@@ -67,22 +74,79 @@ async def test_publisher_buffer_is_bounded_and_all_or_nothing(js: object, settin
 
 
 async def test_cursor_recovers_when_its_consumer_disappears(
-    js: object, settings: Settings, monkeypatch: pytest.MonkeyPatch
+    js: JetStreamContext, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A NATS restart drops ephemeral consumers: the cursor must notice and go on from its position."""
-    monkeypatch.setattr(bus, "CONSUMER_CHECK_SECONDS", 0.0)
-    cursor = bus.StreamCursor(js, settings.stream, 1)  # type: ignore[arg-type]
-    await js.publish(settings.events_subject, b"1")  # type: ignore[attr-defined]
+    monkeypatch.setattr(stream, "CONSUMER_CHECK_SECONDS", 0.0)
+    cursor = stream.StreamCursor(js, settings.stream, 1)
+    await js.publish(settings.events_subject, b"1")
     assert [m.seq for m in await cursor.fetch(10, timeout=1.0)] == [1]
-    await js.delete_consumer(settings.stream, cursor._consumer)  # type: ignore[attr-defined]
-    await js.publish(settings.events_subject, b"2")  # type: ignore[attr-defined]
+    await js.delete_consumer(settings.stream, cursor._consumer)
+    await js.publish(settings.events_subject, b"2")
     got: list[int] = []
     for _ in range(10):
         try:
             got += [m.seq for m in await cursor.fetch(10, timeout=0.3)]
-        except Exception:  # noqa: BLE001 - a fetch on a vanished consumer may fail once
+        except NatsError:  # a fetch on a vanished consumer may fail once
             pass
         if got:
             break
     await cursor.close()
     assert got == [2]
+
+
+async def test_a_message_jetstream_refuses_is_dropped_after_a_few_tries_and_the_rest_flows(
+    js: JetStreamContext, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refusal a retry cannot fix (here: over the stream's size limit) must neither block the
+    buffer for good nor vanish silently: its waiters hear of it, and it is counted."""
+    monkeypatch.setattr(publisher_module, "MAX_ATTEMPTS", 2)
+    subject = f"{settings.namespace}.small"
+    await js.add_stream(StreamConfig(name=f"{settings.stream}_SMALL", subjects=[subject], max_msg_size=200))
+    nc = await stream.connect(settings.nats_url or "", "test-publisher")
+    publisher = Publisher(nc, linger=0)
+    publisher.start()
+    with pytest.raises(Unavailable, match="refused"):
+        await publisher.publish(subject, [b"x" * 500], timeout=10)
+    assert publisher.dropped == 1 and publisher.failures == 2
+    await publisher.publish(subject, [b'"small"'], timeout=5)  # the buffer moved on
+    assert publisher.published == 1
+    await publisher.drain()
+    await js.delete_stream(f"{settings.stream}_SMALL")
+    await nc.close()
+
+
+async def test_a_publisher_whose_loop_dies_of_a_bug_is_restarted(
+    js: JetStreamContext, settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    nc = await stream.connect(settings.nats_url or "", "test-publisher")
+    publisher = Publisher(nc, linger=0)
+    real = publisher._next_message
+    calls = []
+
+    def buggy() -> object:
+        calls.append(1)
+        if len(calls) == 1:
+            raise ZeroDivisionError("a bug")
+        return real()
+
+    monkeypatch.setattr(publisher, "_next_message", buggy)
+    publisher.start()
+    with caplog.at_level(logging.ERROR):
+        await publisher.publish(settings.events_subject, [b'{"n": 1}'], timeout=5)
+    assert publisher.published == 1 and "ZeroDivisionError" in (publisher.last_error or "")
+    assert any(getattr(r, "task", None) == "publisher" for r in caplog.records)
+    await publisher.drain()
+    await nc.close()
+
+
+async def test_a_replay_that_cannot_reach_nats_gives_up_after_logging_its_retries(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    nc = await stream.connect(settings.nats_url or "", "test-reader")
+    js = nc.jetstream()
+    await nc.close()
+    with caplog.at_level(logging.WARNING), pytest.raises(Unavailable, match="cannot read stream"):
+        async for _ in stream.read_range(js, settings, 0, 10, give_up_after=0.5):
+            pass
+    assert sum(r.getMessage() == "stream read failed; retrying" for r in caplog.records) >= 2

@@ -5,11 +5,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from system.catalog import Catalog, read_movies
-from system.errors import BadRequest
+from system.core.catalog import Catalog
+from system.core.catalog_file import SHIPPED, read_movies
+from system.core.errors import BadRequest
 from tests.conftest import SMALL_CSV, SMALL_JSONL
-
-SHIPPED = Path(__file__).resolve().parent.parent / "data" / "catalog.csv.gz"
 
 
 def test_shipped_catalog_reads_completely() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import stat
 from pathlib import Path
 
-from system.embedded import ray_environment
+from system.local.servers import ray_environment
 
 
 def test_the_ray_token_is_made_once_per_state_dir_and_kept_private(tmp_path: Path) -> None:

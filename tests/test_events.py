@@ -3,8 +3,9 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from system.errors import BadRequest, MalformedEvent
-from system.events import CLICKED, SEEN, Event, check_uxid, decode, parse_event
+from system.core.errors import BadRequest, MalformedEvent
+from system.core.events import CLICKED, SEEN, Event, decode, parse_event
+from system.core.inputs import check_uxid
 
 
 def test_original_shape_is_accepted() -> None:
@@ -28,6 +29,7 @@ def test_iso_timestamp() -> None:
     [
         ([], "JSON object"),
         ({"event_type": "liked", "entity_id": 1, "user_id": "u"}, "event_type"),
+        ({"event_type": ["seen"], "entity_id": 1, "user_id": "u"}, "event_type"),  # unhashable: once a crash
         ({"event_type": "seen", "entity_type": "books", "entity_id": 1, "user_id": "u"}, "entity_type"),
         ({"event_type": "seen", "entity_id": 1}, "user_id"),
         ({"event_type": "seen", "entity_id": 1, "user_id": ""}, "user_id"),

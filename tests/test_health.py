@@ -2,119 +2,97 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
-from system.errors import Restarting, TimedOut
-from system.health import HealthMonitor
+from system.core.errors import Restarting, TimedOut
+from system.core.health import HealthMonitor
+
+UP = {"ensure_ready": "ready", "ensure_running": "running", "ensure_serving": "serving"}
 
 
 class FakeActors:
+    """Actors by key that answer, hang (a timeout) or are down (Ray restarting them)."""
+
     def __init__(self) -> None:
         self.behaviour: dict[str, str] = {}  # actor -> "ok" | "hang" | "crashed"
         self.restarted: list[str] = []
 
-    async def _answer(self, key: str, status: dict[str, Any]) -> dict[str, Any]:
-        mode = self.behaviour.get(key, "ok")
+    async def call(self, actor: str, method: str, *args: Any, timeout: float) -> Any:
+        mode = self.behaviour.get(actor, "ok")
         if mode == "hang":
-            raise TimedOut(f"{key} timed out")
+            raise TimedOut(f"{actor} timed out")
         if mode == "crashed":
-            raise Restarting(f"{key} is restarting")
-        return status
+            raise Restarting(f"{actor} is restarting")
+        return {UP[method]: True, "users": 3, "port": 8000}
 
-    async def shard(self, shard: int, method: str, *args: Any, timeout: float = 1.0) -> Any:
-        assert method == "ensure_ready"
-        return await self._answer(f"shard-{shard}", {"shard": shard, "ready": True, "users": 3})
-
-    async def route(self, method: str, *args: Any, timeout: float = 1.0) -> Any:
-        assert method == "ensure_running"
-        return await self._answer("consumer", {"running": True})
-
-    async def api(self, index: int, method: str, *args: Any, timeout: float = 1.0) -> Any:
-        assert method == "ensure_serving"
-        return await self._answer(f"api-{index}", {"api": index, "serving": True, "port": 8000})
-
-    def restart_api(self, index: int) -> None:
-        self.restarted.append(f"api-{index}")
-        self.behaviour[f"api-{index}"] = "ok"
-
-    def restart_shard(self, shard: int) -> None:
-        self.restarted.append(f"shard-{shard}")
-        self.behaviour[f"shard-{shard}"] = "ok"
-
-    def restart_router(self) -> None:
-        self.restarted.append("consumer")
+    def restart(self, actor: str) -> None:
+        self.restarted.append(actor)
+        self.behaviour[actor] = "ok"
 
 
-async def test_all_ready() -> None:
+async def test_all_up_once_every_actor_answered() -> None:
     monitor = HealthMonitor(FakeActors(), 3, 2)
-    assert not monitor.all_ready
+    assert not monitor.all_up
     await monitor.check()
-    assert monitor.all_ready and monitor.shards[2]["users"] == 3 and monitor.apis[1]["port"] == 8000
+    assert monitor.all_up and monitor.shards[2].status["users"] == 3 and monitor.apis[1].status["port"] == 8000
     snapshot = monitor.snapshot()
-    assert len(snapshot["shards"]) == 3 and snapshot["consumer"]["running"] and len(snapshot["apis"]) == 2
+    assert len(snapshot["shards"]) == 3 and snapshot["router"]["running"] and len(snapshot["apis"]) == 2
 
 
-async def test_a_hung_api_is_restarted_and_pushes_go_on() -> None:
-    actors = FakeActors()
-    actors.behaviour["api-0"] = "hang"
-    monitor = HealthMonitor(actors, 1, 1, threshold=2)
-    pushed = []
-
-    async def push(m: HealthMonitor) -> None:
-        pushed.append(m.snapshot())
-        if len(pushed) == 1:
-            raise RuntimeError("one failed push must not stop the loop")
-
-    task = asyncio.create_task(monitor.run(period=0.01, after_check=push))
-    while len(pushed) < 4:
-        await asyncio.sleep(0.01)
-    task.cancel()
-    assert actors.restarted == ["api-0"] and monitor.all_ready
-
-
-async def test_a_hung_shard_is_restarted_after_threshold_timeouts() -> None:
+async def test_a_hung_actor_is_restarted_after_threshold_timeouts() -> None:
     actors = FakeActors()
     actors.behaviour["shard-1"] = "hang"
     monitor = HealthMonitor(actors, 2, threshold=3)
     for _ in range(2):
         await monitor.check()
-    assert actors.restarted == [] and not monitor.shards[1]["ready"] and monitor.shards[0]["ready"]
+    assert actors.restarted == [] and not monitor.shards[1].up and monitor.shards[0].up
+    assert "timed out" in monitor.shards[1].status["last_error"]
     await monitor.check()
-    assert actors.restarted == ["shard-1"] and monitor.restarts["shard-1"] == 1
+    assert actors.restarted == ["shard-1"] and monitor.shards[1].restarts == 1
     await monitor.check()
-    assert monitor.all_ready and monitor.shards[1]["restarts"] == 1
+    assert monitor.all_up and monitor.shards[1].status["restarts"] == 1
+
+
+async def test_a_hung_api_host_is_restarted_too() -> None:
+    actors = FakeActors()
+    actors.behaviour["api-0"] = "hang"
+    monitor = HealthMonitor(actors, 1, 1, threshold=2)
+    for _ in range(3):
+        await monitor.check()
+    assert actors.restarted == ["api-0"] and monitor.all_up
 
 
 async def test_a_crashed_actor_is_left_to_ray() -> None:
     actors = FakeActors()
-    actors.behaviour["consumer"] = "crashed"
+    actors.behaviour["router"] = "crashed"
     monitor = HealthMonitor(actors, 1, threshold=1)
     for _ in range(3):
         await monitor.check()
-    assert actors.restarted == [] and not monitor.all_ready
-    assert "restarting" in monitor.consumer["last_error"]
+    assert actors.restarted == [] and not monitor.all_up
+    assert "restarting" in monitor.router.status["last_error"]
 
 
 async def test_one_success_resets_the_failure_count() -> None:
     actors = FakeActors()
     monitor = HealthMonitor(actors, 1, threshold=2)
-    actors.behaviour["shard-0"] = "hang"
-    await monitor.check()
-    actors.behaviour["shard-0"] = "ok"
-    await monitor.check()
-    actors.behaviour["shard-0"] = "hang"
-    await monitor.check()
+    for mode in ("hang", "ok", "hang"):
+        actors.behaviour["shard-0"] = mode
+        await monitor.check()
     assert actors.restarted == []
+    actors.behaviour["shard-0"] = "hang"
+    await monitor.check()
+    assert actors.restarted == ["shard-0"]
 
 
-async def test_run_survives_unexpected_errors() -> None:
+async def test_a_check_never_raises() -> None:
     class Broken(FakeActors):
-        async def shard(self, shard: int, method: str, *args: Any, timeout: float = 1.0) -> Any:
-            raise KeyError("bug")
+        async def call(self, actor: str, method: str, *args: Any, timeout: float) -> Any:
+            raise KeyError("a bug")
 
-    monitor = HealthMonitor(Broken(), 1, threshold=100)
-    task = asyncio.create_task(monitor.run(period=0.01))
-    await asyncio.sleep(0.1)
-    assert not task.done()
-    task.cancel()
+        def restart(self, actor: str) -> None:
+            raise RuntimeError("already gone")
+
+    monitor = HealthMonitor(Broken(), 1, threshold=1)
+    await monitor.check()  # the bug is recorded, and the failed restart too; nothing escapes
+    assert not monitor.all_up and "KeyError" in monitor.shards[0].status["last_error"]
+    assert monitor.shards[0].restarts == 1

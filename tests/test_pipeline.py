@@ -4,36 +4,40 @@ real PostgreSQL and NATS JetStream (Ray only wraps them; test_e2e runs them as a
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import orjson
 import pytest
 import pytest_asyncio
+from nats.js import JetStreamContext
 
 from actors.router import IDLE_ADVANCE, EventRouter
 from actors.shard import Shard, ShardNotReady
-from system import bus, db, userstate, wire
-from system.catalog import read_movies
-from system.errors import Unavailable
-from system.events import CLICKED, Event
-from system.settings import Settings
-from system.sharding import SlotMap
-from system.store import CatalogStore, StateStore
+from system.bus import dataplane, stream
+from system.core import userstate
+from system.core.catalog_file import read_movies
+from system.core.errors import Unavailable
+from system.core.events import CLICKED, Event
+from system.core.settings import Settings
+from system.core.sharding import SlotMap
+from system.db.catalog_store import CatalogStore
+from system.db.migrations import migrate
+from system.db.pool import short_lived_pool
+from system.db.state_store import StateStore
 from tests.conftest import SMALL_CSV
+from tests.stats import clearly_more
 
 pytestmark = pytest.mark.integration
 
 
 class LocalShards:
-    """`ShardCalls` straight to plain Shard objects (Ray's part is to be the transport)."""
+    """`ShardPositions` straight from plain Shard objects (Ray's part is to be the transport)."""
 
     def __init__(self, shards: dict[int, Shard]) -> None:
         self.shards = shards
-
-    async def apply(self, shard: int, prev_seq: int, last_seq: int, events: Sequence[tuple[int, Event]]) -> int:
-        return await self.shards[shard].apply(prev_seq, last_seq, events)
 
     async def covered(self, shard: int) -> int | None:
         status = self.shards[shard].status()
@@ -43,7 +47,7 @@ class LocalShards:
 @dataclass
 class Pipeline:
     settings: Settings
-    js: object
+    js: JetStreamContext
     shards: dict[int, Shard]
     router: EventRouter
     slot_map: SlotMap
@@ -53,7 +57,7 @@ class Pipeline:
 
     async def publish(self, payload: object, subject: str | None = None) -> int:
         data = payload if isinstance(payload, bytes) else orjson.dumps(payload)
-        ack = await self.js.publish(subject or self.settings.events_subject, data)  # type: ignore[attr-defined]
+        ack = await self.js.publish(subject or self.settings.events_subject, data)
         return int(ack.seq)
 
     async def settle(self, seq: int, user: str | None = None, timeout: float = 10.0) -> None:
@@ -71,16 +75,14 @@ async def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None
 
 
 async def prepare(settings: Settings) -> SlotMap:
-    await db.migrate(settings.database_url or "")
-    pool = await db.open_pool(settings.database_url or "")
-    await CatalogStore(pool).load(list(read_movies(SMALL_CSV)), source="small")
-    slot_map = await StateStore(pool).ensure_slot_map(settings.shards)
-    await pool.close()
-    return slot_map
+    await migrate(settings.database_url or "")
+    async with short_lived_pool(settings.database_url or "", "test") as pool:
+        await CatalogStore(pool).load(list(read_movies(SMALL_CSV)), source="small")
+        return await StateStore(pool).ensure_slot_map(settings.shards)
 
 
 @pytest_asyncio.fixture
-async def pipeline(settings: Settings, js: object) -> AsyncIterator[Pipeline]:
+async def pipeline(settings: Settings, js: JetStreamContext) -> AsyncIterator[Pipeline]:
     slot_map = await prepare(settings)
     shards = {i: Shard(i, settings, seed=i) for i in range(settings.shards)}
     for shard in shards.values():
@@ -107,7 +109,7 @@ async def test_original_event_shape_on_the_documented_subject_updates_the_user(p
 
 async def test_malformed_events_are_dead_lettered_and_the_next_good_one_applies(pipeline: Pipeline) -> None:
     settings, js = pipeline.settings, pipeline.js
-    dlq = await js.subscribe(settings.deadletter_subject)  # type: ignore[attr-defined]
+    dlq = await js.subscribe(settings.deadletter_subject)
     await pipeline.publish(b"{oops")
     await pipeline.publish({"event_type": "liked", "entity_id": 2, "user_id": "u2"})
     await pipeline.publish({"event_type": "seen", "entity_id": 424242, "user_id": "u2"})
@@ -115,7 +117,7 @@ async def test_malformed_events_are_dead_lettered_and_the_next_good_one_applies(
     await pipeline.settle(seq, "u2")
     assert posterior(pipeline.shard_of("u2"), "u2", 3) == (2, 1)
     assert dict(pipeline.router.dead_letters) == {"not_json": 1, "invalid": 1, "unknown_movie": 1}
-    reasons = [(await dlq.next_msg(timeout=5)).headers["Mabrec-Error"] for _ in range(3)]
+    reasons = [((await dlq.next_msg(timeout=5)).headers or {}).get("Mabrec-Error") for _ in range(3)]
     assert reasons == ["not_json", "invalid", "unknown_movie"]
     assert pipeline.router.status()["running"]
 
@@ -137,16 +139,21 @@ async def test_a_shard_that_missed_a_call_replays_the_gap_from_the_stream(pipeli
     assert posterior(shard, "gap-user", 5) == (2, 1)
 
 
-async def test_a_lost_last_span_is_repaired_by_the_heartbeat(pipeline: Pipeline, monkeypatch) -> None:
+async def test_a_lost_last_span_is_repaired_by_the_heartbeat(
+    pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The span carrying a user's last event is lost and no event follows: the router's idle
     heartbeat still tells the shard where the stream is, and the shard replays what it missed."""
     router, shard = pipeline.router, pipeline.shard_of("lost-user")
     await wait_for(lambda: router._nc is not None)
-    nc, subject, dropped = router._nc, wire.apply_subject(pipeline.settings.namespace, shard.shard_id), []
+    nc = router._nc
+    assert nc is not None
+    subject = dataplane.apply_subject(pipeline.settings.namespace, shard.shard_id)
+    dropped: list[bytes] = []
     publish = nc.publish
 
-    async def lossy(subj: str, payload: bytes = b"", *args: object, **kwargs: object) -> None:
-        if subj == subject and not dropped and wire.decode_apply(payload)[2]:  # a span with events
+    async def lossy(subj: str, payload: bytes = b"", *args: Any, **kwargs: Any) -> None:
+        if subj == subject and not dropped and dataplane.decode_apply(payload)[2]:  # a span with events
             dropped.append(payload)
             return
         await publish(subj, payload, *args, **kwargs)
@@ -201,11 +208,11 @@ async def test_slates_learn_from_events(pipeline: Pipeline) -> None:
     await pipeline.settle(seq, "nolan-fan")
     shard = pipeline.shard_of("nolan-fan")
     # 100 slates each: fewer, and the spread of the draws says more than what was learned.
-    slates = [ids for ids, _ in await shard.recommend([("nolan-fan", 5)] * 100 + [("cold", 5)] * 100)]
+    slates = [ids for ids, _ in await shard.slates([("nolan-fan", 5)] * 100 + [("cold", 5)] * 100)]
     assert all(len(s) == 5 and len(set(s)) == 5 for s in slates)
     fan = sum(32 in s for s in slates[:100])  # The Prestige: the one Nolan movie left
-    cold = sum(32 in s for s in slates[100:])
-    assert fan >= 18 and fan >= cold + 15, (fan, cold)
+    cold = sum(32 in s for s in slates[100:])  # the baseline: a user with no history, same shard
+    assert clearly_more(fan, cold, 100), (fan, cold)
     assert not {3, 12, 18} & {m for s in slates[:100] for m in s}  # opened movies go to the back
 
 
@@ -213,15 +220,15 @@ async def test_the_api_reaches_shards_over_nats_request_reply(pipeline: Pipeline
     seq = await pipeline.publish({"event_type": "clicked", "entity_id": 14, "user_id": "rpc-user"})
     await pipeline.settle(seq, "rpc-user")
     shard = pipeline.slot_map.shard_of("rpc-user")
-    nc = await bus.connect(pipeline.settings.nats_url or "", "test-api")
-    client = wire.ShardClient(nc, pipeline.settings.namespace)
-    slates = [ids for ids, _ in await asyncio.gather(*(client.recommend(shard, "rpc-user", 5) for _ in range(20)))]
+    nc = await stream.connect(pipeline.settings.nats_url or "", "test-api")
+    client = dataplane.ShardClient(nc, pipeline.settings.namespace)
+    slates = [ids for ids, _ in await asyncio.gather(*(client.slate(shard, "rpc-user", 5) for _ in range(20)))]
     assert all(len(s) == 5 and 14 not in s for s in slates)  # concurrent requests, batched
-    assert client._batchers[shard].calls < 20
+    assert client.batchers[shard].calls < 20
     assert [row[0] for row in await client.profile(shard, "rpc-user") if row[0] > 0] == [14]
     await pipeline.shards[shard].stop()  # no responder any more: fail fast, not after a timeout
     began = asyncio.get_running_loop().time()
     with pytest.raises(Unavailable, match="not serving"):
-        await client.recommend(shard, "rpc-user", 5)
+        await client.slate(shard, "rpc-user", 5)
     assert asyncio.get_running_loop().time() - began < 1.0
     await nc.close()

@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from system.errors import ConfigError
-from system.settings import Settings
+from system.core.errors import ConfigError
+from system.core.policy_config import PolicyConfig
+from system.core.settings import Settings
 
 
 def test_defaults() -> None:
@@ -35,9 +36,10 @@ def test_reads_and_casts_environment() -> None:
 
 
 def test_policy_settings_reach_the_policy() -> None:
-    assert Settings.from_env({}).policy() == Settings.from_env({}).policy().__class__()  # the tuned defaults
-    policy = Settings.from_env({"MABREC_EXPLORATION": "0.5", "MABREC_FORGET_HALF_LIFE": "0"}).policy()
-    assert (policy.exploration, policy.forget_half_life) == (0.5, 0.0)
+    assert Settings.from_env({}).policy() == PolicyConfig()  # the tuned defaults
+    policy = Settings.from_env({"MABREC_EXPLORATION": "2.5", "MABREC_FORGET_HALF_LIFE": "0"}).policy()
+    assert (policy.exploration, policy.forget_half_life) == (2.5, 0.0)
+    assert (PolicyConfig.exploration, PolicyConfig.forget_half_life) != (2.5, 0.0)  # not the defaults
 
 
 def test_cli_overrides_win_over_environment() -> None:
@@ -50,6 +52,9 @@ def test_cli_overrides_win_over_environment() -> None:
     [
         ({"MABREC_SHARDS": "four"}, "MABREC_SHARDS"),
         ({"MABREC_SHARDS": "0"}, "MABREC_SHARDS"),
+        ({"MABREC_SHARDS": "1_0"}, "MABREC_SHARDS"),
+        ({"MABREC_SHARDS": "\u0663"}, "MABREC_SHARDS"),  # an Arabic-Indic 3: int() takes it, we do not
+        ({"MABREC_CHECKPOINT_INTERVAL": "nan"}, "MABREC_CHECKPOINT_INTERVAL"),
         ({"MABREC_PORT": "70000"}, "MABREC_PORT"),
         ({"MABREC_CHECKPOINT_INTERVAL": "soon"}, "MABREC_CHECKPOINT_INTERVAL"),
         ({"MABREC_LOG_LEVEL": "LOUD"}, "MABREC_LOG_LEVEL"),

@@ -3,11 +3,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from actors.shard_state import RECENT_IDS, ShardState
-from system import userstate
-from system.catalog import Catalog, read_movies
-from system.events import CLICKED, SEEN, Event
-from system.sharding import slot_of
+from system.core import userstate
+from system.core.catalog import Catalog
+from system.core.catalog_file import read_movies
+from system.core.events import CLICKED, DEDUP_WINDOW, SEEN, Event
+from system.core.shard_state import ShardState
+from system.core.sharding import slot_of
 from tests.conftest import SMALL_CSV
 
 
@@ -26,11 +27,11 @@ def test_a_repeated_event_id_counts_once(state: ShardState) -> None:
 
 def test_the_dedup_window_is_the_users_last_events(state: ShardState) -> None:
     first = Event("u", SEEN, (1,), event_id="e0")
-    state.apply([first] + [Event("u", SEEN, (1,), event_id=f"e{i}") for i in range(1, RECENT_IDS)])
+    state.apply([first] + [Event("u", SEEN, (1,), event_id=f"e{i}") for i in range(1, DEDUP_WINDOW)])
     assert state.apply([first]) == 0  # still inside the window
     state.apply([Event("u", SEEN, (1,), event_id="one-more")])
     assert state.apply([first]) == 1  # pushed out of the window: counts again
-    assert len(state.users["u"].recent) == RECENT_IDS
+    assert len(state.users["u"].recent) == DEDUP_WINDOW
     # Other users have their own window.
     assert state.apply([Event("v", SEEN, (1,), event_id="e0")]) == 1
 
@@ -80,11 +81,4 @@ def test_catalog_switch_keeps_learned_state(state: ShardState) -> None:
     smaller = Catalog.from_movies([m for m in state.catalog.movies if m.id != 40])
     state.set_catalog(smaller)
     assert np.array_equal(state.counts_of("u"), before)
-    assert 40 not in state.recommend("u", 100)
-
-
-def test_drop_slots_forgets_those_users(state: ShardState) -> None:
-    state.apply([Event("a", CLICKED, (3,)), Event("b", CLICKED, (3,))])
-    assert state.drop_slots([slot_of("a")]) == 1
-    assert "a" not in state.users and "b" in state.users
-    assert state.local_clicks.sum() == state.counts_of("b")[:, userstate.CLICKS].sum()
+    assert 40 not in state.slate("u", 100)[0]

@@ -6,15 +6,14 @@ import zlib
 
 import numpy as np
 
-from system.settings import SLOTS
-from system.sharding import SlotMap, slot_of
+from system.core.sharding import SLOTS, SlotMap, slot_of
 
 
 def test_slot_is_a_stable_crc32_not_the_salted_hash() -> None:
     assert slot_of("alice") == zlib.crc32(b"alice") % SLOTS
     # A fresh interpreter (different hash salt) computes the same slot.
     out = subprocess.run(
-        [sys.executable, "-c", "from system.sharding import slot_of; print(slot_of('alice'))"],
+        [sys.executable, "-c", "from system.core.sharding import slot_of; print(slot_of('alice'))"],
         capture_output=True,
         text=True,
         check=True,
@@ -38,7 +37,16 @@ def test_users_spread_over_shards() -> None:
 
 
 def test_resharding_moves_slots_not_users() -> None:
-    before, after = SlotMap.even(2), SlotMap.even(4)
-    for uxid in ("a", "b", "carol", "dave-42"):
-        slot = slot_of(uxid)
-        assert before.shard_of(uxid) == before.owners[slot] and after.shard_of(uxid) == after.owners[slot]
+    """Any new slot map moves a user exactly when it moves the user's slot: users of one slot
+    always stay together, so a slot's checkpoint moves as one piece."""
+    users = [f"user-{i}" for i in range(5_000)]
+    before = SlotMap.even(2)
+    rng = np.random.default_rng(0)
+    for after in (SlotMap.even(4), SlotMap.even(3), SlotMap(rng.integers(0, 5, SLOTS).astype(np.int16))):
+        moved_slots = set(np.flatnonzero(before.owners != after.owners).tolist())
+        moved_users = {u for u in users if before.shard_of(u) != after.shard_of(u)}
+        assert moved_users == {u for u in users if slot_of(u) in moved_slots}
+        by_slot: dict[int, set[int]] = {}
+        for u in users:
+            by_slot.setdefault(slot_of(u), set()).add(after.shard_of(u))
+        assert all(len(shards) == 1 for shards in by_slot.values())

@@ -11,7 +11,8 @@ import pytest
 from sim import policies
 from sim.runner import Scenario, intra_list_diversity, run, run_one, shift_recovery, shipped_catalog
 from sim.world import World, WorldConfig
-from system.catalog import Catalog, read_movies
+from system.core.catalog import Catalog
+from system.core.catalog_file import read_movies
 from tests.conftest import SMALL_CSV
 
 

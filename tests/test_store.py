@@ -11,11 +11,15 @@ import pytest
 import pytest_asyncio
 from psycopg_pool import AsyncConnectionPool
 
-from system import db, userstate
-from system.catalog import Movie, read_movies
-from system.errors import BadRequest, ConfigError
-from system.settings import SLOTS
-from system.store import CatalogStore, StateStore
+from system.core import userstate
+from system.core.catalog import Movie
+from system.core.catalog_file import read_movies
+from system.core.errors import BadRequest, ConfigError
+from system.core.sharding import SLOTS
+from system.db.catalog_store import CatalogStore
+from system.db.migrations import migrate
+from system.db.pool import open_pool
+from system.db.state_store import StateStore
 from tests.conftest import SMALL_CSV, SMALL_JSONL
 
 pytestmark = pytest.mark.integration
@@ -23,15 +27,15 @@ pytestmark = pytest.mark.integration
 
 @pytest_asyncio.fixture
 async def pool(database_url: str) -> AsyncIterator[AsyncConnectionPool]:
-    await db.migrate(database_url)
-    pool = await db.open_pool(database_url)
+    await migrate(database_url)
+    pool = await open_pool(database_url)
     yield pool
     await pool.close()
 
 
 async def test_migrations_apply_once(database_url: str) -> None:
-    assert await db.migrate(database_url) == [1, 2, 3]
-    assert await db.migrate(database_url) == []
+    assert await migrate(database_url) == [1, 2, 3]
+    assert await migrate(database_url) == []
     with psycopg.connect(database_url) as conn:
         tables = {r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
     assert {
@@ -57,6 +61,8 @@ async def test_load_and_read_catalog_with_directors(pool: AsyncConnectionPool) -
     assert [f.name for f in matrix["directors"]] == ["Lana Wachowski", "Lilly Wachowski"]
     assert [f.name for f in matrix["genres"]] == ["Action", "Sci-Fi"]
     assert catalog.movies[0].rating == 9.3  # exact, not a float32 artefact
+    # Facet values are numbered in (kind, name) order: the same ids on every fresh database.
+    assert [(f.kind, f.name) for f in catalog.facets] == sorted((f.kind, f.name) for f in catalog.facets)
 
 
 async def test_reload_keeps_facet_ids_and_replace_or_merge(pool: AsyncConnectionPool) -> None:
@@ -110,12 +116,12 @@ async def test_checkpoints_refer_to_one_event_stream(pool: AsyncConnectionPool) 
 
 async def test_checkpoints_from_before_the_since_column_load_with_it_zero(database_url: str) -> None:
     """Migration 003 widens stored rows (key, clicks, seen) to (key, clicks, seen, since)."""
-    assert await db.migrate(database_url, through=2) == [1, 2]
+    assert await migrate(database_url, through=2) == [1, 2]
     old = np.array([[-4, 1, 6], [9, 1, 2]], dtype="<i4").tobytes()
     with psycopg.connect(database_url) as conn:
         conn.execute("INSERT INTO user_state (uxid, slot, counts) VALUES ('old', 3, %s), ('none', 3, '')", (old,))
-    assert await db.migrate(database_url) == [3]
-    pool = await db.open_pool(database_url)
+    assert await migrate(database_url) == [3]
+    pool = await open_pool(database_url)
     try:
         rows = {u: userstate.from_bytes(c).tolist() for u, c, _ in await StateStore(pool).load_users([3])}
     finally:

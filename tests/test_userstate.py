@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from system import userstate as us
+from system.core import userstate as us
 
 
 def arr(*values: int) -> np.ndarray:

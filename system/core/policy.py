@@ -22,44 +22,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from system import userstate
-from system.arrays import ranges
-from system.catalog import Catalog
+from system.core import userstate
+from system.core.arrays import ranges
+from system.core.catalog import Catalog
+from system.core.policy_config import PolicyConfig
 
 _EPS = 1e-6
 DENSE_INCIDENCE_LIMIT = 2_000_000  # cells of the movie x facet matrix (16 MB as float64)
 MAX_CLICK_RATE = 0.05  # clicks per impression a facet value is expected to earn, at most
 REASON_LIFT = 0.3  # logits: a facet preference that clear is worth naming as the reason
-
-
-@dataclass(frozen=True)
-class PolicyConfig:
-    # Tuned with `mabrec simulate` (docs/simulation/README.md): each value is the best of those tried.
-    base_rate: float = 0.03  # prior click rate of an average movie, clicks / (clicks + impressions)
-    rating_weight: float = 0.8  # logit shift per standard deviation of catalog rating
-    votes_weight: float = 0.4  # logit shift per standard deviation of log(votes)
-    global_movie_strength: float = 5.0  # pseudo-counts of the catalog prior in a movie's global posterior
-    movie_strength: float = 50.0  # pseudo-counts of a user's movie prior: lower explores more
-    facet_strength: float = 1.5  # Gamma prior shape/rate of a facet preference (in expected clicks)
-    exposure_prior: float = 200.0
-    backfit: bool = True  # facet preferences net of movie quality and of other facets (_backfit_expectations)
-    max_lift: float = 3.0  # bound, in logits, of one facet value's effect on a movie
-    facet_weights: tuple[tuple[str, float], ...] = (("genres", 2.0), ("directors", 1.5), ("actors", 1.0))
-    other_facet_weight: float = 1.0
-    diversity: float = 0.1  # logit penalty per earlier pick sharing a movie's facets (on average)
-    clicked_penalty: float = 1e3  # logits: movies the user already opened go to the back of the line
-    pool_factor: int = 3  # the diversity re-rank looks at limit * pool_factor best draws
-    candidates: int = 400  # movies drawn per request, about (see _candidates)
-    favourite_facets: int = 4  # the user's facet values whose movies join the candidates
-    # Tastes shift: a facet value's clicks halve each time the user passes up, since their last
-    # click on it, as many of its movies as they would have been expected to click this many
-    # times (`_recent_clicks`). 0 keeps every click forever.
-    forget_half_life: float = 4.0
-    # Scales the spread of every Thompson draw, keeping its mean: below 1 exploits what is
-    # known sooner, above 1 keeps trying more (MABREC_EXPLORATION). Sharpened posteriors did
-    # better in the simulator (+5% clicks at 0.5, +8% at 0.25, docs/simulation); 0.5 keeps
-    # some of the exploration a catalog prior less true than our world's may need.
-    exploration: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -147,15 +118,15 @@ class Model:
         return UserView(
             movie=mi[mk],
             movie_clicks=movies[mk, userstate.CLICKS].astype(np.float64),
-            movie_seen=movies[mk, userstate.SEEN].astype(np.float64),
+            movie_seen=movies[mk, userstate.IMPRESSIONS].astype(np.float64),
             facet=fi[fk],
             facet_clicks=facets[fk, userstate.CLICKS].astype(np.float64),
-            facet_seen=facets[fk, userstate.SEEN].astype(np.float64),
-            facet_since=facets[fk, userstate.SINCE].astype(np.float64),
+            facet_seen=facets[fk, userstate.IMPRESSIONS].astype(np.float64),
+            facet_since=facets[fk, userstate.SINCE_CLICK].astype(np.float64),
         )
 
 
-def recommend(model: Model, user: UserView, limit: int, rng: np.random.Generator) -> Slate:
+def draw_slate(model: Model, user: UserView, limit: int, rng: np.random.Generator) -> Slate:
     """A slate of up to `limit` distinct movies, best first, by one Thompson draw per candidate."""
     cfg = model.config
     limit = min(limit, len(model.catalog.movies))
@@ -244,7 +215,8 @@ def _recent_clicks(cfg: PolicyConfig, user: UserView) -> np.ndarray:
     # Clicks per impression, bounded: a slate gets at most one click, and clicks made from the
     # catalog list (no impression before them) must not make every later impression a miss.
     rate = np.minimum(user.facet_clicks / np.maximum(user.facet_clicks + user.facet_seen, 1.0), MAX_CLICK_RATE)
-    return user.facet_clicks * np.exp2(-user.facet_since * rate / cfg.forget_half_life)
+    recent: np.ndarray = user.facet_clicks * np.exp2(-user.facet_since * rate / cfg.forget_half_life)
+    return recent
 
 
 def _backfit_expectations(
@@ -260,8 +232,9 @@ def _backfit_expectations(
     a user opening movies from the catalog list chose among)."""
     cfg = model.config
     a = cfg.facet_strength
+    assert model.incidence is not None  # the caller checked: only small facet sets are backfitted
     base = np.maximum(user.movie_seen, user.movie_clicks) * model.movie_mean[user.movie]
-    member = model.incidence[user.movie][:, user.facet]  # type: ignore[index]  # movies x facets
+    member = model.incidence[user.movie][:, user.facet]  # movies x facets
     typical = cfg.exposure_prior * float(model.movie_mean.mean())
     prior = typical * model.facet_share[user.facet]  # the pseudo-catalog's movies of each facet
     w = np.zeros(len(user.facet))
@@ -274,18 +247,15 @@ def _backfit_expectations(
         expected = np.exp(b) * (rate @ member + prior * lift)
         w += np.log((a + facet_clicks) / (a + expected))
     lift = np.exp(w)
-    return np.exp(b) * ((base * np.exp(member @ w)) @ member + prior * lift) / lift  # g itself neutral
-
-
-def facet_lift(model: Model, user: UserView, rng: np.random.Generator) -> np.ndarray:
-    """Per movie of the whole catalog, the summed lift of its facets (see `facet_effects`)."""
-    return _lift(model, np.arange(len(model.catalog.movies)), facet_effects(model, user, rng))
+    neutral: np.ndarray = np.exp(b) * ((base * np.exp(member @ w)) @ member + prior * lift) / lift  # g itself neutral
+    return neutral
 
 
 def _lift(model: Model, movies: np.ndarray, effect: np.ndarray) -> np.ndarray:
     """Per movie, the sum of its facets' effects."""
     if model.incidence is not None:
-        return model.incidence[movies] @ effect
+        lifts: np.ndarray = model.incidence[movies] @ effect
+        return lifts
     catalog = model.catalog
     starts = catalog.movie_facets_ptr[movies]
     lengths = catalog.movie_facets_ptr[movies + 1] - starts
@@ -357,9 +327,11 @@ def _zscore(x: np.ndarray) -> np.ndarray:
 
 
 def _logit(p: np.ndarray | float) -> np.ndarray:
-    p = np.clip(p, _EPS, 1.0 - _EPS)
-    return np.log(p) - np.log1p(-p)
+    q = np.clip(p, _EPS, 1.0 - _EPS)
+    logits: np.ndarray = np.log(q) - np.log1p(-q)
+    return logits
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
+    probabilities: np.ndarray = 1.0 / (1.0 + np.exp(-x))
+    return probabilities

@@ -9,19 +9,19 @@ from __future__ import annotations
 import sys
 import time
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from system import userstate
-from system.arrays import ranges
-from system.catalog import Catalog
-from system.events import CLICKED, LAG_EDGES, SEEN, Event
-from system.policy import Model, Picks, PolicyConfig, recommend
-from system.sharding import slot_of
+from system.core import userstate
+from system.core.arrays import ranges
+from system.core.catalog import Catalog
+from system.core.events import CLICKED, DEDUP_WINDOW, LAG_EDGES, SEEN, Event
+from system.core.policy import Model, Picks, draw_slate
+from system.core.policy_config import PolicyConfig
+from system.core.sharding import slot_of
 
-RECENT_IDS = 32  # a retry of one of the user's last 32 events (by event_id) counts once
 _OFFSET = 2**31  # keys are int32; shifted to pack (user, key) into one sortable int64
 
 
@@ -42,7 +42,7 @@ def recent_from_bytes(raw: bytes) -> array[int]:
 
 @dataclass(slots=True)
 class User:
-    counts: np.ndarray  # see system.userstate
+    counts: np.ndarray  # see system/core/userstate.py
     recent: array[int]  # 63-bit hashes of the user's most recent event ids, oldest first
 
 
@@ -88,7 +88,7 @@ class ShardState:
         dense = self._dense(counts[:, userstate.KEY])
         ok = dense >= 0
         np.add.at(self.local_clicks, dense[ok], sign * counts[ok, userstate.CLICKS])
-        np.add.at(self.local_seen, dense[ok], sign * counts[ok, userstate.SEEN])
+        np.add.at(self.local_seen, dense[ok], sign * counts[ok, userstate.IMPRESSIONS])
 
     def _dense(self, keys: np.ndarray) -> np.ndarray:
         """Dense popularity index of stable keys: movies first, then facets; -1 if unknown."""
@@ -108,15 +108,6 @@ class ShardState:
             self._count_locally(self.users[uxid].counts, -1)
         self.users[uxid] = user
         self._count_locally(user.counts, 1)
-
-    def drop_slots(self, slots: Iterable[int]) -> int:
-        """Forget the users of `slots` (they moved to another shard). Returns how many."""
-        gone = set(slots)
-        leaving = [u for u in self.users if slot_of(u) in gone]
-        for uxid in leaving:
-            self._count_locally(self.users.pop(uxid).counts, -1)
-            self.dirty.discard(uxid)
-        return len(leaving)
 
     def counts_of(self, uxid: str) -> np.ndarray:
         user = self.users.get(uxid)
@@ -147,7 +138,7 @@ class ShardState:
                     self.duplicates += 1
                     continue
                 user.recent.append(h)
-                if len(user.recent) > RECENT_IDS:
+                if len(user.recent) > DEDUP_WINDOW:
                     del user.recent[0]
             u = index.get(event.user)
             if u is None:
@@ -202,12 +193,9 @@ class ShardState:
 
     # --- serving and checkpoints --------------------------------------------------------------
 
-    def recommend(self, uxid: str, limit: int) -> list[int]:
-        return self.recommend_with_reasons(uxid, limit)[0]
-
-    def recommend_with_reasons(self, uxid: str, limit: int) -> Picks:
-        """Movie ids, best first, and why each is there."""
-        slate = recommend(self.model, self.model.view(self.counts_of(uxid)), limit, self.rng)
+    def slate(self, uxid: str, limit: int) -> Picks:
+        """The user's slate: movie ids, best first, and why each is there."""
+        slate = draw_slate(self.model, self.model.view(self.counts_of(uxid)), limit, self.rng)
         return self.catalog.movie_ids[slate.movies].tolist(), slate.reasons
 
     def take_dirty(self) -> list[tuple[str, int, bytes, bytes]]:

@@ -1,4 +1,4 @@
-"""The NATS JetStream event bus: streams, a buffered publisher, and an in-order stream cursor.
+"""The NATS JetStream event log: the connection, the streams, and reading them in order.
 
 The events stream is the accepted-event log: every feedback event lands there first, shards apply
 it from there, and recovery replays it from the sequence a checkpoint covers. It keeps messages by
@@ -8,12 +8,9 @@ limits (age and size, see Settings), never by acknowledgement, so a replay can a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import secrets
 import time
-from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,8 +22,8 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
-from system.errors import Unavailable
-from system.settings import Settings
+from system.core.errors import Unavailable
+from system.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +68,7 @@ async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:
         ),
     ]
     for config in wanted:
+        assert config.name is not None
         try:
             await js.stream_info(config.name)
         except NotFoundError:
@@ -144,7 +142,8 @@ class StreamCursor:
                 "stream cursor lost its consumer; recreating", extra={"stream": self.stream, "at": self.next_seq}
             )
             await self.close()
-        except (NatsError, TimeoutError):
+        except (NatsError, TimeoutError) as exc:
+            log.warning("stream cursor cannot check its consumer; recreating", extra={"error": repr(exc)})
             await self.close()
 
     async def _open(self) -> None:
@@ -164,29 +163,44 @@ class StreamCursor:
 
     async def close(self) -> None:
         sub, self._sub = self._sub, None
-        if sub is not None:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-            with contextlib.suppress(Exception):  # else the server drops it after inactive_threshold
-                await self.js.delete_consumer(self.stream, self._consumer)
+        if sub is None:
+            return
+        try:
+            await sub.unsubscribe()
+            await self.js.delete_consumer(self.stream, self._consumer)
+        except (NatsError, TimeoutError) as exc:
+            # NATS is down or the consumer is gone already: the server drops it after its
+            # inactive_threshold anyway.
+            log.info("stream cursor closed uncleanly", extra={"consumer": self._consumer, "error": repr(exc)})
 
 
 async def read_range(
-    js: JetStreamContext, settings: Settings, after: int, through: int
+    js: JetStreamContext, settings: Settings, after: int, through: int, give_up_after: float = 30.0
 ) -> AsyncIterator[list[StreamMessage]]:
-    """Every message with after < seq <= through, in batches (for replays and recounts)."""
+    """Every message with after < seq <= through, in batches (for replays and recounts).
+
+    NATS errors are retried with a growing pause, each one logged; after `give_up_after` seconds
+    without progress it raises Unavailable (the caller's own retry, with its lock released, is
+    the next attempt)."""
     cursor = StreamCursor(js, settings.stream, after + 1)
+    backoff, stalled_since = 0.2, time.monotonic()
     try:
         while cursor.next_seq <= through:
             try:
                 batch = await cursor.fetch(min(1000, through - cursor.next_seq + 1), timeout=2.0)
-            except NatsError:
-                await asyncio.sleep(0.2)
+                if not batch:
+                    state = (await js.stream_info(settings.stream)).state
+            except (NatsError, TimeoutError) as exc:
+                if time.monotonic() - stalled_since > give_up_after:
+                    raise Unavailable(f"cannot read stream {settings.stream} at #{cursor.next_seq}: {exc!r}") from exc
+                log.warning("stream read failed; retrying", extra={"at": cursor.next_seq, "error": repr(exc)})
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
                 continue
+            backoff, stalled_since = 0.2, time.monotonic()
             if batch:
                 yield [m for m in batch if m.seq <= through]
                 continue
-            state = (await js.stream_info(settings.stream)).state
             if cursor.next_seq > state.last_seq:
                 return  # asked past the end of the stream
             if cursor.next_seq < state.first_seq:
@@ -196,134 +210,3 @@ async def read_range(
                 await cursor.close()
     finally:
         await cursor.close()
-
-
-class Publisher:
-    """Publishes events to JetStream from a bounded in-memory buffer, many events per message.
-
-    `submit_many` never blocks a request: it appends to the buffer, or returns False when the
-    buffer is full (NATS has been unreachable for a while). `publish` also waits until JetStream
-    has the events: a caller that answers "accepted" only then loses nothing if this process dies.
-
-    A background task drains the buffer: what has gathered while the previous message was being
-    acknowledged (or, after a quiet spell, within `linger` seconds) leaves as one message, a JSON
-    array of up to `per_message` events: a busy API sends few, large messages. Events leave the
-    buffer only once JetStream acknowledged their message; a message is re-sent as it was, with
-    the same Nats-Msg-Id, so a re-send after a lost acknowledgement is stored once.
-    """
-
-    def __init__(self, nc: NATS, max_buffer: int = 100_000, per_message: int = 500, linger: float = 0.005) -> None:
-        self.nc = nc
-        self.js = nc.jetstream()
-        self.max_buffer = max_buffer
-        self.per_message = per_message
-        self.linger = linger
-        self._buffer: deque[tuple[str, bytes, asyncio.Future[None] | None]] = deque()
-        self._wakeup = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self.published = 0
-        self.messages = 0
-        self.rejected = 0
-        self.failures = 0
-        self.last_error: str | None = None
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="publisher")
-
-    @property
-    def connected(self) -> bool:
-        return bool(self.nc.is_connected)
-
-    @property
-    def pending(self) -> int:
-        return len(self._buffer)
-
-    def submit_many(self, subject: str, payloads: Sequence[bytes]) -> bool:
-        """Queue encoded events; all or none (False when the buffer has no room)."""
-        return self._enqueue(subject, payloads, None)
-
-    async def publish(self, subject: str, payloads: Sequence[bytes], timeout: float) -> None:
-        """Queue and wait until JetStream stored every event; Unavailable if it cannot in time."""
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if not self._enqueue(subject, payloads, done):
-            raise Unavailable("the event buffer is full (NATS is unreachable); retry later")
-        try:
-            await asyncio.wait_for(asyncio.shield(done), timeout)
-        except TimeoutError:
-            raise Unavailable(
-                "NATS did not confirm the events in time; they stay queued, and a retry with the same event ids counts once"
-            ) from None
-
-    def _enqueue(self, subject: str, payloads: Sequence[bytes], done: asyncio.Future[None] | None) -> bool:
-        if len(self._buffer) + len(payloads) > self.max_buffer:
-            self.rejected += len(payloads)
-            return False
-        last = len(payloads) - 1
-        for i, payload in enumerate(payloads):
-            self._buffer.append((subject, payload, done if i == last else None))
-        self._wakeup.set()
-        return True
-
-    def _next_message(self) -> tuple[str, bytes, str, int]:
-        """(subject, payload, msg id, events) from the head of the buffer: one subject per message."""
-        subject = self._buffer[0][0]
-        count = 0
-        for item in self._buffer:
-            if item[0] != subject or count == self.per_message:
-                break
-            count += 1
-        payloads = [self._buffer[i][1] for i in range(count)]
-        payload = payloads[0] if count == 1 else b"[" + b",".join(payloads) + b"]"
-        return subject, payload, secrets.token_hex(12), count
-
-    async def _run(self) -> None:
-        backoff = 0.1
-        message: tuple[str, bytes, str, int] | None = None
-        while True:
-            if not self._buffer:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                if self.linger and len(self._buffer) < self.per_message:
-                    await asyncio.sleep(self.linger)  # let a few more events join this message
-            message = message or self._next_message()
-            subject, payload, msg_id, count = message
-            try:
-                await self.js.publish(subject, payload, timeout=5.0, headers={"Nats-Msg-Id": msg_id})
-            except (NatsError, TimeoutError, OSError) as exc:
-                self.failures += 1
-                self.last_error = repr(exc)
-                log.warning("publish failed; will retry", extra={"error": repr(exc), "pending": len(self._buffer)})
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
-                continue  # the same message again, with the same Nats-Msg-Id
-            backoff = 0.1
-            message = None
-            for _ in range(count):
-                done = self._buffer.popleft()[2]
-                if done is not None and not done.done():
-                    done.set_result(None)
-            self.published += count
-            self.messages += 1
-
-    def status(self) -> dict[str, Any]:
-        return {
-            "connected": self.connected,
-            "pending": self.pending,
-            "published": self.published,
-            "messages": self.messages,
-            "rejected": self.rejected,
-            "failures": self.failures,
-            "last_error": self.last_error,
-        }
-
-    async def drain(self, timeout: float = 5.0) -> None:
-        """Wait (bounded) until everything submitted was acknowledged, then stop."""
-        deadline = time.monotonic() + timeout
-        while self._buffer and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None

@@ -10,14 +10,16 @@ from __future__ import annotations
 import logging
 import shutil
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import psycopg
 from psycopg import sql
 
-from system import embedded
-from system.embedded import Runtime, Service
-from system.settings import Settings
+from system.core.settings import Settings
+from system.local import servers
+from system.local.processes import pid_alive, stop_pid
+from system.local.runtime import Runtime, Service
 
 log = logging.getLogger(__name__)
 
@@ -37,17 +39,17 @@ class Infrastructure:
         infra = cls(settings)
         try:
             if not settings.database_url:
-                pg = infra._adopt_or_start(previous, "postgres", lambda: embedded.start_postgres(settings.state_dir))
+                pg = infra._adopt_or_start(previous, "postgres", lambda: servers.start_postgres(settings.state_dir))
                 infra.settings = replace(infra.settings, database_url=_ensure_database(pg.url, EMBEDDED_DATABASE))
             if not settings.nats_url:
-                nats = infra._adopt_or_start(previous, "nats", lambda: embedded.start_nats(settings.state_dir))
+                nats = infra._adopt_or_start(previous, "nats", lambda: servers.start_nats(settings.state_dir))
                 infra.settings = replace(infra.settings, nats_url=nats.url)
             if with_ray and not settings.ray_address:
                 dashboard = previous.dashboard_url if previous else None
 
                 def start_ray() -> Service:
                     nonlocal dashboard
-                    service, dashboard = embedded.start_ray(settings.state_dir, settings.dashboard)
+                    service, dashboard = servers.start_ray(settings.state_dir, settings.dashboard)
                     return service
 
                 ray = infra._adopt_or_start(previous, "ray", start_ray)
@@ -58,14 +60,26 @@ class Infrastructure:
             raise
         return infra
 
-    def _adopt_or_start(self, previous: Runtime | None, name: str, start: object) -> Service:
+    @classmethod
+    def for_database(cls, settings: Settings) -> tuple[Settings, Infrastructure | None]:
+        """For a command that needs only PostgreSQL: DATABASE_URL, else the running system's,
+        else an embedded one started for the command (the returned Infrastructure: stop it)."""
+        if settings.database_url:
+            return settings, None
+        runtime = Runtime.load(settings.state_dir)
+        if runtime is not None and pid_alive(runtime.supervisor_pid):
+            return replace(settings, database_url=runtime.database_url), None
+        infra = cls.start(replace(settings, nats_url="nats://unused"), with_ray=False)
+        return infra.settings, infra
+
+    def _adopt_or_start(self, previous: Runtime | None, name: str, start: Callable[[], Service]) -> Service:
         service = previous.service(name) if previous else None
         if service is not None:
             log.info(
                 "adopting running embedded server", extra={"service": name, "pid": service.pid, "url": service.url}
             )
         else:
-            service = start()  # type: ignore[operator]
+            service = start()
             log.info("started embedded server", extra={"service": name, "pid": service.pid, "url": service.url})
         self.services.append(service)
         return service
@@ -75,9 +89,9 @@ class Infrastructure:
         for service in reversed(self.services):
             if service.owned and service.alive():
                 log.info("stopping embedded server", extra={"service": service.name, "pid": service.pid})
-                embedded.stop_pid(service.pid, signal.SIGTERM if service.name == "ray" else signal.SIGINT)
+                stop_pid(service.pid, signal.SIGTERM if service.name == "ray" else signal.SIGINT)
                 if service.name == "ray":  # its sockets and session logs, in a private temp dir
-                    shutil.rmtree(embedded.ray_tmpdir(self.settings.state_dir), ignore_errors=True)
+                    shutil.rmtree(servers.ray_tmpdir(self.settings.state_dir), ignore_errors=True)
         self.services = []
 
 

@@ -7,7 +7,8 @@ import zlib
 
 import numpy as np
 
-from system.settings import SLOTS
+# Users hash to a fixed number of slots; slots (never users) move between shards.
+SLOTS = 1024
 
 
 def slot_of(uxid: str) -> int:

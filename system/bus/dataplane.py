@@ -1,9 +1,9 @@
 """The data plane between the API, the event router and the shards: plain NATS, JSON only.
 
 Ray places, supervises and restarts the actors (the control plane); the per-request traffic
-goes over NATS, which costs ~0.1 ms of CPU per message where a Ray actor call costs ~1.2 ms on
-this kind of machine (measured: BENCHMARKS.md). Two kinds of messages:
-- `<ns>.shard.<i>.rpc`: request-reply; a batch of slate or profile requests for shard i.
+goes over NATS, whose messages cost a fraction of the CPU of a Ray actor call (BENCHMARKS.md).
+Two kinds of messages:
+- `<ns>.shard.<i>.rpc`: request-reply; a batch of slate requests, or a profile request, for shard i.
 - `<ns>.shard.<i>.apply`: from the router, the shard's events of a stream span (prev, last].
   Fire and forget: a lost message is a gap the shard notices on the next one and replays from
   the stream (see actors/shard.py), so this needs no acknowledgement.
@@ -20,10 +20,10 @@ from nats.aio.client import Client as NATS
 from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
 
-from system.batching import Batcher
-from system.errors import Unavailable
-from system.events import Event
-from system.policy import Picks
+from system.batching import Batchers
+from system.core.errors import Unavailable
+from system.core.events import Event
+from system.core.policy import Picks
 
 
 def rpc_subject(namespace: str, shard: int) -> str:
@@ -69,9 +69,14 @@ def decode_reply(payload: bytes) -> Any:
     return reply["result"]
 
 
+# The operations of `<ns>.shard.<i>.rpc`.
+SLATES = "slates"  # args: [[uxid, limit], ...] -> [[movie ids, reasons], ...]
+PROFILE = "profile"  # args: uxid -> the user's rows (system/core/userstate.py)
+
+
 class ShardClient:
-    """The API's side of `<ns>.shard.<i>.rpc`: concurrent requests to one shard share one NATS
-    request (see system/batching.py), answered by the shard's reply."""
+    """The API's side of `<ns>.shard.<i>.rpc`: concurrent slate requests to one shard share one
+    NATS request (system/batching.py), answered by the shard's reply."""
 
     def __init__(
         self, nc: NATS, namespace: str, *, timeout: float = 2.0, linger: float = 0.0, in_flight: int = 2
@@ -79,27 +84,21 @@ class ShardClient:
         self.nc = nc
         self.namespace = namespace
         self.timeout = timeout
-        self.linger = linger
-        self.in_flight = in_flight
-        self._batchers: dict[int, Batcher[tuple[str, int], Picks]] = {}
+        self.batchers: Batchers[int, tuple[str, int], Picks] = Batchers(
+            lambda shard, requests: self.call(shard, SLATES, list(requests)), linger=linger, max_in_flight=in_flight
+        )
 
     @property
     def connected(self) -> bool:
         return bool(self.nc.is_connected)
 
-    async def recommend(self, shard: int, uxid: str, limit: int) -> Picks:
-        batcher = self._batchers.get(shard)
-        if batcher is None:
-            batcher = self._batchers[shard] = Batcher(
-                lambda requests: self.call(shard, "recommend", list(requests)),
-                linger=self.linger,
-                max_in_flight=self.in_flight,
-            )
-        ids, reasons = await batcher.submit((uxid, limit))
+    async def slate(self, shard: int, uxid: str, limit: int) -> Picks:
+        ids, reasons = await self.batchers.submit(shard, (uxid, limit))
         return ids, reasons
 
     async def profile(self, shard: int, uxid: str) -> list[list[int]]:
-        return await self.call(shard, "profile", uxid)  # type: ignore[no-any-return]
+        rows: list[list[int]] = await self.call(shard, PROFILE, uxid)
+        return rows
 
     async def call(self, shard: int, op: str, args: Any) -> Any:
         try:

@@ -1,4 +1,5 @@
-"""`mabrec up` as a child process, the way a user runs it, and an HTTP client for it."""
+"""`mabrec up` as a child process, the way a user runs it, and an HTTP client for it: what the
+benchmark report and the end-to-end tests start."""
 
 from __future__ import annotations
 
@@ -7,16 +8,22 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 
-from system.embedded import Runtime, pid_alive
+from system.local.processes import pid_alive, stop_pid
+from system.local.runtime import Runtime
 
 MABREC = str(Path(sys.executable).parent / "mabrec")
 
 
 class RunningSystem:
+    """`mabrec up` with this state dir and these variables (and none of the caller's MABREC_*,
+    DATABASE_URL, NATS_URL or RAY_*: unset, the servers are embedded), on a free port."""
+
     def __init__(self, state_dir: Path, env: dict[str, str]) -> None:
         self.state_dir = state_dir
         self.env = {
@@ -25,9 +32,6 @@ class RunningSystem:
             },
             "MABREC_STATE_DIR": str(state_dir),
             "MABREC_PORT": "0",
-            "MABREC_DASHBOARD": "0",
-            "MABREC_SHARDS": "2",
-            "MABREC_CHECKPOINT_INTERVAL": "0.2",
             **env,
         }
         self.proc: subprocess.Popen[bytes] | None = None
@@ -76,8 +80,6 @@ class RunningSystem:
 
     def kill(self) -> None:
         """SIGKILL the supervisor, then stop what it had started (by the PIDs it recorded)."""
-        from system.embedded import stop_pid
-
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
@@ -92,7 +94,34 @@ class RunningSystem:
     def tail(self, chars: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
 
-    def get(self, path: str, uxid: str | None = None, **kwargs: object) -> httpx.Response:
+    def get(self, path: str, uxid: str | None = None, params: dict[str, Any] | None = None) -> httpx.Response:
         assert self.http is not None
         headers = {"uxid": uxid} if uxid is not None else {}
-        return self.http.get(path, headers=headers, **kwargs)  # type: ignore[arg-type]
+        return self.http.get(path, headers=headers, params=params)
+
+    def __enter__(self) -> RunningSystem:
+        return self if self.proc is not None else self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            code = self.stop()
+        except subprocess.TimeoutExpired:
+            return  # killed, with everything it started
+        if code != 0:
+            raise RuntimeError(f"mabrec up exited with {code}:\n{self.tail()}")
+
+
+def wait_until(condition: Callable[[], object], timeout: float, what: str, poll: float = 0.02) -> float:
+    """Poll `condition` until it is true; the seconds that took. AssertionError naming `what`
+    after `timeout` (a condition that raises counts as not yet)."""
+    began = time.monotonic()
+    last: Exception | None = None
+    while True:
+        try:
+            if condition():
+                return time.monotonic() - began
+        except Exception as exc:  # noqa: BLE001 - not there yet (a restarting server, a missing key)
+            last = exc
+        if time.monotonic() - began > timeout:
+            raise AssertionError(f"{what}: not within {timeout} s" + (f" (last error: {last!r})" if last else ""))
+        time.sleep(poll)

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-KEY, CLICKS, SEEN, SINCE = 0, 1, 2, 3
+# Columns. IMPRESSIONS counts `seen` events; SINCE_CLICK the impressions after the last click.
+KEY, CLICKS, IMPRESSIONS, SINCE_CLICK = 0, 1, 2, 3
 WIDTH = 4
 DTYPE = np.dtype("<i4")
 
@@ -31,7 +32,7 @@ def bump(state: np.ndarray, keys: np.ndarray, clicks: np.ndarray, seen: np.ndarr
     n = len(state)
     if n == 0:
         fresh = np.empty((len(keys), WIDTH), dtype=DTYPE)
-        fresh[:, KEY], fresh[:, CLICKS], fresh[:, SEEN], fresh[:, SINCE] = keys, clicks, seen, since
+        fresh[:, KEY], fresh[:, CLICKS], fresh[:, IMPRESSIONS], fresh[:, SINCE_CLICK] = keys, clicks, seen, since
         return fresh
     have = state[:, KEY]
     pos = np.searchsorted(have, keys)
@@ -45,7 +46,7 @@ def bump(state: np.ndarray, keys: np.ndarray, clicks: np.ndarray, seen: np.ndarr
     new_at = pos[new] + np.arange(int(new.sum()))
     old_at = np.arange(n) + np.searchsorted(keys[new], have)
     out[old_at] = state
-    out[new_at, KEY], out[new_at, CLICKS], out[new_at, SEEN], out[new_at, SINCE] = (
+    out[new_at, KEY], out[new_at, CLICKS], out[new_at, IMPRESSIONS], out[new_at, SINCE_CLICK] = (
         keys[new], clicks[new], seen[new], since[new]
     )  # fmt: skip
     _add(out, old_at[pos[found]], clicks[found], seen[found], since[found])
@@ -54,8 +55,8 @@ def bump(state: np.ndarray, keys: np.ndarray, clicks: np.ndarray, seen: np.ndarr
 
 def _add(state: np.ndarray, rows: np.ndarray, clicks: np.ndarray, seen: np.ndarray, since: np.ndarray) -> None:
     state[rows, CLICKS] += clicks
-    state[rows, SEEN] += seen
-    state[rows, SINCE] = np.where(clicks > 0, since, state[rows, SINCE] + since)
+    state[rows, IMPRESSIONS] += seen
+    state[rows, SINCE_CLICK] = np.where(clicks > 0, since, state[rows, SINCE_CLICK] + since)
 
 
 def aggregate(
@@ -101,5 +102,5 @@ def posterior(state: np.ndarray, key: int) -> tuple[int, int]:
     adds r to alpha and 1 - r to beta (r = 1 for a click, 0 for an impression)."""
     pos = int(np.searchsorted(state[:, KEY], key))
     if pos < len(state) and state[pos, KEY] == key:
-        return 1 + int(state[pos, CLICKS]), 1 + int(state[pos, SEEN])
+        return 1 + int(state[pos, CLICKS]), 1 + int(state[pos, IMPRESSIONS])
     return 1, 1

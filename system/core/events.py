@@ -17,15 +17,17 @@ from typing import Any
 import numpy as np
 import orjson
 
-from system.errors import BadRequest, MalformedEvent
+from system.core.errors import BadRequest, MalformedEvent
+from system.core.inputs import check_uxid
 
 SEEN, CLICKED = 0, 1
 KINDS = {"seen": SEEN, "clicked": CLICKED}
 KIND_NAMES = {v: k for k, v in KINDS.items()}
-MAX_UXID = 128
 MAX_ENTITIES = 100
 MAX_ID = 128
 MAX_BATCH = 1000
+# A repeat of one of the user's last DEDUP_WINDOW event ids counts once.
+DEDUP_WINDOW = 32
 # Publish-to-applied lag (an event's `ts` to the moment a shard applies it) is counted in these
 # log-spaced buckets: upper edges from 1 ms to 100 s.
 LAG_EDGES = np.logspace(-3, 2, 5 * 10 + 1)
@@ -68,17 +70,12 @@ def id_hash(event_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(event_id.encode(), digest_size=8).digest(), "little") >> 1
 
 
-def check_uxid(value: Any, field: str = "uxid") -> str:
-    if not isinstance(value, str) or not 1 <= len(value) <= MAX_UXID or not value.isprintable():
-        raise BadRequest(f"{field} must be 1 to {MAX_UXID} printable characters")
-    return value
-
-
 def parse_event(obj: Any) -> Event:
     """An Event from decoded JSON, or MalformedEvent saying what is wrong."""
     if not isinstance(obj, dict):
         raise MalformedEvent("an event must be a JSON object")
-    kind = KINDS.get(obj.get("event_type"))  # type: ignore[arg-type]
+    event_type = obj.get("event_type")
+    kind = KINDS.get(event_type) if isinstance(event_type, str) else None
     if kind is None:
         raise MalformedEvent(f"event_type must be 'seen' or 'clicked', got {obj.get('event_type')!r}")
     if obj.get("entity_type", "movies") != "movies":

@@ -1,4 +1,4 @@
-"""PostgreSQL: connection pools and the numbered migrations in sql/ (applied once, in order)."""
+"""The numbered migrations in sql/, applied once each, in order, on every start."""
 
 from __future__ import annotations
 
@@ -6,30 +6,12 @@ import logging
 from pathlib import Path
 
 from psycopg import AsyncConnection
-from psycopg_pool import AsyncConnectionPool
 
 log = logging.getLogger(__name__)
 
-SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
 # Any constant works; it serializes concurrent migrators (two supervisors starting at once).
 MIGRATION_LOCK = 4_072_011
-
-
-async def open_pool(url: str, *, min_size: int = 1, max_size: int = 4, name: str = "mabrec") -> AsyncConnectionPool:
-    """A pool that opens lazily: a PostgreSQL outage fails calls, not the process."""
-    pool = AsyncConnectionPool(
-        url,
-        min_size=min_size,
-        max_size=max_size,
-        name=name,
-        open=False,
-        timeout=5.0,
-        reconnect_timeout=0,  # keep trying forever; callers see errors meanwhile
-        check=AsyncConnectionPool.check_connection,  # a restarted server leaves dead connections
-        kwargs={"autocommit": True, "connect_timeout": 5, "application_name": name},
-    )
-    await pool.open(wait=False)
-    return pool
 
 
 def migrations() -> list[tuple[int, Path]]:

@@ -1,0 +1,140 @@
+"""The API's live backend (api/backend.py): slates from the user's shard over NATS (or Ray while
+NATS is down), a popularity fallback while that shard restarts, and events to the event log
+through the publisher. The supervisor pushes it the shards' health and the global popularity."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from api.render import Rendered
+from system.bus.dataplane import ShardClient
+from system.bus.publisher import Publisher
+from system.core import userstate
+from system.core.errors import Unavailable
+from system.core.events import Event
+from system.core.policy import Model, Picks, draw_slate
+from system.core.settings import Settings
+from system.core.sharding import SlotMap
+
+# How long a shard that failed a call is skipped (fallback slates at once) before it is tried again.
+SHARD_DOWN_SECONDS = 1.0
+
+
+class Gateway(Protocol):
+    """The API's way to a shard: NATS (system/bus/dataplane.py) or Ray (actors/ray_api.py)."""
+
+    async def slate(self, shard: int, uxid: str, limit: int) -> Picks: ...
+
+    async def profile(self, shard: int, uxid: str) -> list[list[int]]: ...
+
+
+class FailoverGateway:
+    """Shards over NATS, the data plane; over Ray actor calls while NATS is down."""
+
+    def __init__(self, nats: ShardClient, ray: Gateway) -> None:
+        self.nats = nats
+        self.ray = ray
+
+    async def slate(self, shard: int, uxid: str, limit: int) -> Picks:
+        if self.nats.connected:
+            return await self.nats.slate(shard, uxid, limit)
+        return await self.ray.slate(shard, uxid, limit)
+
+    async def profile(self, shard: int, uxid: str) -> list[list[int]]:
+        if self.nats.connected:
+            return await self.nats.profile(shard, uxid)
+        return await self.ray.profile(shard, uxid)
+
+
+class LiveBackend:
+    """The API's backend (see api/backend.py): shards through the gateway, NATS through the publisher."""
+
+    def __init__(
+        self, settings: Settings, rendered: Rendered, slot_map: SlotMap, gateway: Gateway, publisher: Publisher
+    ) -> None:
+        self.settings = settings
+        self.slot_map = slot_map
+        self.gateway = gateway
+        self.publisher = publisher
+        self.policy = settings.policy()
+        self.rng = np.random.default_rng()
+        self.health: dict[str, Any] = {"shards": [], "router": {}, "at": 0.0}
+        self.down_until: dict[int, float] = {}
+        self.started = time.time()
+        self.set_catalog(rendered)
+
+    @property
+    def catalog(self) -> Rendered:
+        return self._rendered
+
+    def set_catalog(self, rendered: Rendered) -> None:
+        self._rendered = rendered
+        self.model = Model(rendered.catalog, self.policy)
+
+    def set_popularity(self, version: int, clicks: np.ndarray, seen: np.ndarray) -> None:
+        if version == self._rendered.catalog.version:
+            self.model = Model(self._rendered.catalog, self.policy, clicks, seen)
+
+    def set_health(self, snapshot: dict[str, Any]) -> None:
+        self.health = {**snapshot, "at": time.time()}
+        for shard in snapshot.get("shards", []):
+            if not shard.get("ready"):
+                self.down_until[shard["shard"]] = time.monotonic() + SHARD_DOWN_SECONDS
+
+    async def slate(self, uxid: str, limit: int) -> Picks:
+        shard = self.slot_map.shard_of(uxid)
+        if self.down_until.get(shard, 0.0) > time.monotonic():
+            raise Unavailable(f"shard {shard} is down")  # answer from popularity at once
+        try:
+            return await self.gateway.slate(shard, uxid, limit)
+        except Unavailable:
+            self.down_until[shard] = time.monotonic() + SHARD_DOWN_SECONDS
+            raise
+
+    async def profile(self, uxid: str) -> list[list[int]]:
+        return await self.gateway.profile(self.slot_map.shard_of(uxid), uxid)
+
+    def fallback(self, limit: int) -> Picks:
+        empty = self.model.view(userstate.empty())
+        slate = draw_slate(self.model, empty, limit, self.rng)
+        return self.catalog.catalog.movie_ids[slate.movies].tolist(), ["popular"] * len(slate.movies)
+
+    def publish(self, events: Sequence[Event]) -> bool:
+        return self.publisher.submit_many(self.subject, [e.encode() for e in events])
+
+    async def publish_durably(self, events: Sequence[Event], timeout: float) -> int:
+        return await self.publisher.publish(self.subject, [e.encode() for e in events], timeout)
+
+    @property
+    def subject(self) -> str:
+        return f"{self.settings.events_subject}.api"
+
+    def readiness(self) -> dict[str, Any]:
+        shards = {str(s["shard"]): bool(s.get("ready")) for s in self.health.get("shards", [])}
+        router = bool(self.health.get("router", {}).get("running"))
+        catalog = len(self._rendered.catalog) > 0
+        ready = bool(shards) and all(shards.values()) and router and catalog and self.publisher.connected
+        return {
+            "ready": ready,
+            "catalog": catalog,
+            "router": router,
+            "nats": self.publisher.connected,
+            "shards": shards,
+        }
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "uptime": round(time.time() - self.started, 1),
+            "namespace": self.settings.namespace,
+            "catalog": {"version": self._rendered.catalog.version, "movies": len(self._rendered.catalog)},
+            "shards": self.health.get("shards", []),
+            "router": self.health.get("router", {}),
+            "supervisor_seen_seconds_ago": round(time.time() - self.health["at"], 1) if self.health["at"] else None,
+            "publisher": self.publisher.status(),
+            "stream_last_seq": self.health.get("stream_last_seq", 0),
+            "ray_dashboard": self.health.get("ray_dashboard"),
+        }

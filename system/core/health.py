@@ -1,0 +1,117 @@
+"""The supervisor's health decisions, independent of Ray (tested with a fake `Actors`).
+
+Each round every actor gets one idempotent "ensure" call: a shard restores itself if it is empty
+(after a crash Ray restarts it with a bare constructor), the router starts its loop, an API host
+starts serving. An answer updates the actor's status; a timeout or an error counts as a failure
+(a crash needs no more: Ray is restarting it already); after `threshold` failures in a row the
+actor is killed so that Ray restarts it. One check per actor is in flight at a time, and a
+round never raises: every failure ends up in the actor's status and the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from system.core.errors import Restarting
+
+log = logging.getLogger(__name__)
+
+
+class Actors(Protocol):
+    """The actors, by key ("shard-0", "router", "api-0"): what the supervisor's Ray wrapper does."""
+
+    async def call(self, actor: str, method: str, *args: Any, timeout: float) -> Any: ...
+
+    def restart(self, actor: str) -> None: ...
+
+
+@dataclass
+class Watched:
+    """One actor under watch: the call that brings it up, and the status field that says it is."""
+
+    key: str
+    ensure: str
+    up_field: str
+    status: dict[str, Any] = field(default_factory=dict)
+    failures: int = 0
+    restarts: int = 0
+
+    @property
+    def up(self) -> bool:
+        return bool(self.status.get(self.up_field))
+
+
+def shard_key(shard: int) -> str:
+    return f"shard-{shard}"
+
+
+def api_key(index: int) -> str:
+    return f"api-{index}"
+
+
+ROUTER = "router"
+
+
+class HealthMonitor:
+    def __init__(self, actors: Actors, shards: int, apis: int = 0, *, threshold: int = 3, timeout: float = 2.0) -> None:
+        self.actors = actors
+        self.threshold = threshold
+        self.timeout = timeout
+        self.shards = [Watched(shard_key(s), "ensure_ready", "ready", {"shard": s}) for s in range(shards)]
+        self.router = Watched(ROUTER, "ensure_running", "running")
+        self.apis = [Watched(api_key(a), "ensure_serving", "serving", {"api": a}) for a in range(apis)]
+
+    @property
+    def watched(self) -> list[Watched]:
+        return [*self.shards, self.router, *self.apis]
+
+    @property
+    def all_up(self) -> bool:
+        return all(w.up for w in self.watched)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "shards": [w.status for w in self.shards],
+            "router": self.router.status,
+            "apis": [w.status for w in self.apis],
+        }
+
+    async def check(self) -> None:
+        """One round: every actor checked once, concurrently."""
+        await asyncio.gather(*(self._check(w) for w in self.watched))
+
+    async def _check(self, watched: Watched) -> None:
+        try:
+            status = await self.actors.call(watched.key, watched.ensure, timeout=self.timeout)
+        except Exception as exc:  # noqa: BLE001 - every failure is a health fact, recorded below
+            watched.status = {
+                **watched.status,
+                watched.up_field: False,
+                "last_error": repr(exc),
+                "checked": time.time(),
+            }
+            self._failed(watched, exc)
+            return
+        watched.failures = 0
+        watched.status = {**status, "restarts": watched.restarts, "checked": time.time()}
+
+    def _failed(self, watched: Watched, exc: Exception) -> None:
+        if isinstance(exc, Restarting):
+            return  # Ray is already restarting it; a later check restores it
+        watched.failures += 1
+        log.warning(
+            "health check failed", extra={"actor": watched.key, "failures": watched.failures, "error": repr(exc)}
+        )
+        if watched.failures < self.threshold:
+            return
+        watched.failures = 0
+        watched.restarts += 1
+        log.error("restarting unresponsive actor", extra={"actor": watched.key})
+        try:
+            self.actors.restart(watched.key)
+        except Exception as kill_exc:  # noqa: BLE001 - an actor already gone: Ray restarts it anyway
+            log.warning("restart failed", extra={"actor": watched.key, "error": repr(kill_exc)})

@@ -1,0 +1,136 @@
+"""Configuration: read once from the environment, cast explicitly, fail loudly with the key's name."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from system.core.errors import ConfigError
+from system.core.inputs import N, bounded
+from system.core.policy_config import PolicyConfig
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# The command-line flags of `mabrec up`, and the variable each one stands for.
+FLAGS = {"shards": "MABREC_SHARDS", "host": "MABREC_HOST", "port": "MABREC_PORT", "dashboard": "MABREC_DASHBOARD"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str | None = None
+    nats_url: str | None = None
+    ray_address: str | None = None
+    shards: int = 4
+    host: str = "127.0.0.1"
+    port: int = 8000
+    checkpoint_interval: float = 1.0
+    log_level: str = "INFO"
+    state_dir: Path = Path(".mabrec")
+    namespace: str = "mabrec"
+    dashboard: bool = True
+    catalog_file: Path | None = None
+    event_retention_days: float = 0.0  # 0 keeps the event log forever
+    api_workers: int = 1  # API actors sharing the port
+    exploration: float = PolicyConfig.exploration  # the spread of every Thompson draw
+    forget_half_life: float = PolicyConfig.forget_half_life  # how fast old clicks fade; 0: never
+
+    @property
+    def event_retention(self) -> float:
+        """Seconds JetStream keeps an event (0: forever)."""
+        return self.event_retention_days * 86400.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **flags: Any) -> Settings:
+        """Settings from `env` (default: os.environ). Command-line flags (`shards=3`, ...) win over
+        the environment and are read as their variable would be, so one rule checks both."""
+        env = {**(os.environ if env is None else env)}
+        env.update({FLAGS[name]: str(value) for name, value in flags.items() if value is not None})
+        d = cls()
+        return cls(
+            database_url=_url(env, "DATABASE_URL", ("postgresql://", "postgres://")),
+            nats_url=_url(env, "NATS_URL", ("nats://", "tls://")),
+            ray_address=env.get("RAY_ADDRESS") or None,
+            shards=_number(env, "MABREC_SHARDS", int, d.shards, 1, 256),
+            host=env.get("MABREC_HOST", d.host),
+            port=_number(env, "MABREC_PORT", int, d.port, 0, 65535),
+            checkpoint_interval=_number(env, "MABREC_CHECKPOINT_INTERVAL", float, d.checkpoint_interval, 0.05, 3600.0),
+            log_level=_choice(env, "MABREC_LOG_LEVEL", d.log_level, LOG_LEVELS),
+            state_dir=Path(env.get("MABREC_STATE_DIR", str(d.state_dir))),
+            namespace=_namespace(env, d.namespace),
+            dashboard=_bool(env, "MABREC_DASHBOARD", d.dashboard),
+            catalog_file=Path(env["MABREC_CATALOG"]) if env.get("MABREC_CATALOG") else None,
+            event_retention_days=_number(
+                env, "MABREC_EVENT_RETENTION_DAYS", float, d.event_retention_days, 0.0, 36500.0
+            ),
+            api_workers=_number(env, "MABREC_API_WORKERS", int, d.api_workers, 1, 64),
+            exploration=_number(env, "MABREC_EXPLORATION", float, d.exploration, 0.05, 20.0),
+            forget_half_life=_number(env, "MABREC_FORGET_HALF_LIFE", float, d.forget_half_life, 0.0, 1000.0),
+        )
+
+    def policy(self) -> PolicyConfig:
+        """The bandit policy's settings: its tuned defaults, with what operators may change."""
+        return PolicyConfig(exploration=self.exploration, forget_half_life=self.forget_half_life)
+
+    @property
+    def stream(self) -> str:
+        """JetStream stream holding every accepted feedback event (the event log)."""
+        return f"{self.namespace.upper()}_EVENTS"
+
+    @property
+    def events_subject(self) -> str:
+        """The documented subject other services publish feedback events to."""
+        return f"{self.namespace}.events"
+
+    @property
+    def deadletter_subject(self) -> str:
+        return f"{self.namespace}.deadletter"
+
+
+def _url(env: Mapping[str, str], key: str, schemes: tuple[str, ...]) -> str | None:
+    value = env.get(key, "").strip()
+    if not value:
+        return None
+    if not value.startswith(schemes):
+        raise ConfigError(f"{key} must start with {' or '.join(schemes)}, got {value!r}")
+    return value
+
+
+def _number(env: Mapping[str, str], key: str, cast: Callable[[str], N], default: N, lo: N, hi: N) -> N:
+    raw = env.get(key, "").strip()
+    if not raw:
+        return default
+    try:
+        return bounded(raw, cast, lo, hi)
+    except ValueError as exc:
+        raise ConfigError(f"{key} {exc}") from None
+
+
+def _bool(env: Mapping[str, str], key: str, default: bool) -> bool:
+    raw = env.get(key, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{key} must be a boolean (1/0, true/false), got {raw!r}")
+
+
+def _choice(env: Mapping[str, str], key: str, default: str, choices: tuple[str, ...]) -> str:
+    raw = env.get(key, "").strip().upper()
+    if not raw:
+        return default
+    if raw not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {raw!r}")
+    return raw
+
+
+def _namespace(env: Mapping[str, str], default: str) -> str:
+    raw = env.get("MABREC_NAMESPACE", default).strip()
+    # It names a JetStream stream, NATS subjects, a Ray namespace and actor names.
+    if not re.fullmatch(r"[a-z][a-z0-9_]{0,39}", raw):
+        raise ConfigError(f"MABREC_NAMESPACE must match [a-z][a-z0-9_]{{0,39}}, got {raw!r}")
+    return raw

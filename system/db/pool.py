@@ -1,0 +1,35 @@
+"""PostgreSQL connection pools."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from psycopg_pool import AsyncConnectionPool
+
+
+async def open_pool(url: str, *, min_size: int = 1, max_size: int = 4, name: str = "mabrec") -> AsyncConnectionPool:
+    """A pool that opens lazily: a PostgreSQL outage fails calls, not the process."""
+    pool = AsyncConnectionPool(
+        url,
+        min_size=min_size,
+        max_size=max_size,
+        name=name,
+        open=False,
+        timeout=5.0,
+        reconnect_timeout=0,  # keep trying forever; callers see errors meanwhile
+        check=AsyncConnectionPool.check_connection,  # a restarted server leaves dead connections
+        kwargs={"autocommit": True, "connect_timeout": 5, "application_name": name},
+    )
+    await pool.open(wait=False)
+    return pool
+
+
+@asynccontextmanager
+async def short_lived_pool(url: str, name: str) -> AsyncIterator[AsyncConnectionPool]:
+    """A one-connection pool for a one-off job (a reload, a command), closed afterwards."""
+    pool = await open_pool(url, max_size=1, name=name)
+    try:
+        yield pool
+    finally:
+        await pool.close()

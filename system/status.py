@@ -1,0 +1,59 @@
+"""`mabrec status`: the system started from this directory, as its API and runtime file tell it."""
+
+from __future__ import annotations
+
+import sys
+
+import httpx
+import orjson
+
+from system.core.settings import Settings
+from system.local.processes import pid_alive
+from system.local.runtime import Runtime
+
+
+def show(settings: Settings, as_json: bool) -> int:
+    """Print the status; exit code 0 when ready, 2 when not, 1 when nothing answers."""
+    runtime = Runtime.load(settings.state_dir)
+    if runtime is None:
+        print(f"mabrec is not running here (no {settings.state_dir}/runtime.json)", file=sys.stderr)
+        return 1
+    supervisor = "running" if pid_alive(runtime.supervisor_pid) else "DOWN (the API and actors go on without it)"
+    try:
+        status = httpx.get(f"{runtime.api_url}/api/status", timeout=5).json()
+        ready = httpx.get(f"{runtime.api_url}/readyz", timeout=5).json()
+    except httpx.HTTPError as exc:
+        print(f"mabrec's API at {runtime.api_url} does not answer: {exc} (supervisor {supervisor})", file=sys.stderr)
+        return 1
+    if as_json:
+        out = {
+            "ready": ready,
+            "supervisor": {"pid": runtime.supervisor_pid, "alive": pid_alive(runtime.supervisor_pid)},
+            **status,
+        }
+        print(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
+        return 0 if ready.get("ready") else 2
+    print(
+        f"mabrec  {'READY' if ready.get('ready') else 'NOT READY'}   supervisor pid {runtime.supervisor_pid} {supervisor}"
+        f"   api up {status['uptime']}s"
+    )
+    print(f"  api        {runtime.api_url}  (docs {runtime.api_url}/docs)")
+    print(f"  dashboard  {runtime.dashboard_url or 'off'}")
+    print(f"  postgres   {runtime.database_url}")
+    print(f"  nats       {runtime.nats_url}   stream last seq {status['stream_last_seq']}")
+    print(f"  ray        {runtime.ray_address}")
+    print(f"  catalog    version {status['catalog']['version']}, {status['catalog']['movies']} movies")
+    router = status["router"]
+    print(
+        f"  router     {'running' if router.get('running') else 'DOWN'}  position {router.get('position', 0)}"
+        f"  events {router.get('events', 0)}  dead-lettered {sum((router.get('dead_letters') or {}).values())}"
+    )
+    publisher = status["publisher"]
+    print(f"  publisher  published {publisher['published']}  pending {publisher['pending']}")
+    print("  shard  ready  users    applied  covered  checkpointed  restarts")
+    for s in status["shards"]:
+        print(
+            f"  {s['shard']:>5}  {'yes' if s.get('ready') else 'NO ':>5}  {s.get('users', 0):>6}  {s.get('events_applied', 0):>8}"
+            f"  {s.get('covered_seq', 0):>7}  {s.get('checkpoint_seq', 0):>12}  {s.get('restarts', 0):>8}"
+        )
+    return 0 if ready.get("ready") else 2

@@ -1,0 +1,64 @@
+"""A backend for the API with the real pieces and no services: one ShardState holds every user,
+and what the API publishes is applied to it at once (what the router and the shards do over
+NATS). The API's tests run on it in milliseconds."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from api.render import Rendered
+from system.core import userstate
+from system.core.catalog import Catalog
+from system.core.errors import Unavailable
+from system.core.events import Event
+from system.core.policy import Picks, draw_slate
+from system.core.shard_state import ShardState
+
+
+class FakeBackend:
+    def __init__(self, catalog: Catalog, seed: int = 0) -> None:
+        self._rendered = Rendered(catalog)
+        self.state = ShardState(catalog, rng=np.random.default_rng(seed))
+        self.published: list[Event] = []
+        self.shard_down = False  # the user's shard is restarting
+        self.nats_down = False  # the publish buffer is full / JetStream does not confirm
+
+    @property
+    def catalog(self) -> Rendered:
+        return self._rendered
+
+    async def slate(self, uxid: str, limit: int) -> Picks:
+        if self.shard_down:
+            raise Unavailable("shard 0 is not serving (restarting?)")
+        return self.state.slate(uxid, limit)
+
+    async def profile(self, uxid: str) -> list[list[int]]:
+        rows: list[list[int]] = self.state.counts_of(uxid).tolist()
+        return rows
+
+    def fallback(self, limit: int) -> Picks:
+        model = self.state.model
+        slate = draw_slate(model, model.view(userstate.empty()), limit, np.random.default_rng(1))
+        return self._rendered.catalog.movie_ids[slate.movies].tolist(), ["popular"] * len(slate.movies)
+
+    def publish(self, events: Sequence[Event]) -> bool:
+        if self.nats_down:
+            return False
+        self.published.extend(events)
+        self.state.apply(events)
+        return True
+
+    async def publish_durably(self, events: Sequence[Event], timeout: float) -> int:
+        if self.nats_down:
+            raise Unavailable("the event buffer is full (NATS is unreachable); retry later")
+        self.publish(events)
+        return len(self.published)  # as if each event were a message of the stream
+
+    def readiness(self) -> dict[str, Any]:
+        return {"ready": not self.shard_down, "shards": {"0": not self.shard_down}}
+
+    def status(self) -> dict[str, Any]:
+        return {"shards": [{"shard": 0, "ready": not self.shard_down, "users": len(self.state.users)}]}

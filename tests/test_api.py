@@ -1,0 +1,178 @@
+"""The HTTP API in-process (Starlette's TestClient) on a backend of real parts without services
+(tests/fakes.py): the contract, the events each request records, and every bad input's 4xx."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from starlette.testclient import TestClient
+
+from api.app import create_app
+from system.core.catalog import Catalog
+from system.core.catalog_file import SHIPPED, read_movies
+from system.core.events import CLICKED, SEEN
+from tests.fakes import FakeBackend
+
+
+@pytest.fixture(scope="module")
+def catalog() -> Catalog:
+    return Catalog.from_movies(list(read_movies(SHIPPED)))
+
+
+@pytest.fixture
+def backend(catalog: Catalog) -> FakeBackend:
+    return FakeBackend(catalog)
+
+
+@pytest.fixture
+def client(backend: FakeBackend) -> Iterator[TestClient]:
+    with TestClient(create_app(backend)) as client:
+        yield client
+
+
+def test_the_list_paginates_by_id_without_overlap(client: TestClient, catalog: Catalog) -> None:
+    pages = [client.get("/api/movies", params={"page": p, "per_page": 50}) for p in (1, 2, 3)]
+    assert all(r.status_code == 200 for r in pages)
+    assert pages[0].headers["x-total-count"] == str(len(catalog))
+    flat = [m["id"] for r in pages for m in r.json()]
+    assert flat == catalog.movie_ids[:150].tolist()
+    last_page = -(-len(catalog) // 50)
+    last = client.get("/api/movies", params={"page": last_page, "per_page": 50}).json()
+    assert [m["id"] for m in last] == catalog.movie_ids[(last_page - 1) * 50 :].tolist()
+    assert client.get("/api/movies", params={"page": last_page + 1, "per_page": 50}).json() == []
+
+
+def test_a_movie_in_the_original_shape_with_its_genres(client: TestClient, backend: FakeBackend) -> None:
+    movie = client.get("/api/movies/2").json()
+    assert (movie["name"], movie["rating"], movie["duration"]) == ("The Godfather", 9.2, 175)
+    assert {g["name"] for g in movie["genres"]} == {"Crime", "Drama"}
+    assert set(movie) >= {"id", "name", "description", "rating", "votes", "duration", "duration_unit", "link"}
+    assert movie["directors"] == [] and movie["actors"] == []
+    assert client.get("/api/movies", params={"per_page": 2}).json()[1] == movie
+    assert backend.published == []  # no uxid: nobody clicked
+
+
+def test_opening_a_movie_with_a_uxid_records_an_attributed_click(client: TestClient, backend: FakeBackend) -> None:
+    response = client.get("/api/movies/2", headers={"uxid": "alice", "X-Recommendation-Id": "rec-7"})
+    assert response.status_code == 200
+    [event] = backend.published
+    assert (event.user, event.kind, event.movies, event.recommendation_id) == ("alice", CLICKED, (2,), "rec-7")
+    profile = client.get("/api/profile", headers={"uxid": "alice"}).json()
+    assert profile["clicks"] == 1 and [(m["id"], m["alpha"], m["beta"]) for m in profile["movies"]] == [(2, 2, 1)]
+    crime = next(f for f in profile["facets"] if f["name"] == "Crime")
+    assert (crime["kind"], crime["alpha"], crime["beta"]) == ("genres", 2, 1)
+
+
+def test_a_new_user_gets_a_full_slate_and_its_impression_is_recorded(client: TestClient, backend: FakeBackend) -> None:
+    response = client.get("/api/recommendations/movies", headers={"uxid": "newcomer"})
+    assert response.status_code == 200 and response.headers["x-mabrec-source"] == "personal"
+    slate = response.json()
+    ids = [m["id"] for m in slate]
+    assert len(ids) == 10 and len(set(ids)) == 10 and all(m["genres"] for m in slate)
+    assert {m["reason"] for m in slate} <= {"popular", "something new"}  # nothing liked yet
+    [impression] = backend.published
+    assert (impression.user, impression.kind, list(impression.movies)) == ("newcomer", SEEN, ids)
+    assert impression.recommendation_id == response.headers["x-recommendation-id"]
+    assert len(client.get("/api/recommendations/movies", headers={"uxid": "n2"}, params={"limit": 25}).json()) == 25
+
+
+def test_a_restarting_shard_means_a_popularity_slate_not_an_error(client: TestClient, backend: FakeBackend) -> None:
+    backend.shard_down = True
+    response = client.get("/api/recommendations/movies", headers={"uxid": "bob"})
+    assert response.status_code == 200 and response.headers["x-mabrec-source"] == "popularity-fallback"
+    assert len(response.json()) == 10 and {m["reason"] for m in response.json()} == {"popular"}
+    assert client.get("/readyz").status_code == 503
+
+
+def test_posted_events_are_applied_and_a_retry_counts_once(client: TestClient, backend: FakeBackend) -> None:
+    batch = [
+        {"event_type": "seen", "entity_ids": [1, 2, 3], "user_id": "carol", "event_id": "imp-1"},
+        {"event_type": "clicked", "entity_id": 2, "user_id": "carol", "event_id": "clk-1"},
+    ]
+    first = client.post("/api/events", json=batch)
+    assert first.status_code == 202 and first.json() == {
+        "accepted": 2,
+        "event_ids": ["imp-1", "clk-1"],
+        "stream_seq": 2,
+    }
+    assert client.post("/api/events", json=batch).status_code == 202  # a client's retry
+    profile = client.get("/api/profile", headers={"uxid": "carol"}).json()
+    assert {m["id"]: (m["alpha"], m["beta"]) for m in profile["movies"]} == {1: (1, 2), 2: (2, 2), 3: (1, 2)}
+    # An event without an id gets one, so it can be told apart from the others.
+    single = client.post("/api/events", json={"event_type": "clicked", "entity_id": 5, "user_id": "carol"}).json()
+    assert single["accepted"] == 1 and single["event_ids"][0]
+
+
+def test_a_batch_with_a_bad_event_is_refused_whole(client: TestClient, backend: FakeBackend) -> None:
+    good = {"event_type": "clicked", "entity_id": 5, "user_id": "dave"}
+    response = client.post("/api/events", json=[good, {"event_type": "seen", "user_id": "dave"}])
+    assert response.status_code == 400 and response.json()["errors"] == [
+        {"index": 1, "detail": "entity_id (or entity_ids) is required"}
+    ]
+    assert client.post("/api/events", content=b"[{").status_code == 400
+    assert client.post("/api/events", json=[]).status_code == 400
+    assert client.post("/api/events", content=b"x" * (2 << 20)).status_code == 413
+    assert backend.published == [] and "dave" not in backend.state.users
+
+
+def test_events_refused_while_nats_is_away_ask_for_a_retry(client: TestClient, backend: FakeBackend) -> None:
+    backend.nats_down = True
+    response = client.post("/api/events", json={"event_type": "clicked", "entity_id": 5, "user_id": "erin"})
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    assert response.json()["error"] == "unavailable"
+    # A slate is still served; its impression is dropped and counted.
+    assert client.get("/api/recommendations/movies", headers={"uxid": "erin"}).status_code == 200
+    assert 'mabrec_events_dropped_total{type="seen"} 1.0' in client.get("/metrics").text
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "uxid", "params", "status", "says"),
+    [
+        ("GET", "/api/recommendations/movies", None, {}, 400, "uxid header is required"),
+        ("GET", "/api/recommendations/movies", "x" * 129, {}, 400, "uxid must be"),
+        ("GET", "/api/recommendations/movies", "tab\there", {}, 400, "uxid must be"),
+        ("GET", "/api/recommendations/movies", "u", {"limit": "0"}, 400, "limit must be"),
+        ("GET", "/api/recommendations/movies", "u", {"limit": "many"}, 400, "limit must be"),
+        ("GET", "/api/recommendations/movies", "u", {"limit": "101"}, 400, "limit must be"),
+        ("GET", "/api/recommendations/movies", "u", {"limit": "1_0"}, 400, "limit must be"),
+        ("GET", "/api/movies", None, {"per_page": "0"}, 400, "per_page must be"),
+        ("GET", "/api/movies", None, {"per_page": "101"}, 400, "per_page must be"),
+        ("GET", "/api/movies", None, {"page": "-1"}, 400, "page must be"),
+        ("GET", "/api/movies/abc", None, {}, 400, "must be an integer"),
+        ("GET", "/api/movies/1.5", None, {}, 400, "must be an integer"),
+        ("GET", "/api/movies/99999999", None, {}, 404, "no movie with id"),
+        ("GET", "/api/movies/2", "", {}, 400, "uxid must be"),
+        ("GET", "/api/profile", None, {}, 400, "uxid header is required"),
+        ("GET", "/api/nothing-here", None, {}, 404, "Not Found"),
+        ("DELETE", "/api/movies/2", None, {}, 405, "Method Not Allowed"),
+    ],
+)
+def test_bad_input_gets_a_clear_4xx_json_error(
+    client: TestClient,
+    backend: FakeBackend,
+    method: str,
+    path: str,
+    uxid: str | None,
+    params: dict[str, str],
+    status: int,
+    says: str,
+) -> None:
+    headers = {"uxid": uxid} if uxid is not None else {}
+    response = client.request(method, path, headers=headers, params=params)
+    assert response.status_code == status
+    body = response.json()
+    assert set(body) >= {"error", "detail"} and says in body["detail"]
+    assert backend.published == []  # nothing recorded for a refused request
+
+
+def test_the_contract_the_docs_and_the_metrics(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    assert spec["openapi"].startswith("3.") and "/api/recommendations/movies" in spec["paths"]
+    assert "mabrec API" in client.get("/docs").text
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").json()["ready"]
+    client.get("/api/movies/2")
+    metrics = client.get("/metrics").text
+    assert 'mabrec_http_requests_total{method="GET",route="/api/movies/{id}",status="200"} 1.0' in metrics
+    assert 'mabrec_shard_users{shard="0"}' in metrics

@@ -1,0 +1,163 @@
+"""The control loop, one step at a time, against fakes of the actors, the catalog and the stream."""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+
+from supervisor import Supervisor
+from system.core.settings import Settings
+
+
+class FakeActors:
+    """Shards, a router and API hosts that answer every call and remember what they were told."""
+
+    def __init__(self, shards: int) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.popularity = {f"shard-{s}": (1, np.full(3, s + 1.0), np.full(3, 10.0)) for s in range(shards)}
+        self.told: dict[str, tuple[Any, ...]] = {}
+        self.broken: set[str] = set()  # methods that raise
+
+    async def call(self, actor: str, method: str, *args: Any, timeout: float) -> Any:
+        self.calls.append((actor, method))
+        if method in self.broken:
+            raise RuntimeError(f"{method} is broken")
+        if method in ("ensure_ready", "ensure_running", "ensure_serving"):
+            return {"ready": True, "running": True, "serving": True}
+        if method == "popularity":
+            return self.popularity[actor]
+        self.told[f"{actor}.{method}"] = args
+        return None
+
+    def restart(self, actor: str) -> None:
+        raise AssertionError("nothing here hangs")
+
+
+class FakeCatalog:
+    def __init__(self) -> None:
+        self.current = 1
+
+    async def version(self) -> int:
+        return self.current
+
+
+class FakeStream:
+    async def stream_info(self, name: str) -> Any:
+        return SimpleNamespace(state=SimpleNamespace(last_seq=42, first_seq=1))
+
+
+@pytest.fixture
+def parts() -> tuple[Supervisor, FakeActors, FakeCatalog]:
+    actors, catalog = FakeActors(2), FakeCatalog()
+    settings = Settings(shards=2, api_workers=1)
+    # Fakes of the catalog store and the stream: duck-typed, what the supervisor calls of them.
+    supervisor = Supervisor(settings, actors, catalog, FakeStream(), ray_dashboard=None)  # type: ignore[arg-type]
+    return supervisor, actors, catalog
+
+
+async def test_a_step_checks_health_and_tells_the_api(parts: tuple[Supervisor, FakeActors, FakeCatalog]) -> None:
+    supervisor, actors, _ = parts
+    await supervisor.step()
+    assert supervisor.health.all_up and supervisor.stream_last_seq == 42
+    [snapshot] = actors.told["api-0.set_health"]
+    assert snapshot["stream_last_seq"] == 42 and len(snapshot["shards"]) == 2 and snapshot["router"]["running"]
+    assert snapshot["control_loop"]["steps"] == 0 and supervisor.steps == 1
+
+
+async def test_an_actor_that_is_down_is_left_to_the_health_check(
+    parts: tuple[Supervisor, FakeActors, FakeCatalog],
+) -> None:
+    """A hung shard must not stall the rest of the step: after its failed health check, the
+    step's other calls skip it (and a new catalog is told again once it is back)."""
+    supervisor, actors, _ = parts
+    actors.broken = {"ensure_ready"}
+    await supervisor.step()
+    assert not supervisor.health.all_up
+    assert {a for a, m in actors.calls if m not in ("ensure_ready", "ensure_running", "ensure_serving")} == {
+        "router",
+        "api-0",
+    }
+    assert supervisor.told_version is None  # the shards have not heard of the catalog yet
+    actors.broken = set()
+    await supervisor.health.check()
+    await supervisor.watch_catalog()
+    assert supervisor.told_version == 1
+
+
+async def test_popularity_is_summed_over_shards_and_sent_to_all(
+    parts: tuple[Supervisor, FakeActors, FakeCatalog],
+) -> None:
+    supervisor, actors, _ = parts
+    await supervisor.step()
+    for actor in ("shard-0", "shard-1", "api-0"):
+        version, clicks, seen = actors.told[f"{actor}.set_popularity"]
+        assert version == 1 and clicks.tolist() == [3.0] * 3 and seen.tolist() == [20.0] * 3
+
+
+async def test_a_new_catalog_is_told_to_every_actor_once(parts: tuple[Supervisor, FakeActors, FakeCatalog]) -> None:
+    supervisor, actors, catalog = parts
+    await supervisor.step()
+    assert {a for a, m in actors.calls if m in ("reload_catalog", "reload")} == {
+        "shard-0",
+        "shard-1",
+        "router",
+        "api-0",
+    }
+    actors.calls.clear()
+    await supervisor.watch_catalog()
+    assert not [c for c in actors.calls if c[1] in ("reload_catalog", "reload")]  # same version: nothing
+    catalog.current = 2
+    await supervisor.watch_catalog()
+    assert len([c for c in actors.calls if c[1] in ("reload_catalog", "reload")]) == 4
+
+
+async def test_a_failing_substep_is_logged_by_name_and_the_others_still_run(
+    parts: tuple[Supervisor, FakeActors, FakeCatalog], caplog: pytest.LogCaptureFixture
+) -> None:
+    supervisor, actors, _ = parts
+    actors.broken = {"set_health", "popularity"}
+    with caplog.at_level(logging.WARNING):
+        await supervisor.step()
+    assert supervisor.health.all_up and supervisor.told_version == 1  # health and catalog ran
+    failed = {getattr(r, "target", None) for r in caplog.records} - {None}
+    assert failed == {"api-0", "shard-0", "shard-1"}  # each failed call, named
+
+
+async def test_a_catalog_tell_that_fails_is_retried_next_time(
+    parts: tuple[Supervisor, FakeActors, FakeCatalog],
+) -> None:
+    supervisor, actors, _ = parts
+    await supervisor.health.check()
+    actors.broken = {"reload"}
+    await supervisor.watch_catalog()
+    assert supervisor.told_version is None
+    actors.broken = set()
+    await supervisor.watch_catalog()
+    assert supervisor.told_version == 1
+
+
+async def test_a_substep_that_raises_does_not_end_the_step(
+    parts: tuple[Supervisor, FakeActors, FakeCatalog], caplog: pytest.LogCaptureFixture
+) -> None:
+    supervisor, _, _ = parts
+
+    async def bug() -> None:
+        raise ZeroDivisionError("a bug")
+
+    setattr(supervisor, "watch_stream", bug)  # noqa: B010 - a bug planted in one sub-step
+    with caplog.at_level(logging.ERROR):
+        await supervisor.step()
+    assert supervisor.substep_failures == {"stream": 1} and supervisor.steps == 1
+    assert any(getattr(r, "step", None) == "stream" and r.exc_info for r in caplog.records)
+
+
+async def test_stopping_stops_the_api_then_the_router_then_the_shards(
+    parts: tuple[Supervisor, FakeActors, FakeCatalog],
+) -> None:
+    supervisor, actors, _ = parts
+    await supervisor.stop_actors()
+    assert [a for a, m in actors.calls if m == "stop"] == ["api-0", "router", "shard-0", "shard-1"]

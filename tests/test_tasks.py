@@ -1,0 +1,96 @@
+"""Background tasks: a death is logged and handled, a cancellation is never swallowed."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from system.tasks import Background, cancel_and_wait, gather_logged, start_task
+
+
+async def test_cancel_and_wait_passes_the_callers_own_cancellation_on() -> None:
+    """The bug behind a stop that never finished: awaiting a cancelled task inside
+    `suppress(CancelledError)` also swallows the cancellation of the one who awaits."""
+    stubborn_started = asyncio.Event()
+
+    async def stubborn() -> None:
+        stubborn_started.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.2)  # takes a while to stop
+            raise
+
+    job = asyncio.create_task(stubborn())
+    await stubborn_started.wait()
+    stopper = asyncio.create_task(cancel_and_wait(job))
+    await asyncio.sleep(0.05)
+    stopper.cancel()  # whoever stops the job is itself told to stop
+    with pytest.raises(asyncio.CancelledError):
+        await stopper
+    await asyncio.sleep(0.25)
+    assert job.cancelled()
+
+
+async def test_cancel_and_wait_logs_a_task_that_fails_while_stopping(caplog: pytest.LogCaptureFixture) -> None:
+    async def fails_on_cancel() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            raise RuntimeError("cleanup failed") from None
+
+    job = asyncio.create_task(fails_on_cancel(), name="flaky")
+    await asyncio.sleep(0)
+    with caplog.at_level(logging.WARNING):
+        await cancel_and_wait(job)
+    assert any(getattr(r, "task", None) == "flaky" for r in caplog.records)
+
+
+async def test_a_dead_background_task_is_logged_and_handed_to_its_keeper(caplog: pytest.LogCaptureFixture) -> None:
+    deaths: list[BaseException | None] = []
+
+    async def crash() -> None:
+        raise ValueError("boom")
+
+    async def quit_early() -> None:
+        return
+
+    with caplog.at_level(logging.ERROR):
+        start_task(crash(), "crasher", deaths.append)
+        start_task(quit_early(), "quitter", deaths.append)  # a loop that returned: also a death
+        start_task(quit_early(), "one-shot", deaths.append, forever=False)  # its job done: not one
+        await asyncio.sleep(0.01)
+    assert [type(d).__name__ for d in deaths] == ["ValueError", "NoneType"]
+    assert {getattr(r, "task", None) for r in caplog.records} == {"crasher", "quitter"}
+
+
+async def test_background_is_started_again_after_it_failed() -> None:
+    runs: list[int] = []
+
+    async def job() -> None:
+        runs.append(1)
+        if len(runs) == 1:
+            raise OSError("first try fails")
+
+    background = Background(job, "job", forever=False)
+    with pytest.raises(OSError):
+        await background.wait()
+    assert background.last_error == "OSError('first try fails')" and not background.running
+    await background.wait()
+    assert len(runs) == 2
+
+
+async def test_gather_logged_names_each_failure_and_keeps_the_rest(caplog: pytest.LogCaptureFixture) -> None:
+    async def ok(x: int) -> int:
+        return x
+
+    async def bad() -> int:
+        raise KeyError("missing")
+
+    with caplog.at_level(logging.WARNING):
+        out = await gather_logged({"a": ok(1), "b": bad(), "c": ok(3)}, "asking")
+    assert out == {"a": 1, "c": 3}
+    [record] = caplog.records
+    assert record.getMessage() == "asking failed" and getattr(record, "target", None) == "b"
