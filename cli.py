@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_memory.add_argument("--movies", type=int, default=20, help="touched movies per user (default 20)")
     p_memory.add_argument("--shards", type=int, default=4)
     bench_sub.add_parser("policy", help="microseconds per slate, in-process")
+    p_growth = bench_sub.add_parser(
+        "growth", help="users touched once, by the million: the shards' memory, and slates for users evicted"
+    )
+    p_growth.add_argument("--users", type=int, default=2_000_000, help="distinct users (default 2000000)")
     p_report = bench_sub.add_parser("report", help="start a fresh system, run every benchmark, write BENCHMARKS.md")
     p_report.add_argument("--shards", type=int, default=4)
     p_report.add_argument(

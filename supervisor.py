@@ -24,7 +24,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-import numpy as np
 from nats.js import JetStreamContext
 
 from system.bus import stream
@@ -57,16 +56,24 @@ class Supervisor:
     calls an actor that is down (a hung shard must not stall popularity for everyone else)."""
 
     def __init__(
-        self, settings: Settings, actors: Actors, catalog_store: CatalogStore, js: JetStreamContext, **extra: Any
+        self,
+        settings: Settings,
+        actors: Actors,
+        catalog_store: CatalogStore,
+        state_store: StateStore,
+        js: JetStreamContext,
+        **extra: Any,
     ) -> None:
         self.settings = settings
         self.actors = actors
         self.catalog_store = catalog_store
+        self.state_store = state_store
         self.js = js
         self.health = HealthMonitor(actors, settings.shards, settings.api_workers)
         self.extra = extra  # shown in the API's status (the Ray dashboard's address)
         self.told_version: int | None = None  # the catalog version the actors were last told about
         self.stream_last_seq = 0
+        self.retention_lost = 0  # events retention trimmed before a checkpoint held them
         self.step_seconds = 0.0
         self.steps = 0
         self.substep_failures: Counter[str] = Counter()
@@ -121,6 +128,7 @@ class Supervisor:
             **self.health.snapshot(),
             **self.extra,
             "stream_last_seq": self.stream_last_seq,
+            "retention_lost": self.retention_lost,
             "control_loop": {
                 "steps": self.steps,
                 "step_seconds": round(self.step_seconds, 4),
@@ -135,7 +143,18 @@ class Supervisor:
         )
 
     async def watch_stream(self) -> None:
-        self.stream_last_seq = await stream.last_seq(self.js, self.settings.stream)
+        """How far the event log goes, and whether it still reaches back to every checkpoint:
+        retention that trimmed events no checkpoint holds yet has lost them (say so, loudly)."""
+        state = (await self.js.stream_info(self.settings.stream)).state
+        self.stream_last_seq = state.last_seq
+        oldest = await self.state_store.oldest_checkpoint()
+        lost = state.first_seq - 1 - oldest if state.messages else 0
+        if lost > 0 and lost != self.retention_lost:
+            log.error(
+                "the event log no longer reaches the oldest checkpoint: events were lost to retention",
+                extra={"first_seq": state.first_seq, "oldest_checkpoint": oldest, "lost": lost},
+            )
+        self.retention_lost = max(lost, 0)
 
     async def watch_catalog(self) -> None:
         """Tell every actor about a new catalog version. Each reloads only if its catalog is not
@@ -153,20 +172,13 @@ class Supervisor:
             self.told_version = version
 
     async def share_popularity(self) -> None:
-        """Sum every shard's popularity counts and send the total back: all shards (and the API's
-        fallback) rank with the whole population's evidence, not just their own users'."""
-        version = await self.catalog_store.version()
-        answers = await gather_logged(
-            {key: self.actors.call(key, "popularity", timeout=5) for key in self.shard_keys}, "reading popularity"
-        )
-        parts = [a for a in answers.values() if a[0] == version]
-        if not parts:
-            return
-        clicks = np.sum([p[1] for p in parts], axis=0)
-        seen = np.sum([p[2] for p in parts], axis=0)
+        """Send every shard and API host all users' popularity, as the checkpoints have summed it
+        in PostgreSQL: they rank with the whole population's evidence, not just their users'."""
+        popularity = await self.state_store.popularity()
+        keys, clicks, seen = popularity.keys, popularity.clicks, popularity.impressions
         await gather_logged(
             {
-                key: self.actors.call(key, "set_popularity", version, clicks, seen, timeout=5)
+                key: self.actors.call(key, "set_popularity", keys, clicks, seen, timeout=5)
                 for key in self.shard_keys + self.api_keys
             },
             "sharing popularity",
@@ -233,7 +245,9 @@ async def up(settings: Settings) -> int:
             slot_map = await reshard_offline(cluster, state_store, slot_map, settings.shards)
         port = settings.port or (urlsplit(previous.api_url).port if previous else None) or free_port()
         cluster.spawn(settings.shards, settings.api_workers, port)
-        supervisor = Supervisor(settings, cluster, catalog_store, js, ray_dashboard=infra.dashboard_url or dashboard)
+        supervisor = Supervisor(
+            settings, cluster, catalog_store, state_store, js, ray_dashboard=infra.dashboard_url or dashboard
+        )
 
         def died(exc: BaseException | None) -> None:
             log.error("the control loop died: stopping")

@@ -31,6 +31,7 @@ from system.bus import stream
 from system.bus.dataplane import ShardClient
 from system.bus.publisher import Publisher
 from system.core.errors import Unavailable
+from system.core.popularity import Popularity
 from system.core.settings import Settings
 from system.core.sharding import SlotMap
 from system.db.catalog_store import CatalogStore
@@ -72,9 +73,13 @@ class ApiHost:
         async with short_lived_pool(settings.database_url or "", f"api-{self.index}") as pool:
             rendered = await asyncio.to_thread(Rendered, await CatalogStore(pool).read())
             slot_map = await StateStore(pool).slot_map()
+            popularity = await StateStore(pool).popularity()  # the fallback's ranking, until the first push
         started: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._thread = threading.Thread(
-            target=self._run_http, args=(rendered, slot_map, started), name=f"http-{self.index}", daemon=True
+            target=self._run_http,
+            args=(rendered, slot_map, popularity, started),
+            name=f"http-{self.index}",
+            daemon=True,
         )
         self._thread.start()
         await asyncio.wrap_future(started)
@@ -82,10 +87,16 @@ class ApiHost:
             "api serving", extra={"host": settings.host, "port": self.port, "index": self.index, "pid": os.getpid()}
         )
 
-    def _run_http(self, rendered: Rendered, slot_map: SlotMap, started: concurrent.futures.Future[None]) -> None:
+    def _run_http(
+        self,
+        rendered: Rendered,
+        slot_map: SlotMap,
+        popularity: Popularity,
+        started: concurrent.futures.Future[None],
+    ) -> None:
         loop = self._loop = uvloop.new_event_loop()
         try:
-            loop.run_until_complete(self._serve(rendered, slot_map, started))
+            loop.run_until_complete(self._serve(rendered, slot_map, popularity, started))
         except BaseException as exc:
             if not started.done():
                 started.set_exception(exc)
@@ -93,13 +104,16 @@ class ApiHost:
         finally:
             loop.close()
 
-    async def _serve(self, rendered: Rendered, slot_map: SlotMap, started: concurrent.futures.Future[None]) -> None:
+    async def _serve(
+        self, rendered: Rendered, slot_map: SlotMap, popularity: Popularity, started: concurrent.futures.Future[None]
+    ) -> None:
         settings = self.settings
         nc = await stream.connect(settings.nats_url or "", f"{settings.namespace}-api-{self.index}")
         publisher = Publisher(nc)
         publisher.start()
         shards = FailoverGateway(ShardClient(nc, settings.namespace), self.gateway)
         self.backend = LiveBackend(settings, rendered, slot_map, shards, publisher)
+        self.backend.set_popularity(popularity)
         config = uvicorn.Config(
             create_app(self.backend), log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=5
         )
@@ -123,9 +137,9 @@ class ApiHost:
         if self.backend is not None:
             self.backend.set_health(snapshot)
 
-    async def set_popularity(self, version: int, clicks: np.ndarray, seen: np.ndarray) -> None:
+    async def set_popularity(self, keys: np.ndarray, clicks: np.ndarray, impressions: np.ndarray) -> None:
         if self.backend is not None:
-            self.backend.set_popularity(version, clicks, seen)
+            self.backend.set_popularity(Popularity(keys, clicks, impressions))
 
     async def reload_catalog(self) -> int:
         if self.backend is None:

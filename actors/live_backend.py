@@ -17,6 +17,7 @@ from system.core import userstate
 from system.core.errors import Unavailable
 from system.core.events import Event
 from system.core.policy import Model, Picks, draw_slate
+from system.core.popularity import Popularity
 from system.core.settings import Settings
 from system.core.sharding import SlotMap
 
@@ -65,6 +66,7 @@ class LiveBackend:
         self.health: dict[str, Any] = {"shards": [], "router": {}, "at": 0.0}
         self.down_until: dict[int, float] = {}
         self.started = time.time()
+        self.popularity = Popularity.empty()
         self.set_catalog(rendered)
 
     @property
@@ -73,11 +75,11 @@ class LiveBackend:
 
     def set_catalog(self, rendered: Rendered) -> None:
         self._rendered = rendered
-        self.model = Model(rendered.catalog, self.policy)
+        self.model = Model(rendered.catalog, self.policy, *self.popularity.dense(rendered.catalog))
 
-    def set_popularity(self, version: int, clicks: np.ndarray, seen: np.ndarray) -> None:
-        if version == self._rendered.catalog.version:
-            self.model = Model(self._rendered.catalog, self.policy, clicks, seen)
+    def set_popularity(self, popularity: Popularity) -> None:
+        self.popularity = popularity
+        self.model = Model(self._rendered.catalog, self.policy, *popularity.dense(self._rendered.catalog))
 
     def set_health(self, snapshot: dict[str, Any]) -> None:
         self.health = {**snapshot, "at": time.time()}

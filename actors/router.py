@@ -3,9 +3,9 @@
 It consumes the events stream in order, validates each event, dead-letters what is malformed,
 and publishes to each shard its events in batches over NATS (system/bus/dataplane.py), every
 batch naming the stream span it covers (see actors/shard.py). It keeps no durable position of
-its own: on start it resumes after the furthest point any shard has covered; a shard that is
-behind replays its gap from the stream. Nothing is ever re-sent: the next span tells a shard
-what it missed.
+its own: on start it resumes after the furthest point any shard has covered, and never before
+the oldest checkpoint; a shard that is behind replays its gap from the stream. Nothing is ever
+re-sent: the next span tells a shard what it missed.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import orjson
 from nats.aio.client import Client as NATS
 
 from system.bus import dataplane, stream
-from system.core.events import Event, decode
+from system.core.events import Event
 from system.core.settings import Settings
 from system.core.sharding import SlotMap
 from system.db.catalog_store import CatalogStore
@@ -123,18 +123,23 @@ class EventRouter:
             await cursor.close()
 
     async def _start_position(self) -> int:
-        """After the furthest sequence a live shard covers (0 if none is up yet)."""
+        """After the furthest sequence a live shard covers, and never before the oldest
+        checkpoint: what every checkpoint covers needs no routing, so a cold start reads only
+        the gap since the checkpoints, however long the log (a shard that is behind replays
+        its own gap)."""
         assert self.slot_map is not None
         covered = await gather_logged(
             {str(s): self.shards.covered(s) for s in range(self.slot_map.shards)}, "asking a shard its position"
         )
-        return max([c for c in covered.values() if c is not None], default=0) + 1
+        async with short_lived_pool(self.settings.database_url or "", "router") as pool:
+            checkpointed = await StateStore(pool).oldest_checkpoint()
+        return max([c for c in covered.values() if c is not None] + [checkpointed]) + 1
 
     async def _route(self, js: Any, batch: Sequence[stream.StreamMessage]) -> None:
         assert self.slot_map is not None
-        per_shard: dict[int, list[tuple[int, Event]]] = {}
+        per_shard: dict[int, list[tuple[int, int, Event]]] = {}
         for msg in batch:
-            events, errors = decode(msg.data)
+            events, errors = msg.decode()
             for item, label, reason in errors:
                 await self._dead_letter(js, msg.seq, item, label, reason)
             for event in events:
@@ -143,7 +148,7 @@ class EventRouter:
                         js, msg.seq, event.to_json(), "unknown_movie", "no movie id is in the catalog"
                     )
                     continue
-                per_shard.setdefault(self.slot_map.shard_of(event.user), []).append((msg.seq, event))
+                per_shard.setdefault(self.slot_map.shard_of(event.user), []).append((msg.seq, msg.second, event))
                 self.events += 1
         self.messages += len(batch)
         last = batch[-1].seq
@@ -157,7 +162,7 @@ class EventRouter:
         idle = [s for s in self.declared if now - self._last_call.get(s, 0) > IDLE_ADVANCE]
         await asyncio.gather(*(self._send(shard, [], self.position) for shard in idle))
 
-    async def _send(self, shard: int, events: list[tuple[int, Event]], last: int) -> None:
+    async def _send(self, shard: int, events: list[tuple[int, int, Event]], last: int) -> None:
         """Publish the shard's span (system/bus/dataplane.py). If it gets lost (the shard is down,
         NATS drops it), the next span starts past this one, and the shard replays the gap."""
         prev = self.declared.get(shard, last)

@@ -1,12 +1,18 @@
 """The shard actor, as a plain class: Ray wraps it in actors/ray_api.py.
 
-A shard owns the users of some slots. Its state is `ShardState` in memory; its durability is
-(checkpoint in PostgreSQL) + (the event stream after the checkpoint). The invariant it keeps:
-`covered` is a stream sequence such that every event of its users up to it is applied, and none
-after it. Every `apply` call names the stream span it covers, `(prev_seq, last_seq]`; when
-`prev_seq` is ahead of `covered`, events were missed (a failed call, a restart) and the shard
-replays the gap from the stream before applying. Events at or below `covered` are skipped. So
-redeliveries and retries change nothing, and nothing is lost while the stream holds it.
+A shard owns the users of some slots. Its state is `ShardState` in memory (the users in use);
+its durability is (checkpoint in PostgreSQL) + (the event stream after the checkpoint). The
+invariant it keeps: `covered` is a stream sequence such that every event of its users up to it
+is applied, and none after it. Every `apply` call names the stream span it covers,
+`(prev_seq, last_seq]`; when `prev_seq` is ahead of `covered`, events were missed (a failed
+call, a restart) and the shard replays the gap from the stream before applying. Events at or
+below `covered` are skipped. So redeliveries and retries change nothing, and nothing is lost
+while the stream holds it.
+
+Growth: a restore reads no user; each user is loaded from their checkpoint when first needed
+(one indexed read, for a whole batch of users), and users idle longest leave memory once
+checkpointed. One writer per slot: the restore takes the slots with a new epoch, and a
+checkpoint from an older owner is refused (`Fenced`), after which that owner stops serving.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import gc
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,17 +33,17 @@ from psycopg_pool import AsyncConnectionPool
 
 from system.bus import dataplane, stream
 from system.core import userstate
-from system.core.catalog import Catalog
 from system.core.errors import Unavailable
-from system.core.events import Event, decode
+from system.core.events import Event
 from system.core.policy import Picks
 from system.core.policy_config import PolicyConfig
+from system.core.popularity import Popularity
 from system.core.settings import Settings
-from system.core.shard_state import ShardState, recent_to_bytes
+from system.core.shard_state import ShardState
 from system.core.sharding import slot_of
 from system.db.catalog_store import CatalogStore
 from system.db.pool import open_pool
-from system.db.state_store import StateStore
+from system.db.state_store import Checkpoint, Fenced, StateStore
 from system.tasks import Background, cancel_and_wait, start_task
 
 log = logging.getLogger(__name__)
@@ -58,22 +64,27 @@ class Shard:
         self.seed = seed
         self.state: ShardState | None = None
         self.covered = 0
-        self.slots: list[int] = []
+        self.epochs: dict[int, int] = {}  # slot -> the epoch this shard took it with
         self._slot_set: frozenset[int] = frozenset()
         self._saved_covered = -1
         self._pool: AsyncConnectionPool | None = None
         self._nc: NATS | None = None
+        # Whatever changes the users in memory (applying events, loading users) takes this lock:
+        # a load then cannot interleave with an apply, nor bring back an older state.
         self._apply_lock = asyncio.Lock()
         self._checkpoint_lock = asyncio.Lock()
         self._restoring = Background(self._restore, f"shard-{shard_id} restore", forever=False)
         self._subscriptions: list[Any] = []
         self._stopped = False
+        self.fenced: str | None = None  # why this instance stopped serving: a successor owns its slots
         self._checkpointer: asyncio.Task[None] | None = None
         self.started = time.time()
         self.restored_at: float | None = None
         self.restore_seconds: float | None = None
         self.replayed = 0
         self.gaps = 0
+        self.loads = 0  # indexed reads of users who were not in memory
+        self.users_loaded = 0
         self.slate_calls = 0
         self.slates_served = 0
         self.apply_calls = 0
@@ -82,11 +93,17 @@ class Shard:
         self.last_checkpoint: float | None = None
         self.last_error: str | None = None
 
+    @property
+    def slots(self) -> list[int]:
+        return sorted(self.epochs)
+
     # --- lifecycle --------------------------------------------------------------------------
 
     async def ensure_ready(self) -> dict[str, Any]:
         """Start restoring from the checkpoint and the stream unless restored or restoring; never
         waits for it (a health check must not block). Returns `status()`."""
+        if self.fenced:
+            raise ShardNotReady(f"shard {self.shard_id} (pid {os.getpid()}) was fenced: {self.fenced}")
         if self.state is None:
             self._restoring.ensure()
         return self.status()
@@ -110,13 +127,22 @@ class Shard:
             self._nc = await stream.connect(settings.nats_url or "", f"{settings.namespace}-shard-{self.shard_id}")
         store = StateStore(self._pool)
         catalog = await CatalogStore(self._pool).read()
-        slots = (await store.slot_map()).slots_of(self.shard_id)
-        slot_covered = await store.covered_by_slot(slots)
+        # Take the slots: from here on an older owner's checkpoints are refused, so the users'
+        # checkpoints, read later as they are needed, can only change through this shard.
+        claims = await store.take_slots(self.shard_id)
+        popularity = await store.popularity()
+        state = ShardState(
+            catalog,
+            self.policy,
+            np.random.default_rng(self.seed),
+            dedup_window=settings.dedup_window,
+            resident_users=settings.resident_users,
+        )
+        state.set_popularity(popularity)
+        self.epochs = {slot: claim.epoch for slot, claim in claims.items()}
+        self._slot_set = frozenset(claims)
+        slot_covered = {slot: claim.covered for slot, claim in claims.items()}
         covered = min(slot_covered.values(), default=0)
-        rows = await store.load_users(slots)
-        rng = np.random.default_rng(self.seed)
-        state = await asyncio.to_thread(_build_state, catalog, self.policy, rng, rows)
-        self.slots, self._slot_set = slots, frozenset(slots)
         end = await stream.last_seq(self._nc.jetstream(), settings.stream)
         async with self._apply_lock:
             self.covered = covered
@@ -127,18 +153,18 @@ class Shard:
             self.state = state
         self.restored_at = time.time()
         self.restore_seconds = time.monotonic() - began
-        # The catalog and the restored users live as long as the process and hold no cycles:
-        # keep them out of the garbage collector's full passes, which over a million users would
-        # stall serving for tens of milliseconds. Collected first, so no garbage is pinned.
+        # The catalog lives as long as the process and holds no cycles: keep it out of the
+        # garbage collector's full passes. Collected first, so no garbage is pinned.
         gc.collect()
         gc.freeze()
         log.info(
             "shard restored",
             extra={
                 "shard": self.shard_id,
-                "users": len(state.users),
+                "slots": len(claims),
                 "checkpoint_seq": covered,
                 "replayed": self.replayed,
+                "users_loaded": self.users_loaded,
                 "seconds": round(self.restore_seconds, 3),
             },
         )
@@ -151,14 +177,14 @@ class Shard:
     def _restart_checkpoints(self, exc: BaseException | None) -> None:
         self._checkpointer = (
             None
-            if self._stopped
+            if self._stopped or self.fenced
             else start_task(self._checkpoint_loop(), f"shard-{self.shard_id} checkpoints", self._restart_checkpoints)
         )
 
     async def _listen(self) -> None:
-        """Take the data plane's messages (system/bus/dataplane.py): event spans from the router, and
-        slate and profile requests from the API. Only once restored: until then requests find
-        no responder (the API answers from popularity) and spans are missed (and replayed)."""
+        """Take the data plane's messages (system/bus/dataplane.py): event spans from the router,
+        and slate and profile requests from the API. Only once restored: until then requests
+        find no responder (the API answers from popularity) and spans are missed (and replayed)."""
         assert self._nc is not None
         namespace = self.settings.namespace
         self._subscriptions = [
@@ -166,10 +192,18 @@ class Shard:
             await self._nc.subscribe(dataplane.rpc_subject(namespace, self.shard_id), cb=self._on_rpc),
         ]
 
+    async def _unlisten(self) -> None:
+        for subscription in self._subscriptions:
+            try:
+                await subscription.unsubscribe()
+            except NatsError as exc:  # NATS is down: the subscription dies with the connection
+                log.info("unsubscribe failed", extra={"shard": self.shard_id, "error": repr(exc)})
+        self._subscriptions = []
+
     async def _on_apply(self, msg: Msg) -> None:
         try:
             await self.apply(*dataplane.decode_apply(msg.data))
-        except Exception as exc:  # the next span shows the gap; the stream has the events
+        except Exception as exc:  # noqa: BLE001 - the next span shows the gap; the stream has the events
             log.warning("event span not applied", extra={"shard": self.shard_id, "error": repr(exc)})
 
     async def _on_rpc(self, msg: Msg) -> None:
@@ -194,39 +228,75 @@ class Shard:
         if self._stopped:
             return self.status()
         self._stopped = True
-        for subscription in self._subscriptions:
-            try:
-                await subscription.unsubscribe()
-            except NatsError as exc:  # NATS is down: the subscription dies with the connection
-                log.info("unsubscribe failed", extra={"shard": self.shard_id, "error": repr(exc)})
-        self._subscriptions = []
+        await self._unlisten()
         checkpointer, self._checkpointer = self._checkpointer, None
         await cancel_and_wait(checkpointer)
         await self._restoring.cancel()
-        if self.state is not None:
-            await self.checkpoint()
+        if self.state is not None and not self.fenced:
+            try:
+                await self.checkpoint()
+            except Fenced:
+                pass  # a successor owns the slots (logged by _fence): nothing of ours may land
         if self._nc is not None:
             await self._nc.close()
         if self._pool is not None:
             await self._pool.close()
         return self.status()
 
+    async def _fence(self, reason: str) -> None:
+        """A successor owns this shard's slots: stop serving them, and forget them."""
+        self.fenced = reason
+        log.error("fenced: a successor owns this shard's slots; no longer serving", extra={"shard": self.shard_id})
+        await self._unlisten()
+        self.state = None
+
+    # --- users in memory ----------------------------------------------------------------------
+
+    async def _load(self, state: ShardState, uxids: Iterable[str]) -> None:
+        """Make these users resident: those not in memory come from their checkpoints, in one
+        indexed read. The caller holds the apply lock."""
+        missing = state.missing(uxids)
+        if not missing:
+            return
+        assert self._pool is not None
+        rows = await StateStore(self._pool).load_users(missing)
+        state.admit(missing, rows)
+        self.loads += 1
+        self.users_loaded += len(rows)
+
+    async def _resident(self, uxids: Sequence[str]) -> ShardState:
+        """The state, with these users resident (loaded first if they are not)."""
+        state = self.state
+        if state is None:
+            raise ShardNotReady(f"shard {self.shard_id} is restoring")
+        if state.missing(uxids):
+            async with self._apply_lock:
+                await self._load(state, uxids)
+        return state
+
     # --- events -----------------------------------------------------------------------------
 
-    async def apply(self, prev_seq: int, last_seq: int, events: Sequence[tuple[int, Event]]) -> int:
-        """Apply the events of stream span (prev_seq, last_seq] that belong to this shard.
-        Returns `covered` afterwards."""
+    async def apply(self, prev_seq: int, last_seq: int, events: Sequence[tuple[int, int, Event]]) -> int:
+        """Apply the events of stream span (prev_seq, last_seq] that belong to this shard (each
+        with its stream sequence and second). Returns `covered` afterwards."""
         if self.state is None:
             raise ShardNotReady(f"shard {self.shard_id} is restoring")
         self.apply_calls += 1
         async with self._apply_lock:
             state = self.state
+            if state is None:  # fenced while waiting for the lock
+                raise ShardNotReady(f"shard {self.shard_id} is not serving")
             if prev_seq > self.covered:
                 self.gaps += 1
                 await self._replay(state, self.covered, prev_seq)
-            fresh = [e for seq, e in events if seq > self.covered and slot_of(e.user) in self._slot_set]
-            state.apply(fresh)
+            fresh = [
+                (second, e) for seq, second, e in events if seq > self.covered and slot_of(e.user) in self._slot_set
+            ]
+            if fresh:
+                await self._load(state, (e.user for _, e in fresh))
+                state.apply([e for _, e in fresh], [second for second, _ in fresh])
             self.covered = max(self.covered, last_seq)
+            state.evict()
             return self.covered
 
     async def _replay(
@@ -238,69 +308,77 @@ class Shard:
         floor = slot_covered or {}
         async for batch in stream.read_range(self._nc.jetstream(), self.settings, after, through):
             mine = [
-                e
+                (msg.second, e)
                 for msg in batch
-                for e in decode(msg.data)[0]
+                for e in msg.decode()[0]
                 if (slot := slot_of(e.user)) in self._slot_set and msg.seq > floor.get(slot, 0)
             ]
-            self.replayed += state.apply(mine)
-            self.covered = batch[-1].seq  # together with the apply above: no await in between
+            if mine:
+                await self._load(state, (e.user for _, e in mine))
+                self.replayed += state.apply([e for _, e in mine], [second for second, _ in mine])
+            self.covered = batch[-1].seq  # with the apply above: nothing else ran in between
+            state.evict()
         self.covered = max(self.covered, through)
 
     # --- serving ----------------------------------------------------------------------------
 
     async def slates(self, requests: Sequence[tuple[str, int]]) -> list[Picks]:
         """A batch of (uxid, limit) -> per request, movie ids best first and why each is there."""
-        state = self.state
-        if state is None:
-            raise ShardNotReady(f"shard {self.shard_id} is restoring")
+        state = await self._resident([uxid for uxid, _ in requests])
         self.slate_calls += 1
         self.slates_served += len(requests)
         return [state.slate(uxid, limit) for uxid, limit in requests]
 
     async def user_counts(self, uxid: str) -> list[list[int]]:
         """A user's raw evidence rows (key, clicks, seen): movie id > 0, minus facet id < 0."""
-        if self.state is None:
-            raise ShardNotReady(f"shard {self.shard_id} is restoring")
-        rows: list[list[int]] = self.state.counts_of(uxid).tolist()
+        state = await self._resident([uxid])
+        rows: list[list[int]] = state.counts_of(uxid).tolist()
         return rows
 
     async def export(self) -> tuple[int, dict[str, tuple[bytes, bytes]]]:
-        """(covered, {uxid: (counts, recent ids)}): one consistent snapshot, for `mabrec verify`."""
+        """(covered, {uxid: (counts, seen ids)}) of the users in memory: one consistent
+        snapshot, for `mabrec verify` (the others are as their checkpoints hold them)."""
         state = self.state
         if state is None:
             raise ShardNotReady(f"shard {self.shard_id} is restoring")
-        return self.covered, {
-            u: (userstate.to_bytes(x.counts), recent_to_bytes(x.recent)) for u, x in state.users.items()
-        }
+        return self.covered, {u: (userstate.to_bytes(x.counts), x.seen.to_bytes()) for u, x in state.users.items()}
 
     # --- checkpoints ------------------------------------------------------------------------
 
     async def checkpoint(self) -> int:
-        """Write changed users and the covered sequence, atomically. Returns users written."""
+        """Write changed users, their popularity and the covered sequence, atomically (refused if
+        a successor took the slots). Then evict what the budget asks. Returns users written."""
         state = self.state
         if state is None or self._pool is None:
             return 0
         async with self._checkpoint_lock:
-            rows, covered = state.take_dirty(), self.covered  # one consistent snapshot
-            if not rows and covered == self._saved_covered:
+            # One consistent snapshot: no await between these three.
+            rows, delta, covered = state.take_dirty(), state.take_popularity(), self.covered
+            if not rows and not len(delta.keys) and covered == self._saved_covered:
                 return 0
             try:
-                await StateStore(self._pool).save(rows, self.slots, covered)
+                await StateStore(self._pool).save(Checkpoint(rows, delta, dict(self.epochs), covered))
+            except Fenced as exc:
+                await self._fence(exc.detail)
+                raise
             except BaseException:
                 state.dirty.update(row[0] for row in rows)
+                state.give_back(delta)
                 raise
             self._saved_covered = covered
             self.checkpoints += 1
             self.last_checkpoint = time.time()
+            state.evict()
             return len(rows)
 
     async def _checkpoint_loop(self) -> None:
-        while True:
+        while not self.fenced:
             await asyncio.sleep(self.settings.checkpoint_interval)
             try:
                 await self.checkpoint()
-            except Exception as exc:  # PostgreSQL down: keep serving from memory, retry next tick
+            except Fenced:
+                return  # logged by _fence; this instance is done
+            except Exception as exc:  # noqa: BLE001 - PostgreSQL down: keep serving from memory, retry next tick
                 self.checkpoint_errors += 1
                 self.last_error = repr(exc)
                 log.warning("checkpoint failed", extra={"shard": self.shard_id, "error": repr(exc)})
@@ -316,15 +394,10 @@ class Shard:
             self.state.set_catalog(await store.read())
         return self.state.catalog.version
 
-    async def popularity(self) -> tuple[int, np.ndarray, np.ndarray]:
-        """(catalog version, clicks, impressions) per movie then facet, over this shard's users."""
-        if self.state is None:
-            raise ShardNotReady(f"shard {self.shard_id} is restoring")
-        return self.state.catalog.version, self.state.local_clicks, self.state.local_seen
-
-    async def set_popularity(self, version: int, clicks: np.ndarray, seen: np.ndarray) -> None:
+    async def set_popularity(self, keys: np.ndarray, clicks: np.ndarray, impressions: np.ndarray) -> None:
+        """All users' popularity as PostgreSQL holds it (the supervisor reads and pushes it)."""
         if self.state is not None:
-            self.state.set_global_counts(version, clicks, seen)
+            self.state.set_popularity(Popularity(keys, clicks, impressions))
 
     def status(self) -> dict[str, Any]:
         state = self.state
@@ -332,8 +405,11 @@ class Shard:
             "shard": self.shard_id,
             "ready": state is not None,
             "pid": os.getpid(),
-            "slots": len(self.slots),
+            "slots": len(self.epochs),
             "users": len(state.users) if state else 0,
+            "users_evicted": state.evicted if state else 0,
+            "users_loaded": self.users_loaded,
+            "loads": self.loads,
             "covered_seq": self.covered,
             "checkpoint_seq": self._saved_covered,
             "events_applied": state.applied if state else 0,
@@ -351,15 +427,6 @@ class Shard:
             "last_checkpoint": self.last_checkpoint,
             "restore_seconds": self.restore_seconds,
             "catalog_version": state.catalog.version if state else None,
+            "fenced": self.fenced,
             "last_error": self.last_error or self._restoring.last_error,
         }
-
-
-def _build_state(
-    catalog: Catalog, policy: PolicyConfig | None, rng: np.random.Generator, rows: list[tuple[str, bytes, bytes]]
-) -> ShardState:
-    state = ShardState(catalog, policy, rng)
-    for uxid, counts, recent in rows:
-        state.load_user(uxid, counts, recent)
-    state.refresh_model()
-    return state

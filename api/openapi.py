@@ -129,6 +129,20 @@ def openapi() -> dict[str, Any]:
             "/api/events": {
                 "post": {
                     "summary": "Submit feedback events (for clients that do not speak NATS); all or nothing",
+                    "description": "A retry counts once: events with an `event_id` already seen for the user within "
+                    "the de-duplication window (24 h by default) change nothing. Events without one get an id "
+                    "derived from the `Idempotency-Key` header (with their place in the batch and their content), "
+                    "so a retry of the same request with the same key counts once too; without the key they get "
+                    "a random id, and a retry counts again.",
+                    "parameters": [
+                        {
+                            "name": "Idempotency-Key",
+                            "in": "header",
+                            "required": False,
+                            "description": "Any 1 to 128 printable characters, the same on every retry of a request",
+                            "schema": {"type": "string", "minLength": 1, "maxLength": 128},
+                        }
+                    ],
                     "requestBody": {
                         "required": True,
                         "content": {

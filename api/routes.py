@@ -3,9 +3,12 @@ answers with pre-rendered movie JSON. No handler blocks: the backend's calls are
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import secrets
 import time
+from dataclasses import replace
+from typing import Any
 
 import orjson
 from starlette.requests import Request
@@ -143,6 +146,12 @@ async def profile(request: Request) -> Response:
 
 
 async def post_events(request: Request) -> Response:
+    """A batch of events, all or nothing. Each event without an `event_id` gets one: made of
+    the request's Idempotency-Key (when it has one), its place in the batch and its content,
+    so a retry of the same request counts once; random otherwise (then a retry counts again)."""
+    idempotency_key = request.headers.get("idempotency-key")
+    if idempotency_key is not None and not (1 <= len(idempotency_key) <= 128 and idempotency_key.isprintable()):
+        raise BadRequest("the Idempotency-Key header must be 1 to 128 printable characters")
     body = await _read_body(request)
     try:
         data = orjson.loads(body)
@@ -159,7 +168,7 @@ async def post_events(request: Request) -> Response:
             errors.append({"index": i, "detail": exc.detail})
             continue
         if event.event_id is None:
-            event = Event(event.user, event.kind, event.movies, f"api-{_new_id()}", event.recommendation_id, event.ts)
+            event = replace(event, event_id=_derived_id(idempotency_key, i, item))
         events.append(event)
     if errors:
         # All or nothing: a client fixes its batch and re-sends it, without double counting.
@@ -178,6 +187,13 @@ async def post_events(request: Request) -> Response:
     return json_response(
         {"accepted": len(events), "event_ids": [e.event_id for e in events], "stream_seq": stream_seq}, 202
     )
+
+
+def _derived_id(idempotency_key: str | None, index: int, item: Any) -> str:
+    if idempotency_key is None:
+        return f"api-{_new_id()}"
+    digest = hashlib.blake2b(orjson.dumps([idempotency_key, index, item], option=orjson.OPT_SORT_KEYS), digest_size=16)
+    return f"idem-{digest.hexdigest()}"
 
 
 async def _read_body(request: Request) -> bytes:

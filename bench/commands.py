@@ -50,6 +50,12 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         out: Any = policy.run()
     elif what == "memory":
         out = memory.run(users=args.users, movies=args.movies, shards=args.shards)
+    elif what == "growth":
+        runtime = Runtime.load(settings.state_dir)
+        if runtime is None:
+            raise BadRequest("no running system here: start one with `mabrec up`")
+        _api_url(settings, runtime.api_url)  # loopback only
+        out = report.run_growth(runtime, args.users, ids, lambda step: print(step, file=sys.stderr))
     elif what == "click":
         out = uvloop.run(
             probes.click_to_state(

@@ -16,6 +16,7 @@ from system.core import userstate
 from system.core.arrays import ranges
 from system.core.catalog import Catalog
 from system.core.catalog_file import SHIPPED, read_movies
+from system.core.dedup import SeenIds
 from system.core.shard_state import ShardState, User
 from system.core.sharding import SlotMap
 
@@ -36,9 +37,10 @@ def run(
         facets = catalog.pair_facet[ranges(starts, catalog.movie_facets_ptr[picked + 1] - starts)]
         keys = np.concatenate([catalog.movie_ids[picked].astype(np.int64), -catalog.facet_ids[facets].astype(np.int64)])
         keys, clicks, seen, since = userstate.aggregate(keys, np.zeros(len(keys)), np.ones(len(keys)))
-        recent = array("Q", rng.integers(1, 2**62, movies + 2).tolist())
+        ids = movies + 2  # an impression or a click per movie, and two slates: one id each
+        seen_ids = SeenIds(array("Q", rng.integers(1, 2**62, ids).tolist()), array("I", [1_800_000_000] * ids))
         states[slot_map.shard_of(uxid)].users[uxid] = User(
-            userstate.bump(userstate.empty(), keys, clicks, seen, since), recent
+            userstate.bump(userstate.empty(), keys, clicks, seen, since), seen_ids
         )
         if progress and u % 10_000 == 0:
             progress(u / users)
@@ -53,5 +55,5 @@ def run(
         "rss_bytes": after - before,
         "rss_gib": round((after - before) / 2**30, 3),
         "bytes_per_user": round((after - before) / users),
-        "checkpoint_bytes_per_user": round(rows / users * 12 + (movies + 2) * 8),
+        "checkpoint_bytes_per_user": round(rows / users * 16 + (movies + 2) * 12),
     }

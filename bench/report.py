@@ -18,12 +18,14 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
 import uvloop
 
-from bench import ingest, loadtest, memory, policy, probes
+from bench import growth, ingest, loadtest, memory, policy, probes
 from bench.running import RunningSystem
 from system.core.catalog_file import SHIPPED, read_movies
+from system.core.limits import RESIDENT_USERS
 from system.local.runtime import Runtime
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,10 +42,10 @@ TARGETS = {
 
 
 @contextmanager
-def running_system(shards: int, dashboard: bool) -> Iterator[tuple[Runtime, float]]:
+def running_system(shards: int, dashboard: bool, **env: str) -> Iterator[tuple[Runtime, float]]:
     """`mabrec up` in a fresh state directory, all servers embedded; yields (runtime, seconds to ready)."""
     state = Path(tempfile.mkdtemp(prefix="mabrec-bench-"))
-    env = {"MABREC_SHARDS": str(shards), "MABREC_DASHBOARD": "1" if dashboard else "0"}
+    env |= {"MABREC_SHARDS": str(shards), "MABREC_DASHBOARD": "1" if dashboard else "0"}
     try:
         with RunningSystem(state, env).start(timeout=120) as system:
             assert system.runtime is not None
@@ -117,7 +119,36 @@ def run(
             results.setdefault("closed_loop_by_shards", {})[other] = {k: v.as_dict() for k, v in again.items()}
     step("memory of 1,000,000 users")
     results["memory"] = memory.run(users=100_000 if quick else 1_000_000, shards=shards)
+    grow = 50_000 if quick else 2_000_000
+    step(f"growth: {grow:,} users touched once")
+    # The default budget, or (a quick run's fewer users) one they exceed, so that some leave memory.
+    budget = {"MABREC_RESIDENT_USERS": str(grow // 10 // shards)} if quick else {}
+    with running_system(shards, dashboard, **budget) as (runtime, _):
+        results["growth"] = run_growth(runtime, grow, ids, step)
+        results["growth"]["budget_per_shard"] = int(budget.get("MABREC_RESIDENT_USERS", RESIDENT_USERS))
+    log = 50_000 if quick else 10_000_000
+    step(f"restart after {log:,} events")
+    results["restart"] = growth.restart_after_log(log, shards, ids, step)
     return results
+
+
+def run_growth(runtime: Runtime, users: int, ids: list[int], step: Callable[[str], None]) -> dict[str, Any]:
+    """Memory before and after `users` users touched once; slates for users in memory and not."""
+    before = uvloop.run(growth.memory(runtime.api_url, runtime.database_url))
+    flooded = uvloop.run(
+        growth.flood(runtime.api_url, runtime.nats_url, f"{runtime.namespace}.events", users=users, movie_ids=ids)
+    )
+    after = uvloop.run(growth.memory(runtime.api_url, runtime.database_url))
+    step("growth: slates for users in memory and not")
+    rng = np.random.default_rng(5)
+    newest = [f"grow-{u}" for u in rng.choice(np.arange(users - users // 10, users), 1000, replace=False)]
+    oldest = [f"grow-{u}" for u in rng.choice(np.arange(users // 10), 1000, replace=False)]  # evicted first
+    resident = uvloop.run(growth.slate_latency(runtime.api_url, newest))
+    loaded = uvloop.run(growth.memory(runtime.api_url, runtime.database_url))["users_loaded"]
+    evicted = uvloop.run(growth.slate_latency(runtime.api_url, oldest))
+    evicted["users_loaded"] = uvloop.run(growth.memory(runtime.api_url, runtime.database_url))["users_loaded"] - loaded
+    return {"flood": flooded, "memory_before": before, "memory_after": after, "slate_resident": resident,
+            "slate_evicted": evicted}  # fmt: skip
 
 
 def markdown(r: dict[str, Any]) -> str:
@@ -167,6 +198,7 @@ def markdown(r: dict[str, Any]) -> str:
         for shards, rows in r["closed_loop_by_shards"].items():
             row = rows["recommend"]
             lines.append(f"| {shards} | {row['rate_per_s']:,.0f} | {row['p50_ms']} | {row['p99_ms']} |")
+    lines += growth_markdown(r)
     lines += [
         "",
         "## What limits it",
@@ -196,6 +228,39 @@ def markdown(r: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def growth_markdown(r: dict[str, Any]) -> list[str]:
+    if "growth" not in r:
+        return []
+    g, restart = r["growth"], r["restart"]
+    before, after, flood = g["memory_before"], g["memory_after"], g["flood"]
+    resident, evicted = g["slate_resident"], g["slate_evicted"]
+    return [
+        "",
+        "## State at scale",
+        "",
+        f"{flood['users']:,} distinct users, each touched once (an impression of a slate of 10), published at"
+        f" {flood['published_per_s']:,}/s and applied at {flood['applied_per_s']:,}/s, with"
+        f" {g['budget_per_shard']:,} resident users per shard (MABREC_RESIDENT_USERS):",
+        "",
+        "| what | measured |",
+        "|---|---|",
+        f"| shards' memory (RSS of the {after['shards']} shard processes) | {after['shard_rss_gib']} GiB after"
+        f" ({before['shard_rss_gib']} GiB before), {after['resident_users']:,} users in memory,"
+        f" {after['evicted']:,} evicted |",
+        f"| each user in PostgreSQL | {after['postgres_bytes_per_user']:,} B ({after['users_in_postgres']:,} users,"
+        f" {after['postgres_gib']} GiB with indexes) |",
+        f"| a slate for a user in memory, 4 clients | p50 {resident['p50_ms']} ms, p99 {resident['p99_ms']} ms,"
+        f" {resident['errors']} errors |",
+        f"| a slate for a user not in memory (one indexed read; {evicted['users_loaded']:,} of"
+        f" {evicted['slates']:,} loaded) | p50 {evicted['p50_ms']} ms, p99 {evicted['p99_ms']} ms,"
+        f" {evicted['errors']} errors |",
+        f"| `mabrec up` to ready on an empty log | {restart['ready_s_empty_log']} s |",
+        f"| ... after {restart['events']:,} events in the log | {restart['ready_s_after']} s; it routed"
+        f" {restart['routed_after_restart']:,} events and replayed {restart['replayed_after_restart']:,}; a fresh"
+        f" click in the user's state {restart['click_visible_ms']} ms later |",
+    ]
 
 
 def write(results: dict[str, Any], path: Path) -> None:

@@ -35,7 +35,7 @@ RECOVERY: list[str] = []
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if RECOVERY:
-        terminalreporter.section("time to recover (chaos tests)")
+        terminalreporter.section("time to recover (chaos and restart tests)")
         for line in RECOVERY:
             terminalreporter.write_line(line)
 

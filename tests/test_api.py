@@ -176,3 +176,20 @@ def test_the_contract_the_docs_and_the_metrics(client: TestClient) -> None:
     metrics = client.get("/metrics").text
     assert 'mabrec_http_requests_total{method="GET",route="/api/movies/{id}",status="200"} 1.0' in metrics
     assert 'mabrec_shard_users{shard="0"}' in metrics
+
+
+def test_an_idempotency_key_makes_a_retry_without_event_ids_count_once(
+    client: TestClient, backend: FakeBackend
+) -> None:
+    batch = [
+        {"event_type": "clicked", "entity_id": 5, "user_id": "gus"},
+        {"event_type": "clicked", "entity_id": 5, "user_id": "gus"},  # the same click twice: two clicks
+    ]
+    first = client.post("/api/events", json=batch, headers={"Idempotency-Key": "order-42"}).json()
+    again = client.post("/api/events", json=batch, headers={"Idempotency-Key": "order-42"}).json()
+    assert first["event_ids"] == again["event_ids"] and len(set(first["event_ids"])) == 2
+    other = client.post("/api/events", json=batch[:1], headers={"Idempotency-Key": "order-43"}).json()
+    unkeyed = client.post("/api/events", json=batch[:1]).json()  # no key: a retry would count again
+    assert not set(other["event_ids"] + unkeyed["event_ids"]) & set(first["event_ids"])
+    assert client.get("/api/profile", headers={"uxid": "gus"}).json()["clicks"] == 4  # 2, then 1 and 1
+    assert client.post("/api/events", json=batch, headers={"Idempotency-Key": ""}).status_code == 400

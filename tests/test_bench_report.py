@@ -3,6 +3,7 @@ system with embedded servers, runs every benchmark, and writes the report."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from bench.running import MABREC
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
 
+@pytest.mark.timeout(600)  # it runs every benchmark, briefly, on three systems in turn
 def test_report_writes_every_figure(tmp_path: Path) -> None:
     out = tmp_path / "BENCHMARKS.md"
     done = subprocess.run(
@@ -28,6 +30,16 @@ def test_report_writes_every_figure(tmp_path: Path) -> None:
         "a click in the user's state",
         "memory, 100,000 users",
         "`mabrec up` to ready",
+        "50,000 distinct users, each touched once",
+        "a slate for a user not in memory",
+        "after 50,000 events in the log",
     ):
         assert row in text
+    report = json.loads(out.with_suffix(".json").read_text())
+    growth = report["growth"]
+    assert growth["memory_after"]["users_in_postgres"] >= 50_000
+    assert growth["slate_evicted"]["users_loaded"] > 0  # they were not in memory
+    assert growth["slate_evicted"]["errors"] == 0 and growth["slate_resident"]["errors"] == 0
+    restart = report["restart"]
+    assert restart["routed_after_restart"] < restart["events"] / 100  # the gap, not the history
     assert " 0 errors" in text and "nan" not in text

@@ -41,7 +41,7 @@ def test_mix_parsing_and_session_choices() -> None:
 
 
 def test_wire_round_trips() -> None:
-    events = [(17, Event("u1", CLICKED, (4, 5), "e-1", None, 12.5))]
+    events = [(17, 1_800_000_000, Event("u1", CLICKED, (4, 5), "e-1", None, 12.5))]
     assert dataplane.decode_apply(dataplane.encode_apply(10, 20, events)) == (10, 20, events)
     assert dataplane.decode_call(dataplane.encode_call(dataplane.SLATES, [["u", 10]])) == (
         dataplane.SLATES,

@@ -7,11 +7,13 @@ from __future__ import annotations
 import asyncio
 import secrets
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import orjson
 import psycopg
@@ -24,7 +26,7 @@ from system.core.catalog_file import SHIPPED, read_movies
 from system.local.processes import pid_alive
 from system.local.runtime import Runtime
 from system.local.servers import ray_tmpdir
-from tests.conftest import SMALL_JSONL, drop_database, make_database, system
+from tests.conftest import RECOVERY, SMALL_JSONL, drop_database, make_database, system
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
@@ -81,12 +83,12 @@ def post_events(running: RunningSystem, events: list[dict[str, Any]]) -> int:
     return seq
 
 
-def applied_through(running: RunningSystem, seq: int) -> None:
+def applied_through(running: RunningSystem, seq: int, timeout: float = 10) -> None:
     """Wait until every shard has applied the event stream through `seq` (as /api/status
     reports it, refreshed by the supervisor every second)."""
     wait_until(
         lambda: all(s["covered_seq"] >= seq for s in running.get("/api/status").json()["shards"]),
-        10,
+        timeout,
         f"every shard through #{seq}",
         poll=0.1,
     )
@@ -159,6 +161,79 @@ def test_events_posted_over_http_and_retried_are_applied_once(running: RunningSy
     assert movies == {2: (2, 2), 3: (1, 2), 4: (1, 2)}
 
 
+def test_a_1000_event_batch_for_3_users_retried_3_times_amid_other_traffic_counts_once(
+    running: RunningSystem,
+) -> None:
+    rng = np.random.default_rng(9)
+    tag = secrets.token_hex(3)
+    users = [f"bulk-{tag}-{i}" for i in range(3)]
+    movies = np.asarray(sorted(GENRES))[:300]
+    batch: list[dict[str, Any]] = []
+    for i in range(1000):
+        if rng.random() < 0.3:
+            event = {"event_type": "clicked", "entity_id": int(rng.choice(movies))}
+        else:
+            event = {"event_type": "seen", "entity_ids": rng.choice(movies, 5, replace=False).tolist()}
+        batch.append({**event, "user_id": str(rng.choice(users)), "event_id": f"bulk-{tag}-{i}"})
+    rng.shuffle(batch)  # any order, any number per user
+
+    def other_traffic(round: int) -> list[dict[str, Any]]:
+        """Other users' events, and new events of the same users (new ids: they count)."""
+        return [
+            {"event_type": "clicked", "entity_id": int(movies[round]), "user_id": f"other-{tag}-{round}"},
+            {"event_type": "clicked", "entity_id": int(movies[-1 - round]), "user_id": users[round % 3],
+             "event_id": f"extra-{tag}-{round}"},
+        ]  # fmt: skip
+
+    stop = threading.Event()
+
+    def browse() -> None:  # slates and clicks of other users all the while
+        with httpx.Client(base_url=str(running.http.base_url) if running.http else "", timeout=10) as http:
+            i = 0
+            while not stop.is_set():
+                http.get("/api/recommendations/movies", headers={"uxid": f"browser-{tag}-{i % 20}"})
+                i += 1
+
+    browser = threading.Thread(target=browse)
+    browser.start()
+    try:
+        last = 0
+        for attempt in range(4):  # the batch, then three retries
+            post_events(running, other_traffic(attempt))
+            last = post_events(running, batch)
+        last = max(last, post_events(running, other_traffic(4)))
+    finally:
+        stop.set()
+        browser.join(30)
+    applied_through(running, last)
+
+    extra: list[dict[str, Any]] = [e for r in range(5) for e in other_traffic(r) if e["user_id"] in users]
+    for uxid in users:
+        clicks: dict[int, int] = {}
+        seen: dict[int, int] = {}
+        for sent in batch + extra:  # each once
+            if sent["user_id"] == uxid:
+                if sent["event_type"] == "clicked":
+                    clicks[sent["entity_id"]] = clicks.get(sent["entity_id"], 0) + 1
+                else:
+                    for m in sent["entity_ids"]:
+                        seen[m] = seen.get(m, 0) + 1
+        learned = {m["id"]: (m["alpha"], m["beta"]) for m in profile(running, uxid)["movies"]}
+        assert learned == {m: (1 + clicks.get(m, 0), 1 + seen.get(m, 0)) for m in set(clicks) | set(seen)}, uxid
+
+
+def test_a_retry_with_the_same_idempotency_key_counts_once(running: RunningSystem) -> None:
+    assert running.http is not None
+    uxid = f"idem-{secrets.token_hex(4)}"
+    batch = [{"event_type": "clicked", "entity_id": 2, "user_id": uxid}] * 3  # three clicks, no ids
+    seqs = [
+        running.http.post("/api/events", json=batch, headers={"Idempotency-Key": f"k-{uxid}"}).json()["stream_seq"]
+        for _ in range(3)
+    ]
+    applied_through(running, max(seqs))
+    assert profile(running, uxid)["clicks"] == 3
+
+
 def test_readiness_and_metrics_report_the_real_shards(running: RunningSystem) -> None:
     ready = running.get("/readyz").json()
     assert ready["ready"] and ready["router"] and sorted(ready["shards"]) == ["0", "1"]
@@ -213,6 +288,61 @@ def test_stop_and_start_again_keeps_the_users_taste_even_with_more_shards(
             assert np.mean(shares) >= 0.6, shares
     finally:
         drop_database(services["database"], database)
+
+
+LONG_LOG = 100_000  # events; `mabrec bench report` measures 10,000,000 (BENCHMARKS.md)
+
+
+def test_a_restart_after_a_long_log_costs_the_gap_not_the_history(services: dict[str, str], tmp_path: Path) -> None:
+    """Start on an empty log; ingest a long one; stop; start again: ready within 5 s of the
+    first start, and a fresh click shows in the user's state at once: nothing re-reads the
+    history (the router starts at the checkpoints, the shards load users when needed)."""
+    database = make_database(services["database"])
+    env = {"DATABASE_URL": database, "NATS_URL": services["nats"], "MABREC_NAMESPACE": f"ll{secrets.token_hex(4)}"}
+    try:
+        with system(tmp_path / "state", **env) as first:
+            empty_start = first.started_in
+            assert first.runtime is not None
+            last = asyncio.run(ingest(first.runtime.nats_url, f"{first.runtime.namespace}.events", LONG_LOG))
+            applied_through(first, last, timeout=120)
+        began = time.monotonic()
+        with system(tmp_path / "state", **env) as second:
+            uxid = f"after-{secrets.token_hex(3)}"
+            second.get("/api/movies/2", uxid)
+            clicked = time.monotonic()
+            wait_for_clicks(second, uxid, 1)
+            click_seconds = time.monotonic() - clicked
+            ready_seconds = second.started_in
+            status = second.get("/api/status").json()
+        RECOVERY.append(
+            f"restart after {LONG_LOG:,} events: ready in {ready_seconds:.2f} s (empty log: {empty_start:.2f} s),"
+            f" a fresh click in the user's state {1000 * click_seconds:.0f} ms later"
+        )
+        assert ready_seconds <= empty_start + 5.0, (ready_seconds, empty_start)
+        assert status["router"]["events"] < LONG_LOG / 100  # it routed the gap, not the history
+        assert sum(s["replayed"] for s in status["shards"]) < LONG_LOG / 100
+        assert time.monotonic() - began < 60
+    finally:
+        drop_database(services["database"], database)
+
+
+async def ingest(nats_url: str, subject: str, events: int, per_message: int = 250) -> int:
+    """`events` impressions and clicks of 20,000 users, straight onto NATS; the last sequence."""
+    rng = np.random.default_rng(3)
+    movies = np.asarray(sorted(GENRES))
+    nc = await stream.connect(nats_url, "test-ingest")
+    js = nc.jetstream()
+    acks = []
+    for start in range(0, events, per_message):
+        batch = [
+            {"event_type": "seen", "entity_ids": movies[rng.integers(len(movies), size=3)].tolist(),
+             "user_id": f"long-{int(rng.integers(20_000))}", "event_id": f"long-{i}"}
+            for i in range(start, min(start + per_message, events))
+        ]  # fmt: skip
+        acks.append(await js.publish_async(subject, orjson.dumps(batch)))
+    last = max(int(ack.seq) for ack in await asyncio.gather(*acks))
+    await nc.close()
+    return last
 
 
 def test_embedded_servers_when_no_urls_are_configured(tmp_path: Path) -> None:

@@ -49,7 +49,7 @@ def test_update_arithmetic_is_the_original_beta_update(small: Catalog) -> None:
     assert userstate.posterior(counts, 1) == (1, 1)  # untouched: the prior
     # Everything the user touched is in the sparse state, nothing else.
     assert len(counts) == 2 + 3 + 2  # movies 2, 3; Crime, Drama, Action; two directors
-    assert state.local_clicks.sum() == 1 + 2 + 1  # movie 2 and its 3 facets... per dense entity
+    assert state.take_popularity().clicks.sum() == 4  # one click: movie 2 and its three facet values
     assert state.applied == 4
 
 

@@ -6,7 +6,7 @@ import pytest
 from system.core import userstate
 from system.core.catalog import Catalog
 from system.core.catalog_file import read_movies
-from system.core.events import CLICKED, DEDUP_WINDOW, SEEN, Event
+from system.core.events import CLICKED, SEEN, Event
 from system.core.shard_state import ShardState
 from system.core.sharding import slot_of
 from tests.conftest import SMALL_CSV
@@ -25,15 +25,16 @@ def test_a_repeated_event_id_counts_once(state: ShardState) -> None:
     assert state.duplicates == 2
 
 
-def test_the_dedup_window_is_the_users_last_events(state: ShardState) -> None:
-    first = Event("u", SEEN, (1,), event_id="e0")
-    state.apply([first] + [Event("u", SEEN, (1,), event_id=f"e{i}") for i in range(1, DEDUP_WINDOW)])
-    assert state.apply([first]) == 0  # still inside the window
-    state.apply([Event("u", SEEN, (1,), event_id="one-more")])
-    assert state.apply([first]) == 1  # pushed out of the window: counts again
-    assert len(state.users["u"].recent) == DEDUP_WINDOW
-    # Other users have their own window.
-    assert state.apply([Event("v", SEEN, (1,), event_id="e0")]) == 1
+def test_the_dedup_window_is_a_span_of_stream_time(state: ShardState) -> None:
+    day = 24 * 3600
+    assert state.dedup_window == day  # the default
+    many = [Event("u", SEEN, (1,), event_id=f"e{i}") for i in range(5_000)]  # any number of ids
+    assert state.apply(many, 1_000) == 5_000
+    assert state.apply(many, 1_000 + day) == 0  # a retry a day later: still inside the window
+    assert state.apply(many[:10], 1_001 + day) == 10  # a second past it: counts again
+    assert len(state.users["u"].seen) == 10  # the others left the window: forgotten
+    # Other users have their own ids.
+    assert state.apply([Event("v", SEEN, (1,), event_id="e0")], 1_000) == 1
 
 
 def test_unknown_movies_are_ignored_and_counted(state: ShardState) -> None:
@@ -59,7 +60,16 @@ def test_batch_apply_equals_one_by_one(state: ShardState) -> None:
         other.apply([e])
     for uxid in other.users:
         assert np.array_equal(state.counts_of(uxid), other.counts_of(uxid))
-    assert np.array_equal(state.local_clicks, other.local_clicks) and np.array_equal(state.local_seen, other.local_seen)
+    ours, theirs = state.take_popularity(), other.take_popularity()
+    assert np.array_equal(ours.keys, theirs.keys) and np.array_equal(ours.clicks, theirs.clicks)
+    assert ours.impressions.sum() == sum(len(e.movies) for e in events if e.kind == SEEN) + np.sum(
+        [
+            len(state.catalog.facets_of(int(state.catalog.movie_index([m])[0])))
+            for e in events
+            if e.kind == SEEN
+            for m in e.movies
+        ]
+    )
 
 
 def test_dirty_users_snapshot_and_reload(state: ShardState) -> None:
@@ -68,11 +78,10 @@ def test_dirty_users_snapshot_and_reload(state: ShardState) -> None:
     assert set(rows) == {"a", "b"} and state.dirty == set()
     assert rows["a"][1] == slot_of("a")
     fresh = ShardState(state.catalog)
-    for uxid, _, counts, recent in rows.values():
-        fresh.load_user(uxid, counts, recent)
+    fresh.admit(["a", "b", "new"], [(uxid, counts, seen) for uxid, _, counts, seen in rows.values()])
     assert np.array_equal(fresh.counts_of("a"), state.counts_of("a"))
-    assert np.array_equal(fresh.local_clicks, state.local_clicks)
-    assert fresh.apply([Event("a", CLICKED, (3,), "x")]) == 0  # the dedup window survives a reload
+    assert len(fresh.counts_of("new")) == 0 and "new" in fresh.users and not fresh.dirty  # new: resident, empty
+    assert fresh.apply([Event("a", CLICKED, (3,), "x")]) == 0  # the seen ids survive a reload
 
 
 def test_catalog_switch_keeps_learned_state(state: ShardState) -> None:
@@ -82,3 +91,24 @@ def test_catalog_switch_keeps_learned_state(state: ShardState) -> None:
     state.set_catalog(smaller)
     assert np.array_equal(state.counts_of("u"), before)
     assert 40 not in state.slate("u", 100)[0]
+
+
+def test_admit_never_replaces_a_resident_user(state: ShardState) -> None:
+    state.apply([Event("a", CLICKED, (3,))])
+    older = state.take_dirty()
+    state.apply([Event("a", CLICKED, (4,))])
+    state.admit(["a"], [(uxid, counts, seen) for uxid, _, counts, seen in older])
+    assert userstate.posterior(state.counts_of("a"), 4) == (2, 1)  # memory is newer than a checkpoint
+
+
+def test_eviction_keeps_the_budget_the_dirty_and_the_recently_used() -> None:
+    state = ShardState(Catalog.from_movies(list(read_movies(SMALL_CSV))), resident_users=3)
+    state.apply([Event(u, CLICKED, (1,)) for u in "abcde"])
+    assert state.evict() == 0 and len(state.users) == 5  # all dirty: not in PostgreSQL yet
+    state.take_dirty()  # as a checkpoint does
+    state.slate("a", 3)  # a is used again: now the most recent
+    assert state.evict() == 2 and list(state.users) == ["d", "e", "a"] and state.evicted == 2
+    assert state.missing(["a", "b", "z"]) == ["b", "z"]
+    state.apply([Event("d", CLICKED, (2,))])  # dirty again
+    state.admit(["x", "y"], [])
+    assert state.evict() == 2 and list(state.users) == ["d", "x", "y"]  # e and a: the least recently used

@@ -14,12 +14,14 @@ from psycopg_pool import AsyncConnectionPool
 from system.core import userstate
 from system.core.catalog import Movie
 from system.core.catalog_file import read_movies
+from system.core.dedup import SeenIds
 from system.core.errors import BadRequest, ConfigError
+from system.core.popularity import Popularity
 from system.core.sharding import SLOTS
 from system.db.catalog_store import CatalogStore
 from system.db.migrations import migrate
 from system.db.pool import open_pool
-from system.db.state_store import StateStore
+from system.db.state_store import Checkpoint, Fenced, StateStore
 from tests.conftest import SMALL_CSV, SMALL_JSONL
 
 pytestmark = pytest.mark.integration
@@ -34,7 +36,7 @@ async def pool(database_url: str) -> AsyncIterator[AsyncConnectionPool]:
 
 
 async def test_migrations_apply_once(database_url: str) -> None:
-    assert await migrate(database_url) == [1, 2, 3]
+    assert await migrate(database_url) == [1, 2, 3, 4]
     assert await migrate(database_url) == []
     with psycopg.connect(database_url) as conn:
         tables = {r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
@@ -46,6 +48,7 @@ async def test_migrations_apply_once(database_url: str) -> None:
         "slots",
         "user_state",
         "event_log",
+        "popularity",
         "schema_migrations",
     } <= tables
 
@@ -88,17 +91,50 @@ async def test_a_bad_load_changes_nothing(pool: AsyncConnectionPool) -> None:
     assert len(await store.read()) == 40 and await store.version() == 1
 
 
+def counts(*rows: tuple[int, int, int, int]) -> bytes:
+    return np.array(rows, dtype="<i4").reshape(-1, 4).tobytes()
+
+
+def popularity(*rows: tuple[int, int, int]) -> Popularity:
+    table = np.array(rows, dtype=np.int64).reshape(-1, 3)
+    return Popularity(table[:, 0], table[:, 1], table[:, 2])
+
+
 async def test_checkpoints_round_trip_atomically(pool: AsyncConnectionPool) -> None:
     store = StateStore(pool)
     slot_map = await store.ensure_slot_map(2)
     assert slot_map.shards == 2 and await store.ensure_slot_map(4) == slot_map  # first start decides
+    claims = await store.take_slots(0)
     mine = slot_map.slots_of(0)
-    await store.save([("alice", mine[0], b"\x01\x00\x00\x00" * 3, b"")], mine, 17)
-    await store.save([("alice", mine[0], b"\x02\x00\x00\x00" * 3, b"\x07" * 8)], mine, 12)  # never goes back
-    assert set((await store.covered_by_slot(mine)).values()) == {17}
-    assert await store.load_users(mine) == [("alice", b"\x02\x00\x00\x00" * 3, b"\x07" * 8)]
-    assert await store.load_users(slot_map.slots_of(1)) == []
+    assert sorted(claims) == mine and {c.covered for c in claims.values()} == {0}
+    epochs = {slot: claim.epoch for slot, claim in claims.items()}
+    first = counts((-3, 1, 0, 0), (7, 1, 0, 0))
+    await store.save(Checkpoint([("alice", mine[0], first, b"")], popularity((-3, 1, 0), (7, 1, 0)), epochs, 17))
+    second = counts((-3, 1, 1, 1), (7, 1, 1, 1))
+    seen = b"\x07" * 8 + b"\x01\x00\x00\x00"
+    await store.save(Checkpoint([("alice", mine[0], second, seen)], popularity((-3, 0, 1), (7, 0, 1)), epochs, 12))
+    assert set((await store.covered_by_slot(mine)).values()) == {17}  # never goes back
+    assert await store.load_users(["alice", "nobody"]) == [("alice", second, seen)]
     assert set((await store.covered_by_slot(range(SLOTS))).values()) == {0, 17}
+    total = await store.popularity()
+    assert (total.keys.tolist(), total.clicks.tolist(), total.impressions.tolist()) == ([-3, 7], [1, 1], [1, 1])
+    snapshot = await store.snapshot()
+    assert snapshot.users == {"alice": (second, seen)} and snapshot.covered[mine[0]] == 17
+
+
+async def test_a_checkpoint_from_an_owner_that_was_replaced_is_refused_whole(pool: AsyncConnectionPool) -> None:
+    store = StateStore(pool)
+    await store.ensure_slot_map(1)
+    old = {slot: claim.epoch for slot, claim in (await store.take_slots(0)).items()}
+    await store.save(Checkpoint([("bob", 5, counts((1, 1, 0, 0)), b"")], popularity((1, 1, 0)), old, 3))
+    new = {slot: claim.epoch for slot, claim in (await store.take_slots(0)).items()}  # a successor
+    assert all(new[slot] == old[slot] + 1 for slot in old)
+    with pytest.raises(Fenced):
+        await store.save(Checkpoint([("bob", 5, counts((1, 9, 9, 9)), b"")], popularity((1, 9, 9)), old, 99))
+    assert await store.load_users(["bob"]) == [("bob", counts((1, 1, 0, 0)), b"")]  # nothing of it landed
+    assert (await store.popularity()).clicks.tolist() == [1] and await store.oldest_checkpoint() == 3
+    await store.save(Checkpoint([], popularity(), new, 4))  # the successor's are taken
+    assert await store.oldest_checkpoint() == 4
 
 
 async def test_checkpoints_refer_to_one_event_stream(pool: AsyncConnectionPool) -> None:
@@ -106,7 +142,8 @@ async def test_checkpoints_refer_to_one_event_stream(pool: AsyncConnectionPool) 
     await store.ensure_slot_map(1)
     created = datetime(2026, 1, 1, tzinfo=UTC)
     await store.check_event_log("S_EVENTS", created, 0)
-    await store.save([], list(range(SLOTS)), 50)
+    epochs = {slot: claim.epoch for slot, claim in (await store.take_slots(0)).items()}
+    await store.save(Checkpoint([], popularity(), epochs, 50))
     await store.check_event_log("S_EVENTS", created, 60)
     with pytest.raises(ConfigError, match="reset or replaced"):
         await store.check_event_log("S_EVENTS", datetime(2026, 2, 1, tzinfo=UTC), 60)
@@ -120,10 +157,36 @@ async def test_checkpoints_from_before_the_since_column_load_with_it_zero(databa
     old = np.array([[-4, 1, 6], [9, 1, 2]], dtype="<i4").tobytes()
     with psycopg.connect(database_url) as conn:
         conn.execute("INSERT INTO user_state (uxid, slot, counts) VALUES ('old', 3, %s), ('none', 3, '')", (old,))
-    assert await migrate(database_url) == [3]
+    assert await migrate(database_url) == [3, 4]
     pool = await open_pool(database_url)
     try:
-        rows = {u: userstate.from_bytes(c).tolist() for u, c, _ in await StateStore(pool).load_users([3])}
+        rows = {u: userstate.from_bytes(c).tolist() for u, c, _ in await StateStore(pool).load_users(["old", "none"])}
     finally:
         await pool.close()
     assert rows == {"old": [[-4, 1, 6, 0], [9, 1, 2, 0]], "none": []}
+
+
+async def test_migration_4_sums_popularity_and_dates_the_seen_ids(database_url: str) -> None:
+    """Existing users' counts make the popularity table; their last event ids, kept from before
+    (8-byte hashes), become (hash, stream second) pairs dated at the upgrade."""
+    assert await migrate(database_url, through=3) == [1, 2, 3]
+    ids = np.array([11, 2**62 + 5], dtype="<u8").tobytes()
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "INSERT INTO user_state (uxid, slot, counts, recent_ids) VALUES ('a', 1, %s, %s), ('b', 2, %s, '')",
+            (counts((-2_000_000, 3, 40, 0), (7, 1, 2, 1)), ids, counts((7, 2_000_000_000, 5, 5))),
+        )
+    before = datetime.now(UTC).timestamp()
+    assert await migrate(database_url) == [4]
+    pool = await open_pool(database_url)
+    try:
+        store = StateStore(pool)
+        total = await store.popularity()
+        users = dict((u, r) for u, _, r in await store.load_users(["a", "b"]))
+    finally:
+        await pool.close()
+    assert total.keys.tolist() == [-2_000_000, 7]
+    assert total.clicks.tolist() == [3, 2_000_000_001] and total.impressions.tolist() == [40, 7]
+    seen = SeenIds.from_bytes(users["a"])
+    assert list(seen.ids) == [11, 2**62 + 5] and all(before - 5 <= t <= before + 5 for t in seen.at)
+    assert users["b"] == b""

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from supervisor import Supervisor
+from system.core.popularity import Popularity
 from system.core.settings import Settings
 
 
@@ -18,7 +19,6 @@ class FakeActors:
 
     def __init__(self, shards: int) -> None:
         self.calls: list[tuple[str, str]] = []
-        self.popularity = {f"shard-{s}": (1, np.full(3, s + 1.0), np.full(3, 10.0)) for s in range(shards)}
         self.told: dict[str, tuple[Any, ...]] = {}
         self.broken: set[str] = set()  # methods that raise
 
@@ -28,8 +28,6 @@ class FakeActors:
             raise RuntimeError(f"{method} is broken")
         if method in ("ensure_ready", "ensure_running", "ensure_serving"):
             return {"ready": True, "running": True, "serving": True}
-        if method == "popularity":
-            return self.popularity[actor]
         self.told[f"{actor}.{method}"] = args
         return None
 
@@ -45,9 +43,21 @@ class FakeCatalog:
         return self.current
 
 
+class FakeStates:
+    oldest = 0
+
+    async def popularity(self) -> Popularity:
+        return Popularity(np.array([-1, 7]), np.array([3, 1]), np.array([20, 9]))
+
+    async def oldest_checkpoint(self) -> int:
+        return self.oldest
+
+
 class FakeStream:
+    first_seq = 1
+
     async def stream_info(self, name: str) -> Any:
-        return SimpleNamespace(state=SimpleNamespace(last_seq=42, first_seq=1))
+        return SimpleNamespace(state=SimpleNamespace(last_seq=42, first_seq=self.first_seq, messages=42))
 
 
 @pytest.fixture
@@ -55,7 +65,7 @@ def parts() -> tuple[Supervisor, FakeActors, FakeCatalog]:
     actors, catalog = FakeActors(2), FakeCatalog()
     settings = Settings(shards=2, api_workers=1)
     # Fakes of the catalog store and the stream: duck-typed, what the supervisor calls of them.
-    supervisor = Supervisor(settings, actors, catalog, FakeStream(), ray_dashboard=None)  # type: ignore[arg-type]
+    supervisor = Supervisor(settings, actors, catalog, FakeStates(), FakeStream(), ray_dashboard=None)  # type: ignore[arg-type]
     return supervisor, actors, catalog
 
 
@@ -88,14 +98,14 @@ async def test_an_actor_that_is_down_is_left_to_the_health_check(
     assert supervisor.told_version == 1
 
 
-async def test_popularity_is_summed_over_shards_and_sent_to_all(
+async def test_popularity_from_the_checkpoints_is_sent_to_every_actor(
     parts: tuple[Supervisor, FakeActors, FakeCatalog],
 ) -> None:
     supervisor, actors, _ = parts
     await supervisor.step()
     for actor in ("shard-0", "shard-1", "api-0"):
-        version, clicks, seen = actors.told[f"{actor}.set_popularity"]
-        assert version == 1 and clicks.tolist() == [3.0] * 3 and seen.tolist() == [20.0] * 3
+        keys, clicks, seen = actors.told[f"{actor}.set_popularity"]
+        assert (keys.tolist(), clicks.tolist(), seen.tolist()) == ([-1, 7], [3, 1], [20, 9])
 
 
 async def test_a_new_catalog_is_told_to_every_actor_once(parts: tuple[Supervisor, FakeActors, FakeCatalog]) -> None:
@@ -119,7 +129,7 @@ async def test_a_failing_substep_is_logged_by_name_and_the_others_still_run(
     parts: tuple[Supervisor, FakeActors, FakeCatalog], caplog: pytest.LogCaptureFixture
 ) -> None:
     supervisor, actors, _ = parts
-    actors.broken = {"set_health", "popularity"}
+    actors.broken = {"set_health", "set_popularity"}
     with caplog.at_level(logging.WARNING):
         await supervisor.step()
     assert supervisor.health.all_up and supervisor.told_version == 1  # health and catalog ran
@@ -161,3 +171,17 @@ async def test_stopping_stops_the_api_then_the_router_then_the_shards(
     supervisor, actors, _ = parts
     await supervisor.stop_actors()
     assert [a for a, m in actors.calls if m == "stop"] == ["api-0", "router", "shard-0", "shard-1"]
+
+
+async def test_retention_that_trimmed_uncheckpointed_events_is_reported(
+    parts: tuple[Supervisor, FakeActors, FakeCatalog], caplog: pytest.LogCaptureFixture
+) -> None:
+    supervisor, _, _ = parts
+    await supervisor.watch_stream()
+    assert supervisor.retention_lost == 0  # the log starts at #1
+    supervisor.js.first_seq = 31  # type: ignore[attr-defined]  # retention trimmed #1-#30 ...
+    supervisor.state_store.oldest = 20  # type: ignore[attr-defined]  # ... and a checkpoint holds only #1-#20
+    with caplog.at_level(logging.ERROR):
+        await supervisor.watch_stream()
+    assert supervisor.retention_lost == 10 and supervisor.snapshot()["retention_lost"] == 10
+    assert any("lost to retention" in r.getMessage() for r in caplog.records)

@@ -34,17 +34,22 @@ def apply_subject(namespace: str, shard: int) -> str:
     return f"{namespace}.shard.{shard}.apply"
 
 
-def encode_apply(prev_seq: int, last_seq: int, events: Sequence[tuple[int, Event]]) -> bytes:
-    rows = [[seq, e.user, e.kind, e.movies, e.event_id, e.ts] for seq, e in events]
+def encode_apply(prev_seq: int, last_seq: int, events: Sequence[tuple[int, int, Event]]) -> bytes:
+    """A span: the shard's events of stream span (prev_seq, last_seq], each with its stream
+    sequence and stream second."""
+    rows = [[seq, second, e.user, e.kind, e.movies, e.event_id, e.ts] for seq, second, e in events]
     return orjson.dumps([prev_seq, last_seq, rows])
 
 
-def decode_apply(payload: bytes) -> tuple[int, int, list[tuple[int, Event]]]:
+def decode_apply(payload: bytes) -> tuple[int, int, list[tuple[int, int, Event]]]:
     prev_seq, last_seq, rows = orjson.loads(payload)
     return (
         prev_seq,
         last_seq,
-        [(seq, Event(user, kind, tuple(movies), eid, None, ts)) for seq, user, kind, movies, eid, ts in rows],
+        [
+            (seq, second, Event(user, kind, tuple(movies), eid, None, ts))
+            for seq, second, user, kind, movies, eid, ts in rows
+        ],
     )
 
 

@@ -23,6 +23,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, S
 from nats.js.errors import NotFoundError
 
 from system.core.errors import Unavailable
+from system.core.events import Event, decode
 from system.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,12 @@ async def last_seq(js: JetStreamContext, stream: str) -> int:
 class StreamMessage:
     seq: int
     data: bytes
+    second: int  # when JetStream stored it (epoch seconds): the de-duplication window's clock
+    msg_id: str | None = None  # its Nats-Msg-Id header, if the publisher set one
+
+    def decode(self) -> tuple[list[Event], list[tuple[Any, str, str]]]:
+        """Its events (ids given to those without, from the Nats-Msg-Id), and what is malformed."""
+        return decode(self.data, self.msg_id)
 
 
 class StreamCursor:
@@ -123,7 +130,9 @@ class StreamCursor:
                 break
             self._consumer_seq = meta.sequence.consumer
             self.next_seq = meta.sequence.stream + 1
-            out.append(StreamMessage(meta.sequence.stream, msg.data))
+            headers = msg.headers
+            msg_id = headers.get("Nats-Msg-Id") if headers else None
+            out.append(StreamMessage(meta.sequence.stream, msg.data, int(meta.timestamp.timestamp()), msg_id))
         if not msgs:
             await self._check_consumer()
         return out

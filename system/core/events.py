@@ -4,13 +4,19 @@ Accepted JSON (one object per NATS message, or an array of such objects):
     {"event_type": "seen" | "clicked", "entity_type": "movies", "entity_id": 42, "user_id": "u1",
      "event_id": "...", "ts": 1764300000.0, "recommendation_id": "..."}
 `entity_ids` (a list) may replace `entity_id`: one impression event for a whole slate.
-`event_id`, `ts` and `recommendation_id` are optional; a repeated `event_id` counts once.
+`event_id`, `ts` and `recommendation_id` are optional.
+
+Retries count once. An event whose `event_id` the user's events already carried within the
+de-duplication window (24 h by default, MABREC_DEDUP_WINDOW_HOURS) changes nothing. The
+window's clock is the event log's: the time JetStream stored the message, so a replay or a
+recount decides exactly as the first application did. Per user the newest 100,000 ids are
+kept (system/core/limits.py); an event without an id is never a repeat.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -26,8 +32,6 @@ KIND_NAMES = {v: k for k, v in KINDS.items()}
 MAX_ENTITIES = 100
 MAX_ID = 128
 MAX_BATCH = 1000
-# A repeat of one of the user's last DEDUP_WINDOW event ids counts once.
-DEDUP_WINDOW = 32
 # Publish-to-applied lag (an event's `ts` to the moment a shard applies it) is counted in these
 # log-spaced buckets: upper edges from 1 ms to 100 s.
 LAG_EDGES = np.logspace(-3, 2, 5 * 10 + 1)
@@ -104,8 +108,10 @@ def parse_event(obj: Any) -> Event:
     )
 
 
-def decode(payload: bytes) -> tuple[list[Event], list[tuple[Any, str, str]]]:
-    """All events of one message, and (item, error label, reason) for each malformed one."""
+def decode(payload: bytes, msg_id: str | None = None) -> tuple[list[Event], list[tuple[Any, str, str]]]:
+    """All events of one message, and (item, error label, reason) for each malformed one. With
+    the message's `Nats-Msg-Id`, an event without an `event_id` gets one made of it and its
+    place in the message, so a publisher's re-send of the same message counts once too."""
     try:
         data = orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
@@ -114,11 +120,15 @@ def decode(payload: bytes) -> tuple[list[Event], list[tuple[Any, str, str]]]:
     if len(items) > MAX_BATCH:
         return [], [(payload, "too_large", f"a message carries at most {MAX_BATCH} events, got {len(items)}")]
     events, errors = [], []
-    for item in items:
+    for i, item in enumerate(items):
         try:
-            events.append(parse_event(item))
+            event = parse_event(item)
         except MalformedEvent as exc:
             errors.append((item, "invalid", exc.detail))
+            continue
+        if event.event_id is None and msg_id:
+            event = replace(event, event_id=f"{msg_id}#{i}")
+        events.append(event)
     return events, errors
 
 

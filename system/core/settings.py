@@ -11,6 +11,7 @@ from typing import Any
 
 from system.core.errors import ConfigError
 from system.core.inputs import N, bounded
+from system.core.limits import DEDUP_WINDOW_HOURS, RESIDENT_USERS
 from system.core.policy_config import PolicyConfig
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -34,8 +35,15 @@ class Settings:
     catalog_file: Path | None = None
     event_retention_days: float = 0.0  # 0 keeps the event log forever
     api_workers: int = 1  # API actors sharing the port
+    resident_users: int = RESIDENT_USERS  # per shard: past it, idle users leave memory (once checkpointed)
+    dedup_window_hours: float = DEDUP_WINDOW_HOURS  # a retried event id counts once within this window
     exploration: float = PolicyConfig.exploration  # the spread of every Thompson draw
     forget_half_life: float = PolicyConfig.forget_half_life  # how fast old clicks fade; 0: never
+
+    @property
+    def dedup_window(self) -> int:
+        """Seconds within which a repeated event id counts once."""
+        return round(self.dedup_window_hours * 3600)
 
     @property
     def event_retention(self) -> float:
@@ -66,6 +74,8 @@ class Settings:
                 env, "MABREC_EVENT_RETENTION_DAYS", float, d.event_retention_days, 0.0, 36500.0
             ),
             api_workers=_number(env, "MABREC_API_WORKERS", int, d.api_workers, 1, 64),
+            resident_users=_number(env, "MABREC_RESIDENT_USERS", int, d.resident_users, 100, 100_000_000),
+            dedup_window_hours=_number(env, "MABREC_DEDUP_WINDOW_HOURS", float, d.dedup_window_hours, 0.01, 720.0),
             exploration=_number(env, "MABREC_EXPLORATION", float, d.exploration, 0.05, 20.0),
             forget_half_life=_number(env, "MABREC_FORGET_HALF_LIFE", float, d.forget_half_life, 0.0, 1000.0),
         )

@@ -1,64 +1,77 @@
 """A shard's in-memory state and its arithmetic: no I/O, no Ray, no awaits (so no interleaving).
 
-Holds the users of the shard's slots, applies batches of feedback events with numpy, serves
-slates through the policy, and tracks what changed since the last checkpoint.
+Holds the resident users of the shard's slots, applies batches of feedback events with numpy,
+serves slates through the policy, and tracks what changed since the last checkpoint: the users
+(`dirty`) and what their events add to global popularity. Memory follows the active users: past
+`resident_users`, the users idle longest that are checkpointed already are evicted, and the
+shard (actors/shard.py) loads a user again from PostgreSQL before it touches them.
 """
 
 from __future__ import annotations
 
-import sys
 import time
-from array import array
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import islice
 
 import numpy as np
 
 from system.core import userstate
 from system.core.arrays import ranges
 from system.core.catalog import Catalog
-from system.core.events import CLICKED, DEDUP_WINDOW, LAG_EDGES, SEEN, Event
+from system.core.dedup import SeenIds
+from system.core.events import CLICKED, LAG_EDGES, SEEN, Event
+from system.core.limits import DEDUP_MAX_IDS, DEDUP_WINDOW_HOURS, RESIDENT_USERS
 from system.core.policy import Model, Picks, draw_slate
 from system.core.policy_config import PolicyConfig
+from system.core.popularity import Popularity
 from system.core.sharding import slot_of
 
 _OFFSET = 2**31  # keys are int32; shifted to pack (user, key) into one sortable int64
 
 
-def recent_to_bytes(recent: array[int]) -> bytes:
-    """Little-endian uint64s, whatever this machine's byte order (they live in PostgreSQL)."""
-    if sys.byteorder == "big":
-        recent = array("Q", recent)
-        recent.byteswap()
-    return recent.tobytes()
-
-
-def recent_from_bytes(raw: bytes) -> array[int]:
-    recent = array("Q", raw)
-    if sys.byteorder == "big":
-        recent.byteswap()
-    return recent
-
-
 @dataclass(slots=True)
 class User:
     counts: np.ndarray  # see system/core/userstate.py
-    recent: array[int]  # 63-bit hashes of the user's most recent event ids, oldest first
+    seen: SeenIds  # the user's event ids within the de-duplication window
+
+    @classmethod
+    def empty(cls) -> User:
+        return cls(userstate.empty(), SeenIds())
+
+    @classmethod
+    def from_bytes(cls, counts: bytes, seen: bytes) -> User:
+        return cls(userstate.from_bytes(counts), SeenIds.from_bytes(seen))
 
 
 class ShardState:
     def __init__(
-        self, catalog: Catalog, config: PolicyConfig | None = None, rng: np.random.Generator | None = None
+        self,
+        catalog: Catalog,
+        config: PolicyConfig | None = None,
+        rng: np.random.Generator | None = None,
+        *,
+        dedup_window: int = round(DEDUP_WINDOW_HOURS * 3600),
+        dedup_max_ids: int = DEDUP_MAX_IDS,
+        resident_users: int = RESIDENT_USERS,
     ) -> None:
         self.config = config or PolicyConfig()
         self.rng = rng or np.random.default_rng()
+        self.dedup_window = dedup_window
+        self.dedup_max_ids = dedup_max_ids
+        self.resident_users = resident_users
+        # Resident users, least recently used first (a user is moved to the end when touched).
         self.users: dict[str, User] = {}
         self.dirty: set[str] = set()
         self.applied = 0  # events applied
         self.duplicates = 0  # events skipped as repeats of an event_id
         self.unknown_movies = 0  # movie ids not in the catalog, ignored
+        self.evicted = 0  # users evicted to stay within `resident_users`
         self.lag_counts = np.zeros(len(LAG_EDGES) + 1, dtype=np.int64)
-        self.global_counts: tuple[np.ndarray, np.ndarray] | None = None
+        # Popularity: what all users' checkpoints held when last told, plus what this shard's
+        # events added since (`pending`, until a checkpoint takes it).
+        self.known = Popularity.empty()
+        self.pending: list[Popularity] = []
         self.set_catalog(catalog)
 
     # --- catalog and global popularity -------------------------------------------------------
@@ -66,57 +79,75 @@ class ShardState:
     def set_catalog(self, catalog: Catalog) -> None:
         """Switch catalogs; user state is keyed by stable ids, so nothing learned is lost."""
         self.catalog = catalog
-        self.global_counts = None
-        size = len(catalog.movies) + len(catalog.facets)
-        self.local_clicks = np.zeros(size)
-        self.local_seen = np.zeros(size)
-        for user in self.users.values():
-            self._count_locally(user.counts, 1)
         self.refresh_model()
 
-    def set_global_counts(self, version: int, clicks: np.ndarray, seen: np.ndarray) -> None:
-        """Popularity summed over all shards (the supervisor broadcasts it), for this catalog."""
-        if version == self.catalog.version and len(clicks) == len(self.local_clicks):
-            self.global_counts = (np.asarray(clicks, dtype=np.float64), np.asarray(seen, dtype=np.float64))
-            self.refresh_model()
+    def set_popularity(self, popularity: Popularity) -> None:
+        """Every user's popularity as PostgreSQL holds it (read at restore, then pushed by the
+        supervisor every few seconds): it includes what this shard checkpointed."""
+        self.known = popularity
+        self.refresh_model()
 
     def refresh_model(self) -> None:
-        clicks, seen = self.global_counts or (self.local_clicks, self.local_seen)
-        self.model = Model(self.catalog, self.config, clicks, seen)
+        """Rebuild the policy's shared part from the catalog and the best-known popularity."""
+        totals = Popularity.total([self.known, *self.pending])
+        self.model = Model(self.catalog, self.config, *totals.dense(self.catalog))
 
-    def _count_locally(self, counts: np.ndarray, sign: int) -> None:
-        dense = self._dense(counts[:, userstate.KEY])
-        ok = dense >= 0
-        np.add.at(self.local_clicks, dense[ok], sign * counts[ok, userstate.CLICKS])
-        np.add.at(self.local_seen, dense[ok], sign * counts[ok, userstate.IMPRESSIONS])
+    def take_popularity(self) -> Popularity:
+        """What the events since the last call add to popularity (for a checkpoint to commit)."""
+        delta = Popularity.total(self.pending)
+        self.pending = []
+        self.known = Popularity.total([self.known, delta])
+        return delta
 
-    def _dense(self, keys: np.ndarray) -> np.ndarray:
-        """Dense popularity index of stable keys: movies first, then facets; -1 if unknown."""
-        keys = np.asarray(keys, dtype=np.int64)
-        dense = np.full(len(keys), -1, dtype=np.int64)
-        movie = keys > 0
-        dense[movie] = self.catalog.movie_index(keys[movie])
-        fi = self.catalog.facet_index(-keys[~movie])
-        dense[~movie] = np.where(fi >= 0, fi + len(self.catalog.movies), -1)
-        return dense
+    def give_back(self, delta: Popularity) -> None:
+        """A checkpoint failed: its popularity goes out with the next one."""
+        self.known = Popularity.total([self.known, delta.negated()])
+        self.pending.append(delta)
 
     # --- users ------------------------------------------------------------------------------
 
-    def load_user(self, uxid: str, counts: bytes, recent: bytes) -> None:
-        user = User(userstate.from_bytes(counts), recent_from_bytes(recent))
-        if uxid in self.users:
-            self._count_locally(self.users[uxid].counts, -1)
-        self.users[uxid] = user
-        self._count_locally(user.counts, 1)
+    def missing(self, uxids: Iterable[str]) -> list[str]:
+        """Those of these users who are not resident (to be loaded before they are touched)."""
+        users = self.users
+        return list(dict.fromkeys(u for u in uxids if u not in users))
+
+    def admit(self, asked: Sequence[str], rows: Iterable[tuple[str, bytes, bytes]]) -> None:
+        """Make `asked` users resident: from their checkpoints (`rows`: uxid, counts, seen ids),
+        or empty for those without one (new users). A user already resident is kept as is:
+        memory is never older than the checkpoint."""
+        users = self.users
+        for uxid, counts, seen in rows:
+            if uxid not in users:
+                users[uxid] = User.from_bytes(counts, seen)
+        for uxid in asked:
+            if uxid not in users:
+                users[uxid] = User.empty()
 
     def counts_of(self, uxid: str) -> np.ndarray:
         user = self.users.get(uxid)
         return userstate.empty() if user is None else user.counts
 
+    def evict(self) -> int:
+        """Evict the users idle longest, checkpointed already, down to `resident_users`.
+        Returns how many left memory. Dirty users stay (their state is not in PostgreSQL yet)."""
+        excess = len(self.users) - self.resident_users
+        if excess <= 0:
+            return 0
+        dirty = self.dirty
+        # The least recently used first; scanning a little more than needed skips dirty ones.
+        victims = [u for u in islice(self.users, excess + len(dirty)) if u not in dirty][:excess]
+        for uxid in victims:
+            del self.users[uxid]
+        self.evicted += len(victims)
+        return len(victims)
+
     # --- events -----------------------------------------------------------------------------
 
-    def apply(self, events: Sequence[Event]) -> int:
-        """Apply events in order; returns how many changed state (not duplicates)."""
+    def apply(self, events: Sequence[Event], at: Sequence[int] | int = 0) -> int:
+        """Apply events in order; returns how many changed state (not duplicates). `at` is each
+        event's stream second (or one for all): the clock of the de-duplication window. A user
+        not resident starts empty here: the caller loads users from their checkpoint first."""
+        seconds = [at] * len(events) if isinstance(at, int) else at
         rows_user: list[int] = []
         rows_movie: list[int] = []
         rows_kind: list[int] = []
@@ -125,21 +156,17 @@ class ShardState:
         touched: list[User] = []
         index: dict[str, int] = {}
         known = self.catalog.id_set
-        for event in events:
+        users = self.users
+        window, cap = self.dedup_window, self.dedup_max_ids
+        for event, second in zip(events, seconds, strict=True):
             if not any(m in known for m in event.movies):
                 self.unknown_movies += len(event.movies)
                 continue  # nothing to apply (the router dead-letters these; a replay skips them alike)
-            user = self.users.get(event.user)
-            if user is None:
-                user = self.users[event.user] = User(userstate.empty(), array("Q"))
-            if event.event_id is not None:
-                h = event.id_hash
-                if h in user.recent:
-                    self.duplicates += 1
-                    continue
-                user.recent.append(h)
-                if len(user.recent) > DEDUP_WINDOW:
-                    del user.recent[0]
+            user = users.pop(event.user, None) or User.empty()
+            users[event.user] = user  # now the most recently used
+            if event.event_id is not None and not user.seen.admit(event.id_hash, second, window, cap):
+                self.duplicates += 1
+                continue
             u = index.get(event.user)
             if u is None:
                 u = index[event.user] = len(touched)
@@ -173,12 +200,9 @@ class ShardState:
         facet = catalog.pair_facet[ranges(starts, lengths)]
         owner = np.concatenate([np.arange(len(mi)), np.repeat(np.arange(len(mi)), lengths)])
         keys = np.concatenate([catalog.movie_ids[mi].astype(np.int64), -catalog.facet_ids[facet].astype(np.int64)])
-        dense = np.concatenate([mi, facet + len(catalog.movies)])
         clicks = (row_kind[owner] == CLICKED).astype(np.float64)
         seen = (row_kind[owner] == SEEN).astype(np.float64)
-        n = len(self.local_clicks)
-        self.local_clicks += np.bincount(dense, weights=clicks, minlength=n)
-        self.local_seen += np.bincount(dense, weights=seen, minlength=n)
+        self.pending.append(Popularity(keys, clicks.astype(np.int64), seen.astype(np.int64)))
 
         packed = (row_user[owner].astype(np.int64) << 32) | (keys + _OFFSET)
         # `owner` is the row's place in event order: what came after a click is told apart.
@@ -195,13 +219,18 @@ class ShardState:
 
     def slate(self, uxid: str, limit: int) -> Picks:
         """The user's slate: movie ids, best first, and why each is there."""
-        slate = draw_slate(self.model, self.model.view(self.counts_of(uxid)), limit, self.rng)
+        user = self.users.pop(uxid, None)
+        if user is not None:
+            self.users[uxid] = user  # now the most recently used
+        counts = userstate.empty() if user is None else user.counts
+        slate = draw_slate(self.model, self.model.view(counts), limit, self.rng)
         return self.catalog.movie_ids[slate.movies].tolist(), slate.reasons
 
     def take_dirty(self) -> list[tuple[str, int, bytes, bytes]]:
-        """Snapshot (uxid, slot, counts, recent ids) of every changed user, and reset the set."""
+        """Snapshot (uxid, slot, counts, seen ids) of every changed user, and reset the set."""
+        users = self.users
         rows = [
-            (uxid, slot_of(uxid), userstate.to_bytes(self.users[uxid].counts), recent_to_bytes(self.users[uxid].recent))
+            (uxid, slot_of(uxid), userstate.to_bytes(users[uxid].counts), users[uxid].seen.to_bytes())
             for uxid in self.dirty
         ]
         self.dirty = set()

@@ -3,13 +3,53 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import numpy as np
+from psycopg import AsyncConnection, IsolationLevel
 from psycopg_pool import AsyncConnectionPool
 
-from system.core.errors import ConfigError
+from system.core.errors import ConfigError, ServiceError
+from system.core.popularity import Popularity
 from system.core.sharding import SLOTS, SlotMap
+
+
+class Fenced(ServiceError):
+    """A write from a shard that no longer owns its slots: a successor took them over."""
+
+    status = 409
+    code = "fenced"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A slot as its owner took it: the sequence its checkpoint covers, and the owner's epoch."""
+
+    covered: int
+    epoch: int
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    users: Sequence[tuple[str, int, bytes, bytes]]  # (uxid, slot, counts, de-duplication ids)
+    popularity: Popularity  # what the events since the last checkpoint add
+    epochs: dict[int, int]  # slot -> the epoch its owner took it with
+    covered: int
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    covered: dict[int, int]  # slot -> the sequence its checkpoint covers
+    users: dict[str, tuple[bytes, bytes]]  # uxid -> (counts, seen ids)
+    popularity: Popularity
+
+
+async def _popularity(conn: AsyncConnection[Any]) -> Popularity:
+    rows = await (await conn.execute("SELECT key, clicks, impressions FROM popularity ORDER BY key")).fetchall()
+    table = np.array(rows, dtype=np.int64).reshape(-1, 3)
+    return Popularity(table[:, 0], table[:, 1], table[:, 2])
 
 
 class StateStore:
@@ -34,12 +74,26 @@ class StateStore:
         return SlotMap(np.array([r[1] for r in rows], dtype=np.int16))
 
     async def assign_slots(self, owners: SlotMap) -> None:
+        """A new slot map (an offline re-shard). Every slot that changes hands gets a new epoch,
+        so a shard of the old layout that still runs can no longer checkpoint it."""
         async with self.pool.connection() as conn:
             await conn.execute(
-                "UPDATE slots SET shard = u.shard FROM unnest(%s::int2[], %s::int2[]) AS u(slot, shard)"
-                " WHERE slots.slot = u.slot",
+                "UPDATE slots SET shard = u.shard, epoch = epoch + 1 FROM unnest(%s::int2[], %s::int2[]) AS u(slot, shard)"
+                " WHERE slots.slot = u.slot AND slots.shard <> u.shard",
                 (list(range(SLOTS)), owners.owners.tolist()),
             )
+
+    async def take_slots(self, shard: int) -> dict[int, Claim]:
+        """Take ownership of the shard's slots: each slot's epoch goes up by one, in the same
+        statement that reads the position its checkpoint covers. From then on a checkpoint
+        carrying an older epoch (a previous owner that is still alive) is refused."""
+        async with self.pool.connection() as conn:
+            rows = await (
+                await conn.execute(
+                    "UPDATE slots SET epoch = epoch + 1 WHERE shard = %s RETURNING slot, covered_seq, epoch", (shard,)
+                )
+            ).fetchall()
+        return {int(slot): Claim(int(covered), int(epoch)) for slot, covered, epoch in rows}
 
     async def covered_by_slot(self, slots: Iterable[int]) -> dict[int, int]:
         """Per slot, the event sequence its checkpoint covers."""
@@ -49,18 +103,53 @@ class StateStore:
             ).fetchall()
         return {int(slot): int(covered) for slot, covered in rows}
 
-    async def load_users(self, slots: Iterable[int]) -> list[tuple[str, bytes, bytes]]:
+    async def oldest_checkpoint(self) -> int:
+        """The lowest sequence any slot's checkpoint covers: where a replay of everything starts."""
+        async with self.pool.connection() as conn:
+            row = await (await conn.execute("SELECT coalesce(min(covered_seq), 0) FROM slots")).fetchone()
+        assert row is not None  # an aggregate always has a row
+        return int(row[0])
+
+    async def load_users(self, uxids: Sequence[str]) -> list[tuple[str, bytes, bytes]]:
+        """The checkpointed state of these users (those that have one): one indexed read."""
         async with self.pool.connection() as conn:
             cur = await conn.execute(
-                "SELECT uxid, counts, recent_ids FROM user_state WHERE slot = ANY(%s)", (list(slots),)
+                "SELECT uxid, counts, recent_ids FROM user_state WHERE uxid = ANY(%s)", (list(uxids),)
             )
             return [(u, bytes(c), bytes(r)) for u, c, r in await cur.fetchall()]
 
-    async def save(self, users: Sequence[tuple[str, int, bytes, bytes]], slots: Sequence[int], covered: int) -> None:
-        """One checkpoint, atomically: the changed users and the sequence the slots now cover."""
+    async def snapshot(self) -> Snapshot:
+        """Every checkpoint, as of one moment (for `mabrec verify`): the slots' positions, every
+        user, and popularity, in one repeatable-read transaction."""
+        async with self.pool.connection() as conn:
+            await conn.set_isolation_level(IsolationLevel.REPEATABLE_READ)
+            try:
+                async with conn.transaction():
+                    slots = await (await conn.execute("SELECT slot, covered_seq FROM slots")).fetchall()
+                    users = await (await conn.execute("SELECT uxid, counts, recent_ids FROM user_state")).fetchall()
+                    popularity = await _popularity(conn)
+            finally:
+                await conn.set_isolation_level(None)
+        return Snapshot({int(s): int(c) for s, c in slots}, {u: (bytes(c), bytes(r)) for u, c, r in users}, popularity)
+
+    async def popularity(self) -> Popularity:
+        """Every user's clicks and impressions per movie and facet value (keys as in user state)."""
+        async with self.pool.connection() as conn:
+            return await _popularity(conn)
+
+    async def save(self, checkpoint: Checkpoint) -> None:
+        """One checkpoint, atomically: the changed users, what they add to popularity, and the
+        sequence the slots now cover. Refused (Fenced) if another owner took any of the slots."""
         async with self.pool.connection() as conn, conn.transaction():
-            if users:
-                uxids, user_slots, counts, recent = zip(*users, strict=False)
+            claimed = checkpoint.epochs
+            rows = await (
+                await conn.execute("SELECT slot, epoch FROM slots WHERE slot = ANY(%s) FOR UPDATE", (sorted(claimed),))
+            ).fetchall()
+            lost = sorted(int(slot) for slot, epoch in rows if epoch != claimed[int(slot)])
+            if lost or len(rows) != len(claimed):
+                raise Fenced(f"{len(lost)} of its slots have a new owner (slot {lost[0] if lost else '?'} ...)")
+            if checkpoint.users:
+                uxids, user_slots, counts, recent = zip(*checkpoint.users, strict=True)
                 await conn.execute(
                     "INSERT INTO user_state (uxid, slot, counts, recent_ids)"
                     " SELECT * FROM unnest(%s::text[], %s::int2[], %s::bytea[], %s::bytea[])"
@@ -68,9 +157,20 @@ class StateStore:
                     " recent_ids = EXCLUDED.recent_ids, updated_at = now()",
                     (list(uxids), list(user_slots), list(counts), list(recent)),
                 )
+            delta = checkpoint.popularity
+            if len(delta.keys):
+                # In key order: concurrent checkpoints of other shards lock the same rows in the
+                # same order, so they wait for each other instead of deadlocking.
+                await conn.execute(
+                    "INSERT INTO popularity AS p (key, clicks, impressions)"
+                    " SELECT * FROM unnest(%s::int4[], %s::int8[], %s::int8[]) ORDER BY 1"
+                    " ON CONFLICT (key) DO UPDATE"
+                    " SET clicks = p.clicks + EXCLUDED.clicks, impressions = p.impressions + EXCLUDED.impressions",
+                    (delta.keys.tolist(), delta.clicks.tolist(), delta.impressions.tolist()),
+                )
             await conn.execute(
                 "UPDATE slots SET covered_seq = %s WHERE slot = ANY(%s) AND covered_seq < %s",
-                (covered, list(slots), covered),
+                (checkpoint.covered, sorted(claimed), checkpoint.covered),
             )
 
     async def check_event_log(self, stream: str, created: datetime, last_seq: int) -> None:
