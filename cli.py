@@ -38,6 +38,18 @@ def build_parser() -> argparse.ArgumentParser:
     p_status = sub.add_parser("status", help="show the running system (started by `mabrec up` from this directory)")
     p_status.add_argument("--json", action="store_true", help="print JSON")
 
+    p_scale = sub.add_parser(
+        "scale", help="change the number of shards of the running system, live (slots move, users with them)"
+    )
+    p_scale.add_argument("--shards", type=int, required=True, help="how many shard actors (1 to 256)")
+    p_scale.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for it (default 300)")
+
+    p_restart = sub.add_parser("restart", help="replace the shard actors of the running system")
+    p_restart.add_argument(
+        "--rolling", action="store_true", required=True, help="one at a time, its slots served by the others meanwhile"
+    )
+    p_restart.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for it (default 600)")
+
     p_catalog = sub.add_parser("catalog", help="catalog commands")
     catalog_sub = p_catalog.add_subparsers(dest="catalog_command", required=True, metavar="ACTION")
     p_load = catalog_sub.add_parser(
@@ -120,6 +132,21 @@ def status(settings: Settings, args: argparse.Namespace) -> int:
     from system.status import show
 
     return show(settings, args.json)
+
+
+def scale(settings: Settings, args: argparse.Namespace) -> int:
+    from system.deployment import scale
+
+    if not 1 <= args.shards <= 256:
+        print("mabrec scale: --shards must be between 1 and 256", file=sys.stderr)
+        return 2
+    return asyncio.run(scale(settings, args.shards, args.timeout))
+
+
+def restart(settings: Settings, args: argparse.Namespace) -> int:
+    from system.deployment import rolling_restart
+
+    return asyncio.run(rolling_restart(settings, args.timeout))
 
 
 def catalog(settings: Settings, args: argparse.Namespace) -> int:
@@ -211,6 +238,8 @@ def bench(settings: Settings, args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "up": up,
     "status": status,
+    "scale": scale,
+    "restart": restart,
     "catalog": catalog,
     "verify": verify,
     "simulate": simulate,

@@ -13,6 +13,7 @@ SIGINT/SIGTERM stop everything cleanly: final checkpoints, NATS drained, embedde
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import random
@@ -20,7 +21,7 @@ import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -28,7 +29,9 @@ from nats.js import JetStreamContext
 
 from system.bus import stream
 from system.core.catalog_file import SHIPPED
-from system.core.health import ROUTER, Actors, HealthMonitor, api_key, shard_key
+from system.core.errors import Unavailable
+from system.core.health import ROUTER, Fleet, HealthMonitor, api_key, shard_key
+from system.core.placement import evacuated, rebalanced
 from system.core.settings import Settings
 from system.core.sharding import SlotMap
 from system.db.catalog_store import CatalogStore, load_file
@@ -39,6 +42,7 @@ from system.local.infra import Infrastructure
 from system.local.processes import free_port, pid_alive
 from system.local.runtime import Runtime
 from system.local.servers import ray_env, ray_token
+from system.resharding import Progress, move
 from system.tasks import cancel_and_wait, gather_logged, start_task
 
 log = logging.getLogger("mabrec.supervisor")
@@ -47,6 +51,7 @@ STEP_PERIOD = 1.0  # seconds between control-loop steps once everything is up (j
 STARTING_PERIOD = 0.1  # ... and while actors are still coming up
 POPULARITY_PERIOD = 5.0
 CATALOG_PERIOD = 2.0
+DEPLOYMENT_PERIOD = 1.0
 SUBSTEP_TIMEOUT = 30.0
 
 
@@ -58,14 +63,19 @@ class Supervisor:
     def __init__(
         self,
         settings: Settings,
-        actors: Actors,
+        actors: Fleet,
         catalog_store: CatalogStore,
         state_store: StateStore,
         js: JetStreamContext,
+        slot_map: SlotMap,
         **extra: Any,
     ) -> None:
         self.settings = settings
         self.actors = actors
+        self.slot_owners: list[int] = slot_map.owners.tolist()  # pushed to the API hosts
+        self.change: Progress | None = None  # a re-shard or rolling restart under way
+        self.changes_done = 0
+        self._changing: asyncio.Task[None] | None = None
         self.catalog_store = catalog_store
         self.state_store = state_store
         self.js = js
@@ -99,6 +109,8 @@ class Supervisor:
             await self._substep("catalog", self.watch_catalog)
         if self._due("popularity", POPULARITY_PERIOD):
             await self._substep("popularity", self.share_popularity)
+        if self._due("deployment", DEPLOYMENT_PERIOD):
+            await self._substep("deployment", self.reconcile)
         self.step_seconds = time.monotonic() - began
         self.steps += 1
 
@@ -128,6 +140,9 @@ class Supervisor:
             **self.health.snapshot(),
             **self.extra,
             "stream_last_seq": self.stream_last_seq,
+            "slot_owners": self.slot_owners,
+            "change": self.change.as_dict() if self.change else None,
+            "changes_done": self.changes_done,
             "retention_lost": self.retention_lost,
             "control_loop": {
                 "steps": self.steps,
@@ -184,6 +199,107 @@ class Supervisor:
             "sharing popularity",
         )
 
+    async def reconcile(self) -> None:
+        """Make the deployment what it should be: the number of shards `mabrec scale` asked
+        for, a rolling restart `mabrec restart --rolling` asked for. One change at a time, in a
+        task of its own: the control loop goes on meanwhile (health checks above all)."""
+        if self._changing is not None and not self._changing.done():
+            return
+        wanted = await self.state_store.deployment()
+        shards = len(self.health.shards)
+        if wanted.routing_paused:  # paused, and no change of ours under way: a supervisor died in one
+            change = self._finish_interrupted_move()
+        elif wanted.desired_shards and wanted.desired_shards != shards:
+            change = self._scale(shards, wanted.desired_shards)
+        elif wanted.restart_requested > wanted.restart_done:
+            change = self._rolling_restart(shards, wanted.restart_requested)
+        else:
+            return
+        self._changing = start_task(change, "deployment change", forever=False)
+
+    async def _scale(self, shards: int, wanted: int) -> None:
+        self.change = Progress(f"re-shard {shards} -> {wanted}")
+        try:
+            if wanted > shards:  # new shards first: they start with no slot
+                for shard in range(shards, wanted):
+                    self.actors.spawn_shard(shard)
+                self.health.resize(wanted)
+                await self._wait_up(range(shards, wanted))
+            current = await self.state_store.slot_map()
+            await move(
+                self.actors, self.state_store, current, rebalanced(current, wanted), max(shards, wanted),
+                self.change, self._publish_map,
+            )  # fmt: skip
+            if wanted < shards:  # emptied: retire them
+                retiring = [shard_key(s) for s in range(wanted, shards)]
+                await gather_logged({key: self.actors.call(key, "stop", timeout=60) for key in retiring}, "retiring")
+                for key in retiring:
+                    self.actors.remove(key)
+                self.health.resize(wanted)
+            log.info("re-shard done", extra={"from": shards, "to": wanted, **self.change.as_dict()})
+            self.changes_done += 1
+        finally:
+            self.change = None
+
+    async def _rolling_restart(self, shards: int, request: int) -> None:
+        """Each shard in turn: its slots go to the others, its actor is replaced (new code, new
+        process), and its slots come back: no request finds its shard down."""
+        self.change = Progress(f"rolling restart of {shards} shards")
+        try:
+            for shard in range(shards):
+                current = await self.state_store.slot_map()
+                if shards > 1:
+                    await move(
+                        self.actors, self.state_store, current, evacuated(current, shard), shards,
+                        self.change, self._publish_map,
+                    )  # fmt: skip
+                old = self.health.shards[shard].status.get("started")
+                self.actors.restart(shard_key(shard))
+                await self._wait_up([shard], replacing=old)
+                if shards > 1:
+                    await move(
+                        self.actors, self.state_store, await self.state_store.slot_map(), current, shards,
+                        self.change, self._publish_map,
+                    )  # fmt: skip
+            await self.state_store.restart_finished(request)
+            log.info("rolling restart done", extra=self.change.as_dict())
+            self.changes_done += 1
+        finally:
+            self.change = None
+
+    async def _finish_interrupted_move(self) -> None:
+        """Every shard owns exactly what the map says (releasing or taking what the interrupted
+        move left half done), then routing resumes."""
+        self.change = Progress("finishing an interrupted move")
+        try:
+            await self._wait_up(range(len(self.health.shards)))
+            keys = [w.key for w in self.health.shards]
+            done = await gather_logged({key: self.actors.call(key, "resync", timeout=120) for key in keys}, "resync")
+            if len(done) != len(keys):
+                raise Unavailable("some shards could not take the slots the map gives them; trying again")
+            self.slot_owners = (await self.state_store.slot_map()).owners.tolist()
+            await self.state_store.pause_routing(False)
+            await self.actors.call(ROUTER, "resume", timeout=10)
+            log.warning("an interrupted move is finished: routing resumed")
+        finally:
+            self.change = None
+
+    async def _wait_up(self, shards: Iterable[int], replacing: float | None = None, timeout: float = 120) -> None:
+        """Until these shards are restored and serving (by a new incarnation, when replacing one:
+        `replacing` is when the old one started)."""
+        deadline = time.monotonic() + timeout
+        watched = [self.health.shards[s] for s in shards]
+        while not all(w.up and w.status.get("started") != replacing for w in watched):
+            if time.monotonic() > deadline:
+                raise Unavailable(f"shards {[w.key for w in watched]} were not up within {timeout} s")
+            await asyncio.sleep(0.1)
+            await self.health.check()
+
+    async def _publish_map(self, slot_map: SlotMap) -> None:
+        """Slots changed hands: the API hosts route by the new map from now on."""
+        self.slot_owners = slot_map.owners.tolist()
+        await self.push_health()
+
     async def stop_actors(self) -> None:
         """Graceful: the API stops taking requests and flushes its events, the router stops,
         every shard takes its final checkpoint (each one asked, up or not)."""
@@ -236,6 +352,9 @@ async def up(settings: Settings) -> int:
         assert info.created is not None  # JetStream reports it for every stream
         state_store, catalog_store = StateStore(pool), CatalogStore(pool)
         await state_store.check_event_log(settings.stream, info.created, info.state.last_seq)
+        wanted = (await state_store.deployment()).desired_shards
+        if wanted and not settings.shards_given:  # as `mabrec scale` left it
+            settings = dataclasses.replace(settings, shards=wanted)
         slot_map = await state_store.ensure_slot_map(settings.shards)
 
         dashboard = ray_api.connect(settings, settings.ray_address or "")  # on the main thread, as Ray wants
@@ -246,7 +365,7 @@ async def up(settings: Settings) -> int:
         port = settings.port or (urlsplit(previous.api_url).port if previous else None) or free_port()
         cluster.spawn(settings.shards, settings.api_workers, port)
         supervisor = Supervisor(
-            settings, cluster, catalog_store, state_store, js, ray_dashboard=infra.dashboard_url or dashboard
+            settings, cluster, catalog_store, state_store, js, slot_map, ray_dashboard=infra.dashboard_url or dashboard
         )
 
         def died(exc: BaseException | None) -> None:
@@ -285,6 +404,7 @@ async def up(settings: Settings) -> int:
 
         log.info("shutting down")
         await cancel_and_wait(control)
+        await cancel_and_wait(supervisor._changing)  # a move stops cleanly (routing unpaused)
         await supervisor.stop_actors()
         cluster.kill_all()
         await nc.drain()

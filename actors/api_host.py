@@ -115,7 +115,11 @@ class ApiHost:
         self.backend = LiveBackend(settings, rendered, slot_map, shards, publisher)
         self.backend.set_popularity(popularity)
         config = uvicorn.Config(
-            create_app(self.backend), log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=5
+            create_app(self.backend, admin_token=settings.admin_token),
+            log_config=None,
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=5,
         )
         self._server = _Server(config)
         serving = asyncio.create_task(self._server.serve(sockets=[reusable_socket(settings.host, self.port)]))

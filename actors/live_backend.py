@@ -4,9 +4,10 @@ through the publisher. The supervisor pushes it the shards' health and the globa
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Sequence
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -14,15 +15,21 @@ from api.render import Rendered
 from system.bus.dataplane import ShardClient
 from system.bus.publisher import Publisher
 from system.core import userstate
-from system.core.errors import Unavailable
+from system.core.errors import Moved, Unavailable
 from system.core.events import Event
 from system.core.policy import Model, Picks, draw_slate
 from system.core.popularity import Popularity
 from system.core.settings import Settings
 from system.core.sharding import SlotMap
+from system.db.pool import short_lived_pool
+from system.db.state_store import StateStore
 
 # How long a shard that failed a call is skipped (fallback slates at once) before it is tried again.
 SHARD_DOWN_SECONDS = 1.0
+# How long a request waits for a slot a re-shard is moving (a move takes a fraction of that).
+MOVE_WAIT = 5.0
+
+T = TypeVar("T")
 
 
 class Gateway(Protocol):
@@ -65,6 +72,8 @@ class LiveBackend:
         self.rng = np.random.default_rng()
         self.health: dict[str, Any] = {"shards": [], "router": {}, "at": 0.0}
         self.down_until: dict[int, float] = {}
+        self._owners: list[int] | None = None
+        self.moved_retries = 0  # requests asked again because their slot was moving
         self.started = time.time()
         self.popularity = Popularity.empty()
         self.set_catalog(rendered)
@@ -84,21 +93,41 @@ class LiveBackend:
     def set_health(self, snapshot: dict[str, Any]) -> None:
         self.health = {**snapshot, "at": time.time()}
         for shard in snapshot.get("shards", []):
-            if not shard.get("ready"):
+            if shard.get("ready"):
+                self.down_until.pop(shard["shard"], None)  # back: ask it again at once
+            else:
                 self.down_until[shard["shard"]] = time.monotonic() + SHARD_DOWN_SECONDS
+        owners = snapshot.get("slot_owners")
+        if owners is not None and owners != self._owners:  # a re-shard moved slots
+            self._owners = owners
+            self.slot_map = SlotMap(np.asarray(owners, dtype=np.int16))
 
     async def slate(self, uxid: str, limit: int) -> Picks:
-        shard = self.slot_map.shard_of(uxid)
-        if self.down_until.get(shard, 0.0) > time.monotonic():
-            raise Unavailable(f"shard {shard} is down")  # answer from popularity at once
-        try:
-            return await self.gateway.slate(shard, uxid, limit)
-        except Unavailable:
-            self.down_until[shard] = time.monotonic() + SHARD_DOWN_SECONDS
-            raise
+        return await self._ask(uxid, lambda shard: self.gateway.slate(shard, uxid, limit))
 
     async def profile(self, uxid: str) -> list[list[int]]:
-        return await self.gateway.profile(self.slot_map.shard_of(uxid), uxid)
+        return await self._ask(uxid, lambda shard: self.gateway.profile(shard, uxid))
+
+    async def _ask(self, uxid: str, call: Callable[[int], Awaitable[T]]) -> T:
+        """Ask the user's shard. While a re-shard moves the user's slot, the shard that had it
+        says so (Moved): wait a moment and ask again, by the slot map the supervisor pushes,
+        rather than answer from popularity; for at most MOVE_WAIT seconds."""
+        deadline, pause = time.monotonic() + MOVE_WAIT, 0.005
+        while True:
+            shard = self.slot_map.shard_of(uxid)
+            if self.down_until.get(shard, 0.0) > time.monotonic():
+                raise Unavailable(f"shard {shard} is down")  # answer from popularity at once
+            try:
+                return await call(shard)
+            except Moved:
+                if time.monotonic() > deadline:
+                    raise Unavailable(f"the slot of {uxid!r} was moving for over {MOVE_WAIT} s") from None
+                self.moved_retries += 1
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.1)
+            except Unavailable:
+                self.down_until[shard] = time.monotonic() + SHARD_DOWN_SECONDS
+                raise
 
     def fallback(self, limit: int) -> Picks:
         empty = self.model.view(userstate.empty())
@@ -114,6 +143,10 @@ class LiveBackend:
     @property
     def subject(self) -> str:
         return f"{self.settings.events_subject}.api"
+
+    async def set_desired_shards(self, shards: int) -> None:
+        async with short_lived_pool(self.settings.database_url or "", "api-admin") as pool:
+            await StateStore(pool).set_desired_shards(shards)
 
     def readiness(self) -> dict[str, Any]:
         shards = {str(s["shard"]): bool(s.get("ready")) for s in self.health.get("shards", [])}
@@ -137,6 +170,10 @@ class LiveBackend:
             "router": self.health.get("router", {}),
             "supervisor_seen_seconds_ago": round(time.time() - self.health["at"], 1) if self.health["at"] else None,
             "publisher": self.publisher.status(),
+            "moved_retries": self.moved_retries,
             "stream_last_seq": self.health.get("stream_last_seq", 0),
+            "slot_owners": self.health.get("slot_owners"),
+            "change": self.health.get("change"),
+            "changes_done": self.health.get("changes_done", 0),
             "ray_dashboard": self.health.get("ray_dashboard"),
         }

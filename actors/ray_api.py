@@ -24,7 +24,7 @@ from actors.api_host import ApiHost
 from actors.router import EventRouter
 from actors.shard import Shard
 from system.batching import Batchers
-from system.core.errors import Restarting, TimedOut, Unavailable
+from system.core.errors import Moved, Restarting, TimedOut, Unavailable
 from system.core.health import ROUTER, api_key, shard_key
 from system.core.policy import Picks
 from system.core.policy_config import PolicyConfig
@@ -154,19 +154,24 @@ class RayShardClient(Actors):
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
-        self.batchers: Batchers[int, tuple[str, int], Picks] = Batchers(
+        self.batchers: Batchers[int, tuple[str, int], Picks | None] = Batchers(
             self._slates, linger=SLATE_LINGER, max_in_flight=SLATE_IN_FLIGHT
         )
 
     async def slate(self, shard: int, uxid: str, limit: int) -> Picks:
-        return await self.batchers.submit(shard, (uxid, limit))
+        picks = await self.batchers.submit(shard, (uxid, limit))
+        if picks is None:
+            raise Moved(f"the slot of {uxid!r} is not shard {shard}'s")
+        return picks
 
-    async def _slates(self, shard: int, requests: Sequence[tuple[str, int]]) -> list[Picks]:
-        picks: list[Picks] = await self.call(shard_key(shard), "slates", list(requests), timeout=SLATE_TIMEOUT)
+    async def _slates(self, shard: int, requests: Sequence[tuple[str, int]]) -> list[Picks | None]:
+        picks: list[Picks | None] = await self.call(shard_key(shard), "slates", list(requests), timeout=SLATE_TIMEOUT)
         return picks
 
     async def profile(self, shard: int, uxid: str) -> list[list[int]]:
-        rows: list[list[int]] = await self.call(shard_key(shard), "user_counts", uxid)
+        rows: list[list[int]] | None = await self.call(shard_key(shard), "user_counts", uxid)
+        if rows is None:
+            raise Moved(f"the slot of {uxid!r} is not shard {shard}'s")
         return rows
 
 
@@ -181,9 +186,7 @@ class Cluster(Actors):
     def spawn(self, shards: int, apis: int, port: int) -> None:
         """Create the actors that do not exist yet; attach to those that do."""
         for shard in range(shards):
-            key = shard_key(shard)
-            options = _options(actor_name(self.settings, key))
-            self._handles[key] = RemoteShard.options(**options).remote(shard, self.settings, self.policy)
+            self.spawn_shard(shard)
         self._handles[ROUTER] = RemoteRouter.options(**_options(actor_name(self.settings, ROUTER))).remote(
             self.settings
         )
@@ -194,9 +197,22 @@ class Cluster(Actors):
             options = _options(actor_name(self.settings, key), scheduling_strategy=here)
             self._handles[key] = RemoteApi.options(**options).remote(self.settings, index, port)
 
+    def spawn_shard(self, shard: int) -> None:
+        """Create shard `shard`'s actor (or attach to it): it restores the slots the map gives it."""
+        key = shard_key(shard)
+        options = _options(actor_name(self.settings, key))
+        self._handles[key] = RemoteShard.options(**options).remote(shard, self.settings, self.policy)
+
     def restart(self, actor: str) -> None:
-        """Kill a hung actor; Ray restarts it (empty), and the next health check restores it."""
+        """Kill a hung actor (or one to replace); Ray restarts it (empty), and the next health
+        check restores it."""
         ray.kill(self.handle(actor), no_restart=False)
+
+    def remove(self, actor: str) -> None:
+        """Remove an actor for good (a shard a re-shard retired, after its final checkpoint)."""
+        handle = self._handles.pop(actor, None) or self.handle(actor)
+        self._handles.pop(actor, None)
+        ray.kill(handle, no_restart=True)
 
     def kill_all(self) -> None:
         """Remove the actors for good (after a graceful stop, which checkpointed them)."""

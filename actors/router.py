@@ -64,9 +64,29 @@ class EventRouter:
         self.slot_map: SlotMap | None = None
         self.known_movies: frozenset[int] = frozenset()
         self.catalog_version = -1
+        self.paused = False
 
     def ensure_running(self) -> dict[str, Any]:
-        """Start the routing loop if it is not running (idempotent). Returns `status()`."""
+        """Start the routing loop if it is not running, nor paused (idempotent). Returns `status()`."""
+        if not self.paused:
+            self._loop.ensure()
+        return self.status()
+
+    async def pause(self, shards: int) -> int:
+        """Stop routing (slots are about to change hands), after telling every shard in
+        `range(shards)` how far the stream is routed. Returns that position. The supervisor
+        has set the pause in PostgreSQL first, so a router restarted meanwhile waits too."""
+        self.paused = True
+        await self._loop.cancel()
+        if self._nc is not None:
+            await asyncio.gather(*(self._send(shard, [], self.position) for shard in range(shards)))
+        log.info("router paused", extra={"at": self.position})
+        return self.position
+
+    async def resume(self) -> dict[str, Any]:
+        """Route again, by the slot map as PostgreSQL has it now."""
+        self.paused = False
+        self.slot_map = None  # read again: slots changed hands
         self._loop.ensure()
         return self.status()
 
@@ -98,6 +118,7 @@ class EventRouter:
                 backoff = min(backoff * 2, 5.0)
 
     async def _consume(self, settings: Settings) -> None:
+        await self._wait_while_paused()
         if self.slot_map is None:
             await self.reload()
         assert self.slot_map is not None
@@ -121,6 +142,19 @@ class EventRouter:
                     await asyncio.sleep(MIN_CYCLE - (loop.time() - began))
         finally:
             await cursor.close()
+
+    async def _wait_while_paused(self) -> None:
+        """A move in progress (set in PostgreSQL, so it holds across restarts): wait it out."""
+        async with short_lived_pool(self.settings.database_url or "", "router") as pool:
+            store = StateStore(pool)
+            waited = False
+            while (await store.deployment()).routing_paused:
+                if not waited:
+                    log.info("routing is paused (slots are changing hands); waiting")
+                    waited = True
+                await asyncio.sleep(0.1)
+        if waited:
+            self.slot_map = None  # the move is done: its map, not the one from before
 
     async def _start_position(self) -> int:
         """After the furthest sequence a live shard covers, and never before the oldest
@@ -189,7 +223,8 @@ class EventRouter:
 
     def status(self) -> dict[str, Any]:
         return {
-            "running": self._loop.running,
+            "running": self._loop.running or self.paused,  # paused on purpose: healthy
+            "paused": self.paused,
             "pid": os.getpid(),
             "position": self.position,
             "events": self.events,

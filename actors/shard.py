@@ -142,8 +142,8 @@ class Shard:
         self.epochs = {slot: claim.epoch for slot, claim in claims.items()}
         self._slot_set = frozenset(claims)
         slot_covered = {slot: claim.covered for slot, claim in claims.items()}
-        covered = min(slot_covered.values(), default=0)
         end = await stream.last_seq(self._nc.jetstream(), settings.stream)
+        covered = min(slot_covered.values(), default=end)  # no slot (a new shard): nothing to replay
         async with self._apply_lock:
             self.covered = covered
             self._saved_covered = covered
@@ -300,37 +300,104 @@ class Shard:
             return self.covered
 
     async def _replay(
-        self, state: ShardState, after: int, through: int, slot_covered: dict[int, int] | None = None
+        self,
+        state: ShardState,
+        after: int,
+        through: int,
+        slot_covered: dict[int, int] | None = None,
+        only: frozenset[int] | None = None,
     ) -> None:
         """Apply this shard's events of stream span (after, through] from the stream itself
-        (and, with `slot_covered`, only those past their slot's checkpoint)."""
+        (with `slot_covered`, only those past their slot's checkpoint). With `only`, just the
+        events of those slots, and `covered` stays: a catch-up of slots just acquired."""
         assert self._nc is not None
         floor = slot_covered or {}
+        slots = only if only is not None else self._slot_set
         async for batch in stream.read_range(self._nc.jetstream(), self.settings, after, through):
             mine = [
                 (msg.second, e)
                 for msg in batch
                 for e in msg.decode()[0]
-                if (slot := slot_of(e.user)) in self._slot_set and msg.seq > floor.get(slot, 0)
+                if (slot := slot_of(e.user)) in slots and msg.seq > floor.get(slot, 0)
             ]
             if mine:
                 await self._load(state, (e.user for _, e in mine))
                 self.replayed += state.apply([e for _, e in mine], [second for second, _ in mine])
-            self.covered = batch[-1].seq  # with the apply above: nothing else ran in between
+            if only is None:
+                self.covered = batch[-1].seq  # with the apply above: nothing else ran in between
             state.evict()
-        self.covered = max(self.covered, through)
+        if only is None:
+            self.covered = max(self.covered, through)
+
+    # --- slots changing hands -----------------------------------------------------------------
+
+    async def resync(self) -> dict[str, Any]:
+        """Own exactly the slots the map gives this shard (after a move a supervisor's death
+        interrupted): let go of the others, take the missing ones. Returns `status()`."""
+        assert self._pool is not None
+        mine = set((await StateStore(self._pool).slot_map()).slots_of(self.shard_id))
+        if extra := sorted(self._slot_set - mine):
+            await self.release(extra)
+        if missing := sorted(mine - self._slot_set):
+            await self.acquire(missing)
+        return self.status()
+
+    async def release(self, slots: Sequence[int]) -> int:
+        """Give these slots up (a re-shard moves them): a final checkpoint, then their users
+        leave memory and their events are no longer this shard's. Returns the sequence the
+        checkpoint covers: where the next owner starts."""
+        async with self._apply_lock:
+            state = self.state
+            if state is None:
+                raise ShardNotReady(f"shard {self.shard_id} is not serving")
+            await self.checkpoint()
+            leaving = frozenset(slots) & self._slot_set
+            state.release(leaving)
+            self.epochs = {s: e for s, e in self.epochs.items() if s not in leaving}
+            self._slot_set = frozenset(self.epochs)
+            log.info("released slots", extra={"shard": self.shard_id, "slots": len(leaving), "at": self.covered})
+            return self.covered
+
+    async def acquire(self, slots: Sequence[int]) -> int:
+        """Take these slots (the map gives them to this shard now): a new epoch each, then what
+        the stream holds for them after their checkpoints and up to where this shard is, so they
+        are where the rest of its slots are. Their users load as they are needed."""
+        assert self._pool is not None
+        async with self._apply_lock:
+            state = self.state
+            if state is None:
+                raise ShardNotReady(f"shard {self.shard_id} is not serving")
+            claims = await StateStore(self._pool).take_these_slots(self.shard_id, slots)
+            if len(claims) != len(set(slots)):
+                raise ShardNotReady(f"shard {self.shard_id} was given {len(slots)} slots, the map says {len(claims)}")
+            ahead = max((c.covered for c in claims.values()), default=0)
+            if ahead > self.covered:  # the slots are further along: bring the others there first
+                await self._replay(state, self.covered, ahead)
+            covered = {slot: claim.covered for slot, claim in claims.items()}
+            behind = min(covered.values(), default=self.covered)
+            if behind < self.covered:
+                await self._replay(state, behind, self.covered, covered, only=frozenset(claims))
+            self.epochs |= {slot: claim.epoch for slot, claim in claims.items()}
+            self._slot_set = frozenset(self.epochs)
+            log.info("acquired slots", extra={"shard": self.shard_id, "slots": len(claims), "at": self.covered})
+            return self.covered
 
     # --- serving ----------------------------------------------------------------------------
 
-    async def slates(self, requests: Sequence[tuple[str, int]]) -> list[Picks]:
-        """A batch of (uxid, limit) -> per request, movie ids best first and why each is there."""
-        state = await self._resident([uxid for uxid, _ in requests])
+    async def slates(self, requests: Sequence[tuple[str, int]]) -> list[Picks | None]:
+        """A batch of (uxid, limit) -> per request, movie ids best first and why each is there;
+        None for a user whose slot is not (or no longer) this shard's: the caller asks again."""
+        mine = [slot_of(uxid) in self._slot_set for uxid, _ in requests]
+        state = await self._resident([uxid for (uxid, _), ok in zip(requests, mine, strict=True) if ok])
         self.slate_calls += 1
-        self.slates_served += len(requests)
-        return [state.slate(uxid, limit) for uxid, limit in requests]
+        self.slates_served += sum(mine)
+        return [state.slate(uxid, limit) if ok else None for (uxid, limit), ok in zip(requests, mine, strict=True)]
 
-    async def user_counts(self, uxid: str) -> list[list[int]]:
-        """A user's raw evidence rows (key, clicks, seen): movie id > 0, minus facet id < 0."""
+    async def user_counts(self, uxid: str) -> list[list[int]] | None:
+        """A user's raw evidence rows (key, clicks, seen): movie id > 0, minus facet id < 0;
+        None when the user's slot is not this shard's."""
+        if slot_of(uxid) not in self._slot_set:
+            return None
         state = await self._resident([uxid])
         rows: list[list[int]] = state.counts_of(uxid).tolist()
         return rows
@@ -405,6 +472,7 @@ class Shard:
             "shard": self.shard_id,
             "ready": state is not None,
             "pid": os.getpid(),
+            "started": self.started,  # which incarnation (a restart makes a new one)
             "slots": len(self.epochs),
             "users": len(state.users) if state else 0,
             "users_evicted": state.evicted if state else 0,

@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from api import routes
+from api import admin, routes
 from api.backend import Backend
 from api.errors import HANDLERS
 from api.metrics import ApiMetrics, MetricsMiddleware, StatusCollector
@@ -24,15 +24,17 @@ from api.metrics import ApiMetrics, MetricsMiddleware, StatusCollector
 class State(TypedDict):
     backend: Backend
     metrics: ApiMetrics
+    admin_token: str | None
 
 
-def create_app(backend: Backend, metrics: ApiMetrics | None = None) -> Starlette:
+def create_app(backend: Backend, metrics: ApiMetrics | None = None, admin_token: str | None = None) -> Starlette:
+    """The app. `admin_token`: the bearer token the admin routes take; without one they are off."""
     metrics = metrics or ApiMetrics()
     metrics.registry.register(StatusCollector(backend.status))
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
-        yield {"backend": backend, "metrics": metrics}
+        yield {"backend": backend, "metrics": metrics, "admin_token": admin_token}
 
     async def prometheus(request: Request) -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -45,6 +47,7 @@ def create_app(backend: Backend, metrics: ApiMetrics | None = None) -> Starlette
             Route("/api/events", routes.post_events, methods=["POST"]),
             Route("/api/profile", routes.profile, methods=["GET"]),
             Route("/api/status", routes.status, methods=["GET"]),
+            Route("/api/admin/scale", admin.scale, methods=["POST"]),
             Route("/healthz", routes.healthz, methods=["GET"]),
             Route("/readyz", routes.readyz, methods=["GET"]),
             Route("/metrics", prometheus, methods=["GET"]),

@@ -20,6 +20,8 @@ HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_lar
 async def service_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ServiceError)
     headers = {"Retry-After": "1"} if exc.status == 503 else None
+    if exc.status == 401:
+        headers = {"WWW-Authenticate": 'Bearer realm="mabrec admin"'}
     return json_response({"error": exc.code, "detail": exc.detail}, exc.status, headers)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import httpx
 import orjson
@@ -50,10 +51,22 @@ def show(settings: Settings, as_json: bool) -> int:
     )
     publisher = status["publisher"]
     print(f"  publisher  published {publisher['published']}  pending {publisher['pending']}")
-    print("  shard  ready  users    applied  covered  checkpointed  restarts")
+    change = status.get("change")
+    if change:
+        print(f"  CHANGING   {change['what']}: {change['moved']}/{change['slots']} slots moved, {change['seconds']} s")
+    slots = slots_per_shard(status)
+    print("  shard  ready  slots  users    applied  covered  checkpointed  restarts")
     for s in status["shards"]:
         print(
-            f"  {s['shard']:>5}  {'yes' if s.get('ready') else 'NO ':>5}  {s.get('users', 0):>6}  {s.get('events_applied', 0):>8}"
-            f"  {s.get('covered_seq', 0):>7}  {s.get('checkpoint_seq', 0):>12}  {s.get('restarts', 0):>8}"
+            f"  {s['shard']:>5}  {'yes' if s.get('ready') else 'NO ':>5}  {slots.get(s['shard'], 0):>5}"
+            f"  {s.get('users', 0):>6}  {s.get('events_applied', 0):>8}  {s.get('covered_seq', 0):>7}"
+            f"  {s.get('checkpoint_seq', 0):>12}  {s.get('restarts', 0):>8}"
         )
     return 0 if ready.get("ready") else 2
+
+
+def slots_per_shard(status: dict[str, Any]) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for owner in status.get("slot_owners") or []:
+        counts[owner] = counts.get(owner, 0) + 1
+    return dict(sorted(counts.items()))

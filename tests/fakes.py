@@ -25,6 +25,7 @@ class FakeBackend:
         self.published: list[Event] = []
         self.shard_down = False  # the user's shard is restarting
         self.nats_down = False  # the publish buffer is full / JetStream does not confirm
+        self.desired_shards: int | None = None
 
     @property
     def catalog(self) -> Rendered:
@@ -56,6 +57,9 @@ class FakeBackend:
             raise Unavailable("the event buffer is full (NATS is unreachable); retry later")
         self.publish(events)
         return len(self.published)  # as if each event were a message of the stream
+
+    async def set_desired_shards(self, shards: int) -> None:
+        self.desired_shards = shards
 
     def readiness(self) -> dict[str, Any]:
         return {"ready": not self.shard_down, "shards": {"0": not self.shard_down}}

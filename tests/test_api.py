@@ -193,3 +193,20 @@ def test_an_idempotency_key_makes_a_retry_without_event_ids_count_once(
     assert not set(other["event_ids"] + unkeyed["event_ids"]) & set(first["event_ids"])
     assert client.get("/api/profile", headers={"uxid": "gus"}).json()["clicks"] == 4  # 2, then 1 and 1
     assert client.post("/api/events", json=batch, headers={"Idempotency-Key": ""}).status_code == 400
+
+
+def test_admin_routes_are_off_without_a_token_and_refuse_a_wrong_one(catalog: Catalog) -> None:
+    backend = FakeBackend(catalog)
+    with TestClient(create_app(backend)) as off:
+        response = off.post("/api/admin/scale", json={"shards": 3}, headers={"Authorization": "Bearer anything"})
+        assert response.status_code == 403 and "MABREC_ADMIN_TOKEN" in response.json()["detail"]
+    token = "s3cret-admin-token-of-some-length"
+    with TestClient(create_app(backend, admin_token=token)) as on:
+        assert on.post("/api/admin/scale", json={"shards": 3}).status_code == 401
+        wrong = on.post("/api/admin/scale", json={"shards": 3}, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.headers["www-authenticate"].startswith("Bearer")
+        assert backend.desired_shards is None
+        bad = on.post("/api/admin/scale", json={"shards": 0}, headers={"Authorization": f"Bearer {token}"})
+        assert bad.status_code == 400
+        ok = on.post("/api/admin/scale", json={"shards": 3}, headers={"Authorization": f"Bearer {token}"})
+        assert ok.status_code == 202 and backend.desired_shards == 3

@@ -21,7 +21,7 @@ from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
 
 from system.batching import Batchers
-from system.core.errors import Unavailable
+from system.core.errors import Moved, Unavailable
 from system.core.events import Event
 from system.core.policy import Picks
 
@@ -75,8 +75,8 @@ def decode_reply(payload: bytes) -> Any:
 
 
 # The operations of `<ns>.shard.<i>.rpc`.
-SLATES = "slates"  # args: [[uxid, limit], ...] -> [[movie ids, reasons], ...]
-PROFILE = "profile"  # args: uxid -> the user's rows (system/core/userstate.py)
+SLATES = "slates"  # args: [[uxid, limit], ...] -> [[movie ids, reasons] or null if not the shard's, ...]
+PROFILE = "profile"  # args: uxid -> the user's rows (system/core/userstate.py), or null
 
 
 class ShardClient:
@@ -89,7 +89,7 @@ class ShardClient:
         self.nc = nc
         self.namespace = namespace
         self.timeout = timeout
-        self.batchers: Batchers[int, tuple[str, int], Picks] = Batchers(
+        self.batchers: Batchers[int, tuple[str, int], Picks | None] = Batchers(
             lambda shard, requests: self.call(shard, SLATES, list(requests)), linger=linger, max_in_flight=in_flight
         )
 
@@ -98,11 +98,16 @@ class ShardClient:
         return bool(self.nc.is_connected)
 
     async def slate(self, shard: int, uxid: str, limit: int) -> Picks:
-        ids, reasons = await self.batchers.submit(shard, (uxid, limit))
+        picks = await self.batchers.submit(shard, (uxid, limit))
+        if picks is None:
+            raise Moved(f"the slot of {uxid!r} is not shard {shard}'s")
+        ids, reasons = picks
         return ids, reasons
 
     async def profile(self, shard: int, uxid: str) -> list[list[int]]:
-        rows: list[list[int]] = await self.call(shard, PROFILE, uxid)
+        rows: list[list[int]] | None = await self.call(shard, PROFILE, uxid)
+        if rows is None:
+            raise Moved(f"the slot of {uxid!r} is not shard {shard}'s")
         return rows
 
     async def call(self, shard: int, op: str, args: Any) -> Any:

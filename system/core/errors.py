@@ -17,6 +17,20 @@ class BadRequest(ServiceError):
     code = "bad_request"
 
 
+class Unauthorized(ServiceError):
+    """No credentials, or the wrong ones, for an admin route."""
+
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(ServiceError):
+    """A route this deployment has turned off."""
+
+    status = 403
+    code = "forbidden"
+
+
 class NotFound(ServiceError):
     status = 404
     code = "not_found"
@@ -45,6 +59,11 @@ class MalformedEvent(ServiceError):
 
     status = 400
     code = "malformed_event"
+
+
+class Moved(Unavailable):
+    """The user's slot is not (or no longer) that shard's: a re-shard moved it, or is moving it.
+    Asking again with the current slot map helps."""
 
 
 class TimedOut(Unavailable):

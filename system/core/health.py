@@ -29,6 +29,14 @@ class Actors(Protocol):
     def restart(self, actor: str) -> None: ...
 
 
+class Fleet(Actors, Protocol):
+    """... and how the shards come and go when the deployment grows or shrinks."""
+
+    def spawn_shard(self, shard: int) -> None: ...
+
+    def remove(self, actor: str) -> None: ...
+
+
 @dataclass
 class Watched:
     """One actor under watch: the call that brings it up, and the status field that says it is."""
@@ -64,6 +72,12 @@ class HealthMonitor:
         self.shards = [Watched(shard_key(s), "ensure_ready", "ready", {"shard": s}) for s in range(shards)]
         self.router = Watched(ROUTER, "ensure_running", "running")
         self.apis = [Watched(api_key(a), "ensure_serving", "serving", {"api": a}) for a in range(apis)]
+
+    def resize(self, shards: int) -> None:
+        """Watch `shards` shards from now on (a re-shard added some, or retired some)."""
+        self.shards = self.shards[:shards] + [
+            Watched(shard_key(s), "ensure_ready", "ready", {"shard": s}) for s in range(len(self.shards), shards)
+        ]
 
     @property
     def watched(self) -> list[Watched]:

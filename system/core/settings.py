@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ class Settings:
     nats_url: str | None = None
     ray_address: str | None = None
     shards: int = 4
+    shards_given: bool = False  # MABREC_SHARDS (or --shards) was set: it wins over what `mabrec scale` left
     host: str = "127.0.0.1"
     port: int = 8000
     checkpoint_interval: float = 1.0
@@ -37,6 +38,7 @@ class Settings:
     api_workers: int = 1  # API actors sharing the port
     resident_users: int = RESIDENT_USERS  # per shard: past it, idle users leave memory (once checkpointed)
     dedup_window_hours: float = DEDUP_WINDOW_HOURS  # a retried event id counts once within this window
+    admin_token: str | None = field(default=None, repr=False)  # the admin routes' bearer token; None: off
     exploration: float = PolicyConfig.exploration  # the spread of every Thompson draw
     forget_half_life: float = PolicyConfig.forget_half_life  # how fast old clicks fade; 0: never
 
@@ -62,6 +64,7 @@ class Settings:
             nats_url=_url(env, "NATS_URL", ("nats://", "tls://")),
             ray_address=env.get("RAY_ADDRESS") or None,
             shards=_number(env, "MABREC_SHARDS", int, d.shards, 1, 256),
+            shards_given=bool(env.get("MABREC_SHARDS", "").strip()),
             host=env.get("MABREC_HOST", d.host),
             port=_number(env, "MABREC_PORT", int, d.port, 0, 65535),
             checkpoint_interval=_number(env, "MABREC_CHECKPOINT_INTERVAL", float, d.checkpoint_interval, 0.05, 3600.0),
@@ -78,6 +81,7 @@ class Settings:
             dedup_window_hours=_number(env, "MABREC_DEDUP_WINDOW_HOURS", float, d.dedup_window_hours, 0.01, 720.0),
             exploration=_number(env, "MABREC_EXPLORATION", float, d.exploration, 0.05, 20.0),
             forget_half_life=_number(env, "MABREC_FORGET_HALF_LIFE", float, d.forget_half_life, 0.0, 1000.0),
+            admin_token=_secret(env, "MABREC_ADMIN_TOKEN"),
         )
 
     def policy(self) -> PolicyConfig:
@@ -116,6 +120,20 @@ def _number(env: Mapping[str, str], key: str, cast: Callable[[str], N], default:
         return bounded(raw, cast, lo, hi)
     except ValueError as exc:
         raise ConfigError(f"{key} {exc}") from None
+
+
+def _secret(env: Mapping[str, str], key: str) -> str | None:
+    """A secret from `key`, or from the file `key`_FILE names (its first line)."""
+    value = env.get(key, "").strip()
+    path = env.get(f"{key}_FILE", "").strip()
+    if path:
+        try:
+            value = Path(path).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"{key}_FILE: cannot read {path}: {exc.strerror}") from None
+    if value and len(value) < 16:
+        raise ConfigError(f"{key} must be at least 16 characters (use a long random string)")
+    return value or None
 
 
 def _bool(env: Mapping[str, str], key: str, default: bool) -> bool:

@@ -123,6 +123,16 @@ class ShardState:
             if uxid not in users:
                 users[uxid] = User.empty()
 
+    def release(self, slots: frozenset[int]) -> int:
+        """Forget the users of these slots (they move to another shard, which loads them from
+        their checkpoints). Their changes must be checkpointed already. Returns how many left."""
+        leaving = [u for u in self.users if slot_of(u) in slots]
+        if self.dirty.intersection(leaving):
+            raise ValueError("a user with changes not checkpointed cannot leave")
+        for uxid in leaving:
+            del self.users[uxid]
+        return len(leaving)
+
     def counts_of(self, uxid: str) -> np.ndarray:
         user = self.users.get(uxid)
         return userstate.empty() if user is None else user.counts

@@ -40,6 +40,18 @@ class Checkpoint:
 
 
 @dataclass(frozen=True)
+class Deployment:
+    """What the deployment should be (written by `mabrec scale` / `mabrec restart`, the admin
+    API) and where a change stands (written by the supervisor)."""
+
+    desired_shards: int | None
+    restart_requested: int
+    restart_done: int
+    routing_paused: bool
+    map_generation: int
+
+
+@dataclass(frozen=True)
 class Snapshot:
     covered: dict[int, int]  # slot -> the sequence its checkpoint covers
     users: dict[str, tuple[bytes, bytes]]  # uxid -> (counts, seen ids)
@@ -64,6 +76,7 @@ class StateStore:
                 "INSERT INTO slots (slot, shard) SELECT * FROM unnest(%s::int2[], %s::int2[]) ON CONFLICT DO NOTHING",
                 (list(range(SLOTS)), even.owners.tolist()),
             )
+            await conn.execute("UPDATE deployment SET desired_shards = %s WHERE desired_shards IS NULL", (shards,))
         return await self.slot_map()
 
     async def slot_map(self) -> SlotMap:
@@ -73,14 +86,76 @@ class StateStore:
             raise ConfigError(f"the slots table has {len(rows)} rows, expected {SLOTS}")
         return SlotMap(np.array([r[1] for r in rows], dtype=np.int16))
 
+    async def deployment(self) -> Deployment:
+        async with self.pool.connection() as conn:
+            row = await (
+                await conn.execute(
+                    "SELECT desired_shards, restart_requested, restart_done, routing_paused, map_generation"
+                    " FROM deployment"
+                )
+            ).fetchone()
+        assert row is not None  # migration 005 inserted it
+        return Deployment(*row)
+
+    async def set_desired_shards(self, shards: int) -> None:
+        async with self.pool.connection() as conn:
+            await conn.execute("UPDATE deployment SET desired_shards = %s", (shards,))
+
+    async def request_restart(self) -> int:
+        """Ask for a rolling restart of every shard; the number it will be known by."""
+        async with self.pool.connection() as conn:
+            row = await (
+                await conn.execute(
+                    "UPDATE deployment SET restart_requested = restart_requested + 1 RETURNING restart_requested"
+                )
+            ).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    async def restart_finished(self, request: int) -> None:
+        async with self.pool.connection() as conn:
+            await conn.execute("UPDATE deployment SET restart_done = %s WHERE restart_done < %s", (request, request))
+
+    async def pause_routing(self, paused: bool) -> None:
+        """Hold the event router still (a move in progress) or let it go; it outlives restarts."""
+        async with self.pool.connection() as conn:
+            await conn.execute("UPDATE deployment SET routing_paused = %s", (paused,))
+
+    async def move_slots(self, moves: dict[int, int]) -> None:
+        """Give each slot (key) to its new shard (value). The new owner takes it (a new epoch)
+        when it acquires it; the old one has released it, with its final checkpoint."""
+        async with self.pool.connection() as conn, conn.transaction():
+            await conn.execute(
+                "UPDATE slots SET shard = m.shard FROM unnest(%s::int2[], %s::int2[]) AS m(slot, shard)"
+                " WHERE slots.slot = m.slot",
+                (list(moves), list(moves.values())),
+            )
+            await conn.execute("UPDATE deployment SET map_generation = map_generation + 1")
+
+    async def take_these_slots(self, shard: int, slots: Sequence[int]) -> dict[int, Claim]:
+        """Take ownership of these slots (they must be this shard's in the map): a new epoch each,
+        in the statement that reads their positions (see take_slots)."""
+        async with self.pool.connection() as conn:
+            rows = await (
+                await conn.execute(
+                    "UPDATE slots SET epoch = epoch + 1 WHERE shard = %s AND slot = ANY(%s)"
+                    " RETURNING slot, covered_seq, epoch",
+                    (shard, list(slots)),
+                )
+            ).fetchall()
+        return {int(slot): Claim(int(covered), int(epoch)) for slot, covered, epoch in rows}
+
     async def assign_slots(self, owners: SlotMap) -> None:
         """A new slot map (an offline re-shard). Every slot that changes hands gets a new epoch,
         so a shard of the old layout that still runs can no longer checkpoint it."""
-        async with self.pool.connection() as conn:
+        async with self.pool.connection() as conn, conn.transaction():
             await conn.execute(
                 "UPDATE slots SET shard = u.shard, epoch = epoch + 1 FROM unnest(%s::int2[], %s::int2[]) AS u(slot, shard)"
                 " WHERE slots.slot = u.slot AND slots.shard <> u.shard",
                 (list(range(SLOTS)), owners.owners.tolist()),
+            )
+            await conn.execute(
+                "UPDATE deployment SET map_generation = map_generation + 1, desired_shards = %s", (owners.shards,)
             )
 
     async def take_slots(self, shard: int) -> dict[int, Claim]:
