@@ -203,10 +203,10 @@ class EventRouter:
         self.declared[shard] = last
         self._last_call[shard] = time.monotonic()
         assert self._nc is not None
+        subject = dataplane.apply_subject(self.settings.namespace, shard)
         try:
-            await self._nc.publish(
-                dataplane.apply_subject(self.settings.namespace, shard), dataplane.encode_apply(prev, last, events)
-            )
+            for start, upto, chunk in dataplane.split_span(prev, last, events):
+                await self._nc.publish(subject, dataplane.encode_apply(start, upto, chunk))
         except Exception as exc:  # noqa: BLE001 - a lost span is repaired by the next one
             self.failed_calls += 1
             self.last_error = f"shard {shard}: {exc!r}"

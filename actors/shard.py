@@ -49,6 +49,10 @@ from system.tasks import Background, cancel_and_wait, start_task
 log = logging.getLogger(__name__)
 
 
+# Events applied in one go, without letting other work in.
+APPLY_CHUNK = 2_000
+
+
 class ShardNotReady(Unavailable):
     """The shard is restoring (or could not reach PostgreSQL/NATS to restore yet)."""
 
@@ -292,9 +296,7 @@ class Shard:
             fresh = [
                 (second, e) for seq, second, e in events if seq > self.covered and slot_of(e.user) in self._slot_set
             ]
-            if fresh:
-                await self._load(state, (e.user for _, e in fresh))
-                state.apply([e for _, e in fresh], [second for second, _ in fresh])
+            await self._apply(state, fresh)
             self.covered = max(self.covered, last_seq)
             state.evict()
             return self.covered
@@ -320,11 +322,9 @@ class Shard:
                 for e in msg.decode()[0]
                 if (slot := slot_of(e.user)) in slots and msg.seq > floor.get(slot, 0)
             ]
-            if mine:
-                await self._load(state, (e.user for _, e in mine))
-                self.replayed += state.apply([e for _, e in mine], [second for second, _ in mine])
+            self.replayed += await self._apply(state, mine)
             if only is None:
-                self.covered = batch[-1].seq  # with the apply above: nothing else ran in between
+                self.covered = batch[-1].seq  # under the apply lock: nothing else applied meanwhile
             state.evict()
         if only is None:
             self.covered = max(self.covered, through)
@@ -381,6 +381,18 @@ class Shard:
             self._slot_set = frozenset(self.epochs)
             log.info("acquired slots", extra={"shard": self.shard_id, "slots": len(claims), "at": self.covered})
             return self.covered
+
+    async def _apply(self, state: ShardState, events: Sequence[tuple[int, Event]]) -> int:
+        """Apply (stream second, event) pairs, loading their users first, a chunk at a time:
+        between chunks other work gets its turn (a slate, a health check), so a long replay
+        never holds the process for seconds. The caller holds the apply lock."""
+        applied = 0
+        for start in range(0, len(events), APPLY_CHUNK):
+            chunk = events[start : start + APPLY_CHUNK]
+            await self._load(state, (e.user for _, e in chunk))
+            applied += state.apply([e for _, e in chunk], [second for second, _ in chunk])
+            await asyncio.sleep(0)
+        return applied
 
     # --- serving ----------------------------------------------------------------------------
 

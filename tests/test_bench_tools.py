@@ -50,3 +50,15 @@ def test_wire_round_trips() -> None:
     assert dataplane.decode_reply(dataplane.encode_reply([[1, 2]])) == [[1, 2]]
     with pytest.raises(ValueError, match="boom"):
         dataplane.decode_reply(dataplane.encode_reply(error="boom"))
+
+
+def test_a_large_span_is_cut_between_messages_small_enough_to_send() -> None:
+    events = [(seq, 0, Event(f"user-{seq}-{i}", CLICKED, tuple(range(1, 40)))) for seq in range(11, 31) for i in range(50)]
+    spans = dataplane.split_span(10, 40, events, max_bytes=20_000)
+    assert len(spans) > 1 and spans[0][0] == 10 and spans[-1][1] == 40
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))  # consecutive
+    assert [e for _, _, chunk in spans for e in chunk] == events  # nothing lost or doubled
+    for start, upto, chunk in spans:  # whole messages only: each event within its span
+        assert all(start < seq <= upto for seq, _, _ in chunk)
+        assert len(dataplane.encode_apply(start, upto, chunk)) < 2 * 20_000
+    assert dataplane.split_span(10, 40, []) == [(10, 40, [])]  # a heartbeat stays one span

@@ -41,6 +41,31 @@ def encode_apply(prev_seq: int, last_seq: int, events: Sequence[tuple[int, int, 
     return orjson.dumps([prev_seq, last_seq, rows])
 
 
+# A span's encoding stays well under NATS's default payload limit (1 MB): a busy stream's span
+# is cut in several.
+SPAN_BYTES = 256 * 1024
+
+
+def split_span(
+    prev_seq: int, last_seq: int, events: Sequence[tuple[int, int, Event]], max_bytes: int = SPAN_BYTES
+) -> list[tuple[int, int, list[tuple[int, int, Event]]]]:
+    """The span (prev_seq, last_seq] as consecutive spans small enough to send, cut only between
+    stream messages (a message's events stay together: a span covers whole messages)."""
+    spans: list[tuple[int, int, list[tuple[int, int, Event]]]] = []
+    chunk: list[tuple[int, int, Event]] = []
+    start, size = prev_seq, 0
+    for item in events:
+        seq, _, event = item
+        cost = 64 + len(event.user) + 12 * len(event.movies) + len(event.event_id or "")
+        if chunk and size + cost > max_bytes and seq != chunk[-1][0]:
+            spans.append((start, chunk[-1][0], chunk))
+            start, chunk, size = chunk[-1][0], [], 0
+        chunk.append(item)
+        size += cost
+    spans.append((start, last_seq, chunk))
+    return spans
+
+
 def decode_apply(payload: bytes) -> tuple[int, int, list[tuple[int, int, Event]]]:
     prev_seq, last_seq, rows = orjson.loads(payload)
     return (
