@@ -91,13 +91,13 @@ class Supervisor:
 
     @property
     def shard_keys(self) -> list[str]:
-        """The shards that are up (as the last health check found them)."""
-        return [w.key for w in self.health.shards if w.up]
+        """The shards that are up and answering (as the last health check found them)."""
+        return [w.key for w in self.health.shards if w.answering]
 
     @property
     def api_keys(self) -> list[str]:
-        """The API hosts that are up."""
-        return [w.key for w in self.health.apis if w.up]
+        """The API hosts that are up and answering."""
+        return [w.key for w in self.health.apis if w.answering]
 
     async def step(self) -> None:
         """One round of the control loop."""
@@ -255,6 +255,7 @@ class Supervisor:
                     )  # fmt: skip
                 old = self.health.shards[shard].status.get("started")
                 self.actors.restart(shard_key(shard))
+                self.health.starting(self.health.shards[shard])
                 await self._wait_up([shard], replacing=old)
                 if shards > 1:
                     await move(
@@ -359,6 +360,7 @@ async def up(settings: Settings) -> int:
 
         dashboard = ray_api.connect(settings, settings.ray_address or "")  # on the main thread, as Ray wants
         handle_signals()  # ray.init installed its own SIGTERM handler: ours must win (checkpoints first)
+        await ray_api.wait_for_nodes(settings.min_nodes, timeout=120)
         cluster = ray_api.Cluster(settings)
         if slot_map.shards != settings.shards:
             slot_map = await reshard_offline(cluster, state_store, slot_map, settings.shards)

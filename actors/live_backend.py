@@ -168,6 +168,7 @@ class LiveBackend:
             "catalog": {"version": self._rendered.catalog.version, "movies": len(self._rendered.catalog)},
             "shards": self.health.get("shards", []),
             "router": self.health.get("router", {}),
+            "apis": self.health.get("apis", []),
             "supervisor_seen_seconds_ago": round(time.time() - self.health["at"], 1) if self.health["at"] else None,
             "publisher": self.publisher.status(),
             "moved_retries": self.moved_retries,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -94,6 +95,20 @@ def connect(settings: Settings, address: str) -> str | None:
     )
     url = getattr(context, "dashboard_url", None)
     return f"http://{url}" if url and not url.startswith("http") else url or None
+
+
+async def wait_for_nodes(count: int, timeout: float) -> int:
+    """Wait (bounded) until the cluster has `count` live nodes: actors are placed over the nodes
+    there when they are created, and stay. Returns how many there are."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = sum(1 for node in ray.nodes() if node.get("Alive"))
+        if alive >= count or time.monotonic() > deadline:
+            if alive < count:
+                log.warning("fewer Ray nodes than asked for: placing the actors anyway", extra={"nodes": alive})
+            return alive
+        log.info("waiting for Ray nodes", extra={"nodes": alive, "wanted": count})
+        await asyncio.sleep(1.0)
 
 
 def disconnect() -> None:

@@ -38,6 +38,8 @@ IDLE_ADVANCE = 2.0
 # Seconds a routing cycle lasts at least when the stream is drained: events gather into fewer,
 # larger spans (each costs the shard a fixed overhead) for at most this much added latency.
 MIN_CYCLE = 0.015
+# Events decoded and sorted between two turns of other work.
+YIELD_EVERY = 2_000
 
 
 class ShardPositions(Protocol):
@@ -172,8 +174,13 @@ class EventRouter:
     async def _route(self, js: Any, batch: Sequence[stream.StreamMessage]) -> None:
         assert self.slot_map is not None
         per_shard: dict[int, list[tuple[int, int, Event]]] = {}
+        routed = 0
         for msg in batch:
+            if routed > YIELD_EVERY:  # a batch of large messages: let other work in (a health check)
+                await asyncio.sleep(0)
+                routed = 0
             events, errors = msg.decode()
+            routed += len(events) + len(errors)
             for item, label, reason in errors:
                 await self._dead_letter(js, msg.seq, item, label, reason)
             for event in events:

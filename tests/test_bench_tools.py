@@ -53,7 +53,9 @@ def test_wire_round_trips() -> None:
 
 
 def test_a_large_span_is_cut_between_messages_small_enough_to_send() -> None:
-    events = [(seq, 0, Event(f"user-{seq}-{i}", CLICKED, tuple(range(1, 40)))) for seq in range(11, 31) for i in range(50)]
+    events = [
+        (seq, 0, Event(f"user-{seq}-{i}", CLICKED, tuple(range(1, 40)))) for seq in range(11, 31) for i in range(50)
+    ]
     spans = dataplane.split_span(10, 40, events, max_bytes=20_000)
     assert len(spans) > 1 and spans[0][0] == 10 and spans[-1][1] == 40
     assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))  # consecutive

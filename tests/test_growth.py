@@ -102,9 +102,11 @@ async def test_memory_stays_within_the_budget_and_verify_stays_exact(small_budge
     for uxid in evicted:
         shard = pipeline.shard_of(uxid)
         rows = await shard.user_counts(uxid)
-        assert [tuple(r) for r in rows] == expected[uxid].rows(), uxid
+        assert rows is not None and [tuple(r) for r in rows] == expected[uxid].rows(), uxid
         clicked = {key for key, clicks, *_ in expected[uxid].rows() if key > 0 and clicks}
-        [(slate, _)] = await shard.slates([(uxid, 10)])
+        [picks] = await shard.slates([(uxid, 10)])
+        assert picks is not None
+        slate, _ = picks
         assert not clicked & set(slate), uxid
     assert sum(s.users_loaded for s in pipeline.shards.values()) - loaded_before >= len(evicted)
 

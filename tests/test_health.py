@@ -42,7 +42,7 @@ async def test_all_up_once_every_actor_answered() -> None:
 async def test_a_hung_actor_is_restarted_after_threshold_timeouts() -> None:
     actors = FakeActors()
     actors.behaviour["shard-1"] = "hang"
-    monitor = HealthMonitor(actors, 2, threshold=3)
+    monitor = HealthMonitor(actors, 2, threshold=3, grace=0)
     for _ in range(2):
         await monitor.check()
     assert actors.restarted == [] and not monitor.shards[1].up and monitor.shards[0].up
@@ -56,7 +56,7 @@ async def test_a_hung_actor_is_restarted_after_threshold_timeouts() -> None:
 async def test_a_hung_api_host_is_restarted_too() -> None:
     actors = FakeActors()
     actors.behaviour["api-0"] = "hang"
-    monitor = HealthMonitor(actors, 1, 1, threshold=2)
+    monitor = HealthMonitor(actors, 1, 1, threshold=2, grace=0)
     for _ in range(3):
         await monitor.check()
     assert actors.restarted == ["api-0"] and monitor.all_up
@@ -74,7 +74,7 @@ async def test_a_crashed_actor_is_left_to_ray() -> None:
 
 async def test_one_success_resets_the_failure_count() -> None:
     actors = FakeActors()
-    monitor = HealthMonitor(actors, 1, threshold=2)
+    monitor = HealthMonitor(actors, 1, threshold=2, grace=0)
     for mode in ("hang", "ok", "hang"):
         actors.behaviour["shard-0"] = mode
         await monitor.check()
@@ -96,3 +96,22 @@ async def test_a_check_never_raises() -> None:
     await monitor.check()  # the bug is recorded, and the failed restart too; nothing escapes
     assert not monitor.all_up and "KeyError" in monitor.shards[0].status["last_error"]
     assert monitor.shards[0].restarts == 1
+
+
+async def test_a_starting_actor_may_be_slow_and_a_slow_one_keeps_its_state() -> None:
+    """Timeouts while an actor starts (Ray creating its process) do not count; a timeout later
+    marks it slow, but what it last said (ready) stands: busy is not down."""
+    actors = FakeActors()
+    monitor = HealthMonitor(actors, 1, threshold=1, grace=30)
+    actors.behaviour["shard-0"] = "hang"
+    for _ in range(3):
+        await monitor.check()
+    assert actors.restarted == []  # within the grace
+    actors.behaviour["shard-0"] = "ok"
+    await monitor.check()
+    monitor.shards[0].grace_until = 0  # started long ago
+    actors.behaviour["shard-0"] = "hang"
+    await monitor.check()
+    status = monitor.shards[0].status
+    assert status["ready"] and status["slow"] and not monitor.shards[0].answering
+    assert actors.restarted == ["shard-0"]  # threshold 1: restarted

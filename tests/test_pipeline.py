@@ -147,7 +147,8 @@ async def test_slates_learn_from_events(pipeline: Pipeline) -> None:
     await pipeline.settle(seq, "nolan-fan")
     shard = pipeline.shard_of("nolan-fan")
     # 100 slates each: fewer, and the spread of the draws says more than what was learned.
-    slates = [ids for ids, _ in await shard.slates([("nolan-fan", 5)] * 100 + [("cold", 5)] * 100)]
+    answers = await shard.slates([("nolan-fan", 5)] * 100 + [("cold", 5)] * 100)
+    slates = [picks[0] for picks in answers if picks is not None]
     assert all(len(s) == 5 and len(set(s)) == 5 for s in slates)
     fan = sum(32 in s for s in slates[:100])  # The Prestige: the one Nolan movie left
     cold = sum(32 in s for s in slates[100:])  # the baseline: a user with no history, same shard

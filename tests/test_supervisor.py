@@ -12,6 +12,8 @@ import pytest
 from supervisor import Supervisor
 from system.core.popularity import Popularity
 from system.core.settings import Settings
+from system.core.sharding import SlotMap
+from system.db.state_store import Deployment
 
 
 class FakeActors:
@@ -52,6 +54,9 @@ class FakeStates:
     async def oldest_checkpoint(self) -> int:
         return self.oldest
 
+    async def deployment(self) -> Deployment:
+        return Deployment(2, 0, 0, False, 0)  # as it is: nothing to change
+
 
 class FakeStream:
     first_seq = 1
@@ -65,7 +70,8 @@ def parts() -> tuple[Supervisor, FakeActors, FakeCatalog]:
     actors, catalog = FakeActors(2), FakeCatalog()
     settings = Settings(shards=2, api_workers=1)
     # Fakes of the catalog store and the stream: duck-typed, what the supervisor calls of them.
-    supervisor = Supervisor(settings, actors, catalog, FakeStates(), FakeStream(), ray_dashboard=None)  # type: ignore[arg-type]
+    slot_map = SlotMap.even(2)
+    supervisor = Supervisor(settings, actors, catalog, FakeStates(), FakeStream(), slot_map, ray_dashboard=None)  # type: ignore[arg-type]
     return supervisor, actors, catalog
 
 

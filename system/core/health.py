@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from system.core.errors import Restarting
+from system.core.errors import Restarting, TimedOut
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +47,18 @@ class Watched:
     status: dict[str, Any] = field(default_factory=dict)
     failures: int = 0
     restarts: int = 0
+    # Until then, timeouts do not count: a new actor's process is still starting (or restarting).
+    grace_until: float = 0.0
+    checking: bool = False  # one check in flight at a time
 
     @property
     def up(self) -> bool:
         return bool(self.status.get(self.up_field))
+
+    @property
+    def answering(self) -> bool:
+        """Up, and its last check answered in time: worth calling for anything else."""
+        return self.up and not self.status.get("slow")
 
 
 def shard_key(shard: int) -> str:
@@ -62,22 +70,44 @@ def api_key(index: int) -> str:
 
 
 ROUTER = "router"
+STARTING_GRACE = 30.0  # seconds a new (or restarted) actor may take to start answering
 
 
 class HealthMonitor:
-    def __init__(self, actors: Actors, shards: int, apis: int = 0, *, threshold: int = 3, timeout: float = 2.0) -> None:
+    def __init__(
+        self,
+        actors: Actors,
+        shards: int,
+        apis: int = 0,
+        *,
+        threshold: int = 3,
+        timeout: float = 2.0,
+        grace: float = STARTING_GRACE,
+    ) -> None:
         self.actors = actors
         self.threshold = threshold
         self.timeout = timeout
-        self.shards = [Watched(shard_key(s), "ensure_ready", "ready", {"shard": s}) for s in range(shards)]
-        self.router = Watched(ROUTER, "ensure_running", "running")
-        self.apis = [Watched(api_key(a), "ensure_serving", "serving", {"api": a}) for a in range(apis)]
+        self.grace = grace
+        self.shards = [self._shard(s) for s in range(shards)]
+        self.router = Watched(ROUTER, "ensure_running", "running", grace_until=time.monotonic() + grace)
+        self.apis = [
+            Watched(api_key(a), "ensure_serving", "serving", {"api": a}, grace_until=time.monotonic() + grace)
+            for a in range(apis)
+        ]
+
+    def _shard(self, shard: int) -> Watched:
+        return Watched(
+            shard_key(shard), "ensure_ready", "ready", {"shard": shard}, grace_until=time.monotonic() + self.grace
+        )
+
+    def starting(self, watched: Watched) -> None:
+        """`watched` is being (re)started: its timeouts do not count for a while."""
+        watched.grace_until = time.monotonic() + self.grace
 
     def resize(self, shards: int) -> None:
-        """Watch `shards` shards from now on (a re-shard added some, or retired some)."""
-        self.shards = self.shards[:shards] + [
-            Watched(shard_key(s), "ensure_ready", "ready", {"shard": s}) for s in range(len(self.shards), shards)
-        ]
+        """Watch `shards` shards from now on (a re-shard added some, or retired some; the new
+        ones get the starting grace)."""
+        self.shards = self.shards[:shards] + [self._shard(s) for s in range(len(self.shards), shards)]
 
     @property
     def watched(self) -> list[Watched]:
@@ -99,8 +129,17 @@ class HealthMonitor:
         await asyncio.gather(*(self._check(w) for w in self.watched))
 
     async def _check(self, watched: Watched) -> None:
+        if watched.checking:
+            return  # the last one is still out
+        watched.checking = True
         try:
             status = await self.actors.call(watched.key, watched.ensure, timeout=self.timeout)
+        except TimedOut as exc:
+            # No answer in time: busy, or hung. What it said last stands (a busy shard still
+            # serves), marked slow; enough of these in a row and it is restarted.
+            watched.status = {**watched.status, "slow": True, "last_error": repr(exc), "checked": time.time()}
+            self._failed(watched, exc)
+            return
         except Exception as exc:  # noqa: BLE001 - every failure is a health fact, recorded below
             watched.status = {
                 **watched.status,
@@ -110,12 +149,17 @@ class HealthMonitor:
             }
             self._failed(watched, exc)
             return
+        finally:
+            watched.checking = False
         watched.failures = 0
         watched.status = {**status, "restarts": watched.restarts, "checked": time.time()}
 
     def _failed(self, watched: Watched, exc: Exception) -> None:
         if isinstance(exc, Restarting):
-            return  # Ray is already restarting it; a later check restores it
+            self.starting(watched)  # Ray is restarting it: give it time
+            return
+        if isinstance(exc, TimedOut) and time.monotonic() < watched.grace_until:
+            return  # still starting
         watched.failures += 1
         log.warning(
             "health check failed", extra={"actor": watched.key, "failures": watched.failures, "error": repr(exc)}
@@ -124,6 +168,7 @@ class HealthMonitor:
             return
         watched.failures = 0
         watched.restarts += 1
+        self.starting(watched)
         log.error("restarting unresponsive actor", extra={"actor": watched.key})
         try:
             self.actors.restart(watched.key)

@@ -36,6 +36,7 @@ class Settings:
     catalog_file: Path | None = None
     event_retention_days: float = 0.0  # 0 keeps the event log forever
     api_workers: int = 1  # API actors sharing the port
+    min_nodes: int = 1  # Ray nodes to wait for before placing the actors (they spread over those there)
     resident_users: int = RESIDENT_USERS  # per shard: past it, idle users leave memory (once checkpointed)
     dedup_window_hours: float = DEDUP_WINDOW_HOURS  # a retried event id counts once within this window
     admin_token: str | None = field(default=None, repr=False)  # the admin routes' bearer token; None: off
@@ -77,6 +78,7 @@ class Settings:
                 env, "MABREC_EVENT_RETENTION_DAYS", float, d.event_retention_days, 0.0, 36500.0
             ),
             api_workers=_number(env, "MABREC_API_WORKERS", int, d.api_workers, 1, 64),
+            min_nodes=_number(env, "MABREC_MIN_NODES", int, d.min_nodes, 1, 1000),
             resident_users=_number(env, "MABREC_RESIDENT_USERS", int, d.resident_users, 100, 100_000_000),
             dedup_window_hours=_number(env, "MABREC_DEDUP_WINDOW_HOURS", float, d.dedup_window_hours, 0.01, 720.0),
             exploration=_number(env, "MABREC_EXPLORATION", float, d.exploration, 0.05, 20.0),
