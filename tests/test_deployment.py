@@ -79,6 +79,8 @@ class Cluster:
             "MABREC_STATE_DIR": str(tmp / "state"),
             "MABREC_CHECKPOINT_INTERVAL": "0.5",
             "RAY_TMPDIR": str(self.ray_tmp),
+            # Every process of this cluster inherits it: how stop() finds the ones Ray daemonized.
+            "MABREC_TEST_CLUSTER": self.ray_tmp.name,
             "PATH": f"{BIN}:{os.environ['PATH']}",
         }
         self.head: subprocess.Popen[bytes] | None = None
@@ -115,6 +117,12 @@ class Cluster:
         parent = psutil.Process(self.worker.pid)
         return [parent, *parent.children(recursive=True)]
 
+    def ours(self, proc: psutil.Process) -> bool:
+        try:
+            return proc.pid != os.getpid() and proc.environ().get("MABREC_TEST_CLUSTER") == self.ray_tmp.name
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+            return False
+
     def stop(self) -> None:
         if self.head is not None and self.head.poll() is None:
             self.head.send_signal(signal.SIGTERM)  # `mabrec up`, exec'd: final checkpoints
@@ -122,8 +130,8 @@ class Cluster:
         if self.worker is not None and self.worker.poll() is None:
             stop_pid(self.worker.pid, signal.SIGTERM, timeout=20)
         # The head's Ray daemonized (`ray start` without --block): its processes are the ones
-        # running from this test's private temp dir. Raylet first, gcs_server last.
-        ours = [p for p in psutil.process_iter(["cmdline"]) if str(self.ray_tmp) in " ".join(p.info["cmdline"] or [])]
+        # that inherited this cluster's mark. Raylet first, gcs_server last.
+        ours = [p for p in psutil.process_iter() if self.ours(p)]
         ours.sort(key=lambda p: 0 if "raylet" in p.name() else 2 if "gcs_server" in p.name() else 1)
         for proc in ours:
             try:
