@@ -102,7 +102,8 @@ async def wait_for_nodes(count: int, timeout: float) -> int:
     there when they are created, and stay. Returns how many there are."""
     deadline = time.monotonic() + timeout
     while True:
-        alive = sum(1 for node in ray.nodes() if node.get("Alive"))
+        nodes: list[dict[str, Any]] = ray.nodes()  # type: ignore[no-untyped-call]
+        alive = len([node for node in nodes if node.get("Alive")])
         if alive >= count or time.monotonic() > deadline:
             if alive < count:
                 log.warning("fewer Ray nodes than asked for: placing the actors anyway", extra={"nodes": alive})

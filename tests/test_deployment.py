@@ -119,7 +119,8 @@ class Cluster:
 
     def ours(self, proc: psutil.Process) -> bool:
         try:
-            return proc.pid != os.getpid() and proc.environ().get("MABREC_TEST_CLUSTER") == self.ray_tmp.name
+            mark: str | None = proc.environ().get("MABREC_TEST_CLUSTER")
+            return proc.pid != os.getpid() and mark == self.ray_tmp.name
         except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
             return False
 
