@@ -346,11 +346,11 @@ class Shard:
         """Give these slots up (a re-shard moves them): a final checkpoint, then their users
         leave memory and their events are no longer this shard's. Returns the sequence the
         checkpoint covers: where the next owner starts."""
-        async with self._apply_lock:
+        async with self._checkpoint_lock, self._apply_lock:
             state = self.state
             if state is None:
                 raise ShardNotReady(f"shard {self.shard_id} is not serving")
-            await self.checkpoint()
+            await self._save(self._cut())
             leaving = frozenset(slots) & self._slot_set
             state.release(leaving)
             self.epochs = {s: e for s, e in self.epochs.items() if s not in leaving}
@@ -417,38 +417,59 @@ class Shard:
     async def export(self) -> tuple[int, dict[str, tuple[bytes, bytes]]]:
         """(covered, {uxid: (counts, seen ids)}) of the users in memory: one consistent
         snapshot, for `mabrec verify` (the others are as their checkpoints hold them)."""
-        state = self.state
-        if state is None:
-            raise ShardNotReady(f"shard {self.shard_id} is restoring")
-        return self.covered, {u: (userstate.to_bytes(x.counts), x.seen.to_bytes()) for u, x in state.users.items()}
+        async with self._apply_lock:  # not halfway through a span
+            state = self.state
+            if state is None:
+                raise ShardNotReady(f"shard {self.shard_id} is restoring")
+            return self.covered, {u: (userstate.to_bytes(x.counts), x.seen.to_bytes()) for u, x in state.users.items()}
 
     # --- checkpoints ------------------------------------------------------------------------
 
     async def checkpoint(self) -> int:
         """Write changed users, their popularity and the covered sequence, atomically (refused if
         a successor took the slots). Then evict what the budget asks. Returns users written."""
-        state = self.state
-        if state is None or self._pool is None:
+        if self.state is None or self._pool is None:
             return 0
+        # Lock order everywhere: checkpoint, then apply.
         async with self._checkpoint_lock:
-            # One consistent snapshot: no await between these three.
-            rows, delta, covered = state.take_dirty(), state.take_popularity(), self.covered
-            if not rows and not len(delta.keys) and covered == self._saved_covered:
-                return 0
-            try:
-                await StateStore(self._pool).save(Checkpoint(rows, delta, dict(self.epochs), covered))
-            except Fenced as exc:
-                await self._fence(exc.detail)
-                raise
-            except BaseException:
-                state.dirty.update(row[0] for row in rows)
-                state.give_back(delta)
-                raise
-            self._saved_covered = covered
-            self.checkpoints += 1
-            self.last_checkpoint = time.time()
-            state.evict()
-            return len(rows)
+            async with self._apply_lock:  # a cut between applies: the rows hold what `covered` says
+                cut = self._cut()
+            written = await self._save(cut)
+            async with self._apply_lock:  # not while an apply awaits a load: it may need those users
+                if self.state is not None:
+                    self.state.evict()
+            return written
+
+    def _cut(self) -> Checkpoint | None:
+        """What a checkpoint writes now (None: nothing changed). The caller holds the apply lock."""
+        state = self.state
+        if state is None:
+            return None
+        rows, delta, covered = state.take_dirty(), state.take_popularity(), self.covered
+        if not rows and not len(delta.keys) and covered == self._saved_covered:
+            return None
+        return Checkpoint(rows, delta, dict(self.epochs), covered)
+
+    async def _save(self, cut: Checkpoint | None) -> int:
+        """Write a cut; if that fails, its users and popularity go out with the next one. The
+        caller holds the checkpoint lock: cuts land in the order they were taken."""
+        if cut is None:
+            return 0
+        assert self._pool is not None
+        try:
+            await StateStore(self._pool).save(cut)
+        except Fenced as exc:
+            await self._fence(exc.detail)
+            raise
+        except BaseException:
+            if self.state is not None:
+                self.state.dirty.update(row[0] for row in cut.users)
+                self.state.give_back(cut.popularity)
+            raise
+        self._saved_covered = cut.covered
+        self.checkpoints += 1
+        self.last_checkpoint = time.time()
+        return len(cut.users)
 
     async def _checkpoint_loop(self) -> None:
         while not self.fenced:
