@@ -112,7 +112,8 @@ class EventRouter:
         backoff = 0.5
         while True:
             try:
-                await self._consume(self.settings)
+                await self._consume(self.settings)  # returns only when paused
+                raise asyncio.CancelledError  # pause() cancelled this loop, and the cancellation got lost
             except Exception as exc:  # noqa: BLE001 - NATS or PostgreSQL away: log, back off, resume
                 self.last_error = repr(exc)
                 log.warning("router loop restarting", extra={"error": repr(exc), "pause": backoff})
@@ -134,7 +135,7 @@ class EventRouter:
         log.info("router reading the stream", extra={"from_seq": start})
         loop = asyncio.get_running_loop()
         try:
-            while True:
+            while not self.paused:  # the flag too: a cancellation can get lost (system/tasks.py)
                 began = loop.time()
                 batch = await cursor.fetch(self.batch, timeout=0.5)
                 if batch:

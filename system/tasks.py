@@ -42,19 +42,27 @@ def start_task(
     return task
 
 
+# How long a cancelled task may take to stop before it is cancelled again: Python 3.11's
+# asyncio.wait_for loses a cancellation that races with its result (gh-86296), and libraries
+# (nats-py's next_msg) use it, so a loop can carry on as if never told to stop.
+CANCEL_AGAIN_AFTER = 2.0
+
+
 async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
-    """Cancel `task` and wait until it has ended. Its own error, if it had one, is logged. If the
-    caller is cancelled meanwhile, that cancellation goes on up: it is never swallowed."""
+    """Cancel `task` and wait until it has ended (cancelled again, and logged, if it carries on).
+    Its own error, if it had one, is logged. If the caller is cancelled meanwhile, that
+    cancellation goes on up: it is never swallowed."""
     if task is None or task.done():
         return
     task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        current = asyncio.current_task()
-        if current is not None and current.cancelling():
-            raise  # the caller itself is being cancelled
-    except Exception as exc:  # noqa: BLE001 - it failed while stopping: worth a line, not a crash
+    while True:
+        await asyncio.wait([task], timeout=CANCEL_AGAIN_AFTER)  # raises the caller's own cancellation
+        if task.done():
+            break
+        log.warning("task still running after it was cancelled: cancelling it again", extra={"task": task.get_name()})
+        task.cancel()
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        # It failed while stopping: worth a line, not a crash.
         log.warning("task failed while being cancelled", extra={"task": task.get_name(), "error": repr(exc)})
 
 

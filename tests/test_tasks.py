@@ -34,6 +34,34 @@ async def test_cancel_and_wait_passes_the_callers_own_cancellation_on() -> None:
     assert job.cancelled()
 
 
+async def test_cancel_and_wait_cancels_again_a_task_that_lost_its_cancellation(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What Python 3.11's wait_for does when a result races the cancellation (gh-86296): the
+    loop carries on. A router paused that way kept routing until its caller timed out."""
+    monkeypatch.setattr("system.tasks.CANCEL_AGAIN_AFTER", 0.05)
+    rounds = 0
+
+    async def loses_one_cancellation() -> None:
+        nonlocal rounds
+        while True:
+            rounds += 1
+            try:
+                await asyncio.sleep(0.01)
+            except asyncio.CancelledError:
+                if rounds > 1_000:
+                    raise
+                asyncio.current_task().uncancel()  # type: ignore[union-attr]
+                rounds = 1_000  # the next cancellation is kept
+
+    job = asyncio.create_task(loses_one_cancellation(), name="forgetful")
+    await asyncio.sleep(0.02)
+    with caplog.at_level(logging.WARNING):
+        await asyncio.wait_for(cancel_and_wait(job), 5)
+    assert job.cancelled()
+    assert any("cancelling it again" in r.getMessage() and getattr(r, "task", None) == "forgetful" for r in caplog.records)
+
+
 async def test_cancel_and_wait_logs_a_task_that_fails_while_stopping(caplog: pytest.LogCaptureFixture) -> None:
     async def fails_on_cancel() -> None:
         try:
