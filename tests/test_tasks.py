@@ -59,7 +59,9 @@ async def test_cancel_and_wait_cancels_again_a_task_that_lost_its_cancellation(
     with caplog.at_level(logging.WARNING):
         await asyncio.wait_for(cancel_and_wait(job), 5)
     assert job.cancelled()
-    assert any("cancelling it again" in r.getMessage() and getattr(r, "task", None) == "forgetful" for r in caplog.records)
+    assert any(
+        "cancelling it again" in r.getMessage() and getattr(r, "task", None) == "forgetful" for r in caplog.records
+    )
 
 
 async def test_cancel_and_wait_logs_a_task_that_fails_while_stopping(caplog: pytest.LogCaptureFixture) -> None:
