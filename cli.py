@@ -30,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_up = sub.add_parser(
         "up", help="run everything: embedded servers as needed, Ray shards, the event router, the API"
     )
-    p_up.add_argument("--shards", type=int, help="number of shard actors (MABREC_SHARDS, default 4)")
+    p_up.add_argument(
+        "--shards", type=int, help="number of shard actors (MABREC_SHARDS; default: as left, else one per CPU)"
+    )
     p_up.add_argument("--host", help="API bind address (MABREC_HOST, default 127.0.0.1)")
     p_up.add_argument("--port", type=int, help="API port (MABREC_PORT, default 8000; 0 picks a free one)")
     p_up.add_argument("--no-dashboard", action="store_true", help="do not start the Ray dashboard (local Ray only)")
@@ -107,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     p_memory.add_argument("--movies", type=int, default=20, help="touched movies per user (default 20)")
     p_memory.add_argument("--shards", type=int, default=4)
     bench_sub.add_parser("policy", help="microseconds per slate, in-process")
+    p_cpu = bench_sub.add_parser(
+        "cpu", help="CPU per slate of every process (shards, API, router, NATS, PostgreSQL, ...) at a steady rate"
+    )
+    p_cpu.add_argument("--rate", type=float, default=1000, help="slates per second (default 1000)")
+    p_cpu.add_argument("--duration", type=float, default=15.0, help="measured seconds (default 15)")
+    p_cpu.add_argument(
+        "--history-rows", type=int, default=300, help="state rows of the users with history (default 300; 0: skip)"
+    )
     p_growth = bench_sub.add_parser(
         "growth", help="users touched once, by the million: the shards' memory, and slates for users evicted"
     )

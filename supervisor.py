@@ -31,7 +31,7 @@ from system.bus import stream
 from system.core.catalog_file import SHIPPED
 from system.core.errors import Unavailable
 from system.core.health import ROUTER, Fleet, HealthMonitor, api_key, shard_key
-from system.core.placement import evacuated, rebalanced
+from system.core.placement import default_shards, evacuated, rebalanced
 from system.core.settings import Settings
 from system.core.sharding import SlotMap
 from system.db.catalog_store import CatalogStore, load_file
@@ -353,14 +353,13 @@ async def up(settings: Settings) -> int:
         assert info.created is not None  # JetStream reports it for every stream
         state_store, catalog_store = StateStore(pool), CatalogStore(pool)
         await state_store.check_event_log(settings.stream, info.created, info.state.last_seq)
-        wanted = (await state_store.deployment()).desired_shards
-        if wanted and not settings.shards_given:  # as `mabrec scale` left it
-            settings = dataclasses.replace(settings, shards=wanted)
-        slot_map = await state_store.ensure_slot_map(settings.shards)
-
         dashboard = ray_api.connect(settings, settings.ray_address or "")  # on the main thread, as Ray wants
         handle_signals()  # ray.init installed its own SIGTERM handler: ours must win (checkpoints first)
         await ray_api.wait_for_nodes(settings.min_nodes, timeout=120)
+        wanted = (await state_store.deployment()).desired_shards
+        if not settings.shards_given:  # as `mabrec scale` (or the first start) left it, else one per CPU
+            settings = dataclasses.replace(settings, shards=wanted or default_shards(ray_api.cluster_cpus()))
+        slot_map = await state_store.ensure_slot_map(settings.shards)
         cluster = ray_api.Cluster(settings)
         if slot_map.shards != settings.shards:
             slot_map = await reshard_offline(cluster, state_store, slot_map, settings.shards)

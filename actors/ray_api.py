@@ -112,6 +112,11 @@ async def wait_for_nodes(count: int, timeout: float) -> int:
         await asyncio.sleep(1.0)
 
 
+def cluster_cpus() -> float:
+    """The CPUs of the live nodes of the cluster, as Ray counts them."""
+    return float(ray.cluster_resources().get("CPU", 1.0))
+
+
 def disconnect() -> None:
     if ray.is_initialized():
         ray.shutdown()

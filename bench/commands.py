@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 import orjson
 import uvloop
 
-from bench import ingest, loadtest, memory, policy, probes, report
+from bench import cpu, ingest, loadtest, memory, policy, probes, report
 from system.core.catalog_file import SHIPPED, read_movies
 from system.core.errors import BadRequest
 from system.core.settings import Settings
@@ -56,6 +56,13 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
             raise BadRequest("no running system here: start one with `mabrec up`")
         _api_url(settings, runtime.api_url)  # loopback only
         out = report.run_growth(runtime, args.users, ids, lambda step: print(step, file=sys.stderr))
+    elif what == "cpu":
+        runtime = Runtime.load(settings.state_dir)
+        if runtime is None:
+            raise BadRequest("no running system here: start one with `mabrec up`")
+        out = uvloop.run(
+            cpu.both(runtime, rate=args.rate, duration=args.duration, rows=args.history_rows, movie_ids=ids)
+        )
     elif what == "click":
         out = uvloop.run(
             probes.click_to_state(

@@ -69,12 +69,7 @@ async def flood(
     last = max([last, *(int(a.seq) for a in await asyncio.gather(*pending))])
     published_in = time.perf_counter() - began
     await nc.close()
-    async with httpx.AsyncClient(base_url=api_url, timeout=30) as http:
-        while True:  # every shard applied and checkpointed the stream that far
-            shards = (await http.get("/api/status")).json()["shards"]
-            if all(s["covered_seq"] >= last and s["checkpoint_seq"] >= last for s in shards):
-                break
-            await asyncio.sleep(0.5)
+    await wait_applied(api_url, last, checkpointed=True)
     applied_in = time.perf_counter() - began
     return {
         "users": users,
@@ -82,6 +77,16 @@ async def flood(
         "applied_per_s": round(users / applied_in),
         "last_seq": last,
     }
+
+
+async def wait_applied(api_url: str, seq: int, *, checkpointed: bool = False) -> None:
+    """Until every shard has applied the stream up to `seq` (and checkpointed it, if asked)."""
+    async with httpx.AsyncClient(base_url=api_url, timeout=30) as http:
+        while True:
+            shards = (await http.get("/api/status")).json()["shards"]
+            if all(s["covered_seq"] >= seq and (not checkpointed or s["checkpoint_seq"] >= seq) for s in shards):
+                return
+            await asyncio.sleep(0.2)
 
 
 async def memory(api_url: str, database_url: str) -> dict[str, Any]:

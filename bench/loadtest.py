@@ -136,16 +136,26 @@ class Mix:
 class Session:
     """Chooses the next request: a Zipf user and a kind from the mix; remembers slates for clicks."""
 
-    def __init__(self, mix: Mix, users: int, zipf: float, limit: int, movie_ids: list[int], seed: int) -> None:
+    def __init__(
+        self,
+        mix: Mix,
+        users: int,
+        zipf: float | None,
+        limit: int,
+        movie_ids: list[int],
+        seed: int,
+        prefix: str = "bench-",
+    ) -> None:
         shares = np.array([mix.recommend, mix.open_movie, mix.list_page], dtype=np.float64)
         self.cdf = np.cumsum(shares / shares.sum())
-        self.users, self.zipf, self.limit, self.movie_ids = users, zipf, limit, movie_ids
+        self.users, self.zipf, self.limit, self.movie_ids, self.prefix = users, zipf, limit, movie_ids, prefix
         self.rng = np.random.default_rng(seed)
         self.last_slate: dict[str, tuple[str, list[int]]] = {}
 
     def next(self) -> tuple[str, str, dict[str, str], str]:
         """(kind, path, headers, user)"""
-        user = f"bench-{(int(self.rng.zipf(self.zipf)) - 1) % self.users}"
+        n = int(self.rng.integers(self.users)) if self.zipf is None else int(self.rng.zipf(self.zipf)) - 1
+        user = f"{self.prefix}{n % self.users}"
         kind = KINDS[int(np.searchsorted(self.cdf, self.rng.random()))]
         if kind == "recommend":
             return kind, f"/api/recommendations/movies?limit={self.limit}", {"uxid": user}, user
@@ -177,7 +187,8 @@ async def run(
     duration: float = 10.0,
     warmup: float = 2.0,
     users: int = 100_000,
-    zipf: float = 1.1,
+    zipf: float | None = 1.1,
+    prefix: str = "bench-",
     limit: int = 10,
     mix: Mix = Mix(),
     movie_ids: list[int] | None = None,
@@ -185,10 +196,11 @@ async def run(
     progress: Callable[[float], None] | None = None,
 ) -> dict[str, Result]:
     """Closed loop with `clients` connections, or, with `rate`, open loop at that many requests
-    per second over up to `clients` connections."""
+    per second over up to `clients` connections. Users `<prefix>N`, N drawn Zipf(`zipf`) or,
+    with `zipf` None, uniformly from `users`."""
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
-    session = Session(mix, users, zipf, limit, movie_ids or list(range(1, 1001)), seed)
+    session = Session(mix, users, zipf, limit, movie_ids or list(range(1, 1001)), seed, prefix)
     histograms = {name: Histogram() for name in KINDS}
     counts = {name: [0, 0] for name in KINDS}  # requests, errors (measured phase only)
     began = time.perf_counter()

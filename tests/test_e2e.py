@@ -5,6 +5,7 @@ every detail is tests/test_api.py, in-process.)"""
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import subprocess
 import threading
@@ -346,8 +347,9 @@ async def ingest(nats_url: str, subject: str, events: int, per_message: int = 25
 
 
 def test_embedded_servers_when_no_urls_are_configured(tmp_path: Path) -> None:
-    """What `make run` does on a fresh machine: PostgreSQL, NATS and Ray all embedded."""
-    env = {k: "" for k in ("DATABASE_URL", "NATS_URL", "RAY_ADDRESS")} | {"MABREC_NAMESPACE": "mabrec"}
+    """What `make run` does on a fresh machine: PostgreSQL, NATS and Ray all embedded, and one
+    shard per CPU (no MABREC_SHARDS)."""
+    env = {k: "" for k in ("DATABASE_URL", "NATS_URL", "RAY_ADDRESS", "MABREC_SHARDS")} | {"MABREC_NAMESPACE": "mabrec"}
     running = system(tmp_path / "state", **env).start()
     try:
         runtime = Runtime.load(tmp_path / "state")
@@ -355,6 +357,7 @@ def test_embedded_servers_when_no_urls_are_configured(tmp_path: Path) -> None:
         assert {s.name for s in runtime.services} == {"postgres", "nats", "ray"}
         assert all("127.0.0.1:" in s.url for s in runtime.services)
         assert len(running.get("/api/recommendations/movies", "laptop-user").json()) == 10
+        assert len(running.get("/api/status").json()["shards"]) == os.cpu_count()
         pids = [s.pid for s in runtime.services]
         ray_tmp = ray_tmpdir(tmp_path / "state")
         assert ray_tmp.is_dir()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from system.core.placement import evacuated, moves, rebalanced
+from system.core.placement import MAX_SHARDS, default_shards, evacuated, moves, rebalanced
 from system.core.sharding import SLOTS, SlotMap
 
 
@@ -42,3 +42,15 @@ def test_an_evacuated_shard_has_no_slot_and_the_others_share_its_own() -> None:
     assert moves(empty, current) == {s: (dst, src) for s, (src, dst) in moves(current, empty).items()}
     with pytest.raises(ValueError):
         evacuated(SlotMap.even(1), 0)
+
+
+def test_the_default_shard_count_is_one_per_cpu_within_bounds() -> None:
+    assert [default_shards(cpus) for cpus in (0.0, 0.5, 1.0, 2.0, 7.9, 16.0, 10_000.0)] == [
+        1,
+        1,
+        1,
+        2,
+        7,
+        16,
+        MAX_SHARDS,
+    ]

@@ -11,7 +11,8 @@ from system.core.settings import Settings
 
 def test_defaults() -> None:
     s = Settings.from_env({})
-    assert (s.shards, s.host, s.port, s.checkpoint_interval, s.log_level) == (4, "127.0.0.1", 8000, 1.0, "INFO")
+    assert (s.shards, s.host, s.port, s.checkpoint_interval, s.log_level) == (0, "127.0.0.1", 8000, 1.0, "INFO")
+    assert not s.shards_given  # the supervisor decides: as last left, else one per CPU
     assert s.database_url is None and s.nats_url is None and s.ray_address is None
     assert s.state_dir == Path(".mabrec")
     assert (s.stream, s.events_subject, s.deadletter_subject) == ("MABREC_EVENTS", "mabrec.events", "mabrec.deadletter")

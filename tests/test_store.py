@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
@@ -191,3 +192,23 @@ async def test_migration_4_sums_popularity_and_dates_the_seen_ids(database_url: 
     seen = SeenIds.from_bytes(users["a"])
     assert list(seen.ids) == [11, 2**62 + 5] and all(before - 5 <= t <= before + 5 for t in seen.at)
     assert users["b"] == b""
+
+
+async def test_a_pooled_connection_the_server_dropped_is_replaced_without_an_error(pool: AsyncConnectionPool) -> None:
+    """The pool checks a connection with a round trip only when the server spoke while it sat
+    idle (system/db/pool.py): a terminated backend says goodbye, and the next checkout gets a
+    live connection instead of the dead one."""
+    async with pool.connection() as conn:
+        dead = (await (await conn.execute("SELECT pg_backend_pid()")).fetchone() or (0,))[0]
+    async with await psycopg.AsyncConnection.connect(pool.conninfo, autocommit=True) as admin:
+        await admin.execute("SELECT pg_terminate_backend(%s)", (dead,))
+        # Until its goodbye has reached the client's socket: the backend is gone from the server.
+        while (
+            await (await admin.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (dead,))).fetchone()
+            or (1,)
+        )[0]:
+            await asyncio.sleep(0.01)
+    for _ in range(3):  # every checkout works; none gets the dead connection
+        async with pool.connection() as conn:
+            pid = (await (await conn.execute("SELECT pg_backend_pid()")).fetchone() or (0,))[0]
+        assert pid != dead

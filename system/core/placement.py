@@ -12,6 +12,17 @@ import numpy as np
 
 from system.core.sharding import SLOTS, SlotMap
 
+MAX_SHARDS = 256
+
+
+def default_shards(cpus: float) -> int:
+    """The shard count of a first start when none is asked for: one per CPU of the cluster.
+    A shard is one Python process, so it uses one core at most, and more shards than cores only
+    add processes that compete for them, with smaller batches per shard: on 2 cores, 2 shards
+    served the most slates (1 shard 8% fewer, 4 shards 37% fewer, 8 shards 54% fewer) at the
+    lowest CPU per slate (BENCHMARKS.md)."""
+    return max(1, min(int(cpus), MAX_SHARDS))
+
 
 def rebalanced(current: SlotMap, shards: int) -> SlotMap:
     """A balanced map over `shards` shards that keeps as many slots in place as it can."""

@@ -108,9 +108,17 @@ class Model:
         weights = dict(cfg.facet_weights)
         kind_weight = np.array([weights.get(kind, cfg.other_facet_weight) for kind in catalog.facet_kinds] or [0.0])
         self.facet_weight = kind_weight[catalog.facet_kind] if f else np.zeros(0)
+        self.typical_exposure = cfg.exposure_prior * float(self.movie_mean.mean()) if m else 0.0
+        self.best_half = np.sort(self.by_mean[: cfg.candidates // 2])  # every request's first candidates
+        self.cold_view = self._view(userstate.empty())  # a new user's, the same for all of them
+        for column in vars(self.cold_view).values():
+            column.setflags(write=False)
 
     def view(self, state: np.ndarray) -> UserView:
         """Map a user's sparse state (see `system.userstate`) onto the catalog."""
+        return self._view(state) if len(state) else self.cold_view
+
+    def _view(self, state: np.ndarray) -> UserView:
         movies, facets = userstate.movies(state), userstate.facets(state)
         mi = self.catalog.movie_index(movies[:, userstate.KEY])
         fi = self.catalog.facet_index(-facets[:, userstate.KEY])
@@ -134,7 +142,10 @@ def draw_slate(model: Model, user: UserView, limit: int, rng: np.random.Generato
         return Slate(np.zeros(0, dtype=np.int64), np.zeros(0), [])
     effect = facet_effects(model, user, rng)
     candidates = _candidates(model, effect, rng)
-    mean = _sigmoid(model.movie_logit[candidates] + _lift(model, candidates, effect))
+    logits = model.movie_logit[candidates]
+    if user.movie_clicks.any():  # else no facet preference yet: every effect is 0
+        logits = logits + _lift(model, candidates, effect)
+    mean = _sigmoid(logits)
     alpha = cfg.movie_strength * mean
     beta = cfg.movie_strength * (1.0 - mean)
     # The user's own evidence on the candidates among the movies they touched.
@@ -153,16 +164,20 @@ def draw_slate(model: Model, user: UserView, limit: int, rng: np.random.Generato
 def reasons(model: Model, movies: np.ndarray, effect: np.ndarray | None = None) -> list[str]:
     """Why each movie is there, in a few words: the facet value the user likes most among the
     movie's (when that preference is clear), else that it is popular, else that it is new to them."""
-    catalog, out = model.catalog, []
-    for movie in movies.tolist():
+    catalog = model.catalog
+    out = ["popular" if popular else "something new" for popular in model.popular[movies].tolist()]
+    if effect is None or not len(effect) or effect.max() < REASON_LIFT:
+        return out  # no preference clear enough to name (a new user's slate)
+    if model.incidence is not None:
+        liked = np.where(model.incidence[movies] > 0, effect, -np.inf)
+        best = liked.argmax(axis=1)
+        for i in np.flatnonzero(liked[np.arange(len(movies)), best] >= REASON_LIFT).tolist():
+            out[i] = f"you like {catalog.facets[int(best[i])].name}"
+        return out
+    for i, movie in enumerate(movies.tolist()):
         facets = catalog.facets_of(movie)
-        liked = effect[facets] if effect is not None and len(facets) else np.zeros(0)
-        if len(liked) and liked.max() >= REASON_LIFT:
-            out.append(f"you like {catalog.facets[int(facets[int(liked.argmax())])].name}")
-        elif model.popular[movie]:
-            out.append("popular")
-        else:
-            out.append("something new")
+        if len(facets) and (lift := effect[facets]).max() >= REASON_LIFT:
+            out[i] = f"you like {catalog.facets[int(facets[int(lift.argmax())])].name}"
     return out
 
 
@@ -235,7 +250,7 @@ def _backfit_expectations(
     assert model.incidence is not None  # the caller checked: only small facet sets are backfitted
     base = np.maximum(user.movie_seen, user.movie_clicks) * model.movie_mean[user.movie]
     member = model.incidence[user.movie][:, user.facet]  # movies x facets
-    typical = cfg.exposure_prior * float(model.movie_mean.mean())
+    typical = model.typical_exposure
     prior = typical * model.facet_share[user.facet]  # the pseudo-catalog's movies of each facet
     w = np.zeros(len(user.facet))
     b = 0.0
@@ -270,9 +285,7 @@ def _candidates(model: Model, effect: np.ndarray, rng: np.random.Generator) -> n
     cfg, n = model.config, len(model.catalog.movies)
     if n <= cfg.candidates:
         return np.arange(n)
-    chosen = np.zeros(n, dtype=bool)
-    chosen[model.by_mean[: cfg.candidates // 2]] = True
-    chosen[rng.integers(0, n, cfg.candidates // 8)] = True
+    parts = [model.best_half, rng.integers(0, n, cfg.candidates // 8)]
     liked = np.flatnonzero(effect > 0)
     if len(liked):
         liked = liked[np.argsort(-effect[liked])[: cfg.favourite_facets]]
@@ -281,9 +294,8 @@ def _candidates(model: Model, effect: np.ndarray, rng: np.random.Generator) -> n
         lengths = model.catalog.facet_movies_ptr[liked + 1] - starts
         best = ranges(starts, np.minimum(lengths, per))
         some = np.repeat(starts, per) + (rng.random(len(liked) * per) * np.repeat(lengths, per)).astype(np.int64)
-        chosen[model.facet_by_mean[best]] = True
-        chosen[model.facet_by_mean[some]] = True
-    return np.flatnonzero(chosen)
+        parts += [model.facet_by_mean[best], model.facet_by_mean[some]]
+    return np.unique(np.concatenate(parts))  # a sort of a few hundred, not a pass over the catalog
 
 
 def _diverse_top(model: Model, candidates: np.ndarray, scores: np.ndarray, limit: int) -> np.ndarray:

@@ -24,7 +24,7 @@ class Settings:
     database_url: str | None = None
     nats_url: str | None = None
     ray_address: str | None = None
-    shards: int = 4
+    shards: int = 0  # unset: as the last start or `mabrec scale` left it, else one per CPU (placement.py)
     shards_given: bool = False  # MABREC_SHARDS (or --shards) was set: it wins over what `mabrec scale` left
     host: str = "127.0.0.1"
     port: int = 8000

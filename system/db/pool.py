@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import select
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
+
+
+async def check_if_signalled(conn: AsyncConnection) -> None:
+    """Check a pooled connection with a round trip only if the server said something while it sat
+    idle: a stopped or restarted server's goodbye (or its closed socket) makes the socket
+    readable, a healthy idle connection's stays silent. A round trip per checkout was a tenth of
+    a shard's CPU under load (BENCHMARKS.md); a connection that dies silently fails its query and
+    the pool replaces it."""
+    readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    if readable:
+        await AsyncConnectionPool.check_connection(conn)
 
 
 async def open_pool(url: str, *, min_size: int = 1, max_size: int = 4, name: str = "mabrec") -> AsyncConnectionPool:
@@ -18,7 +31,7 @@ async def open_pool(url: str, *, min_size: int = 1, max_size: int = 4, name: str
         open=False,
         timeout=5.0,
         reconnect_timeout=0,  # keep trying forever; callers see errors meanwhile
-        check=AsyncConnectionPool.check_connection,  # a restarted server leaves dead connections
+        check=check_if_signalled,  # a restarted server leaves dead connections
         kwargs={"autocommit": True, "connect_timeout": 5, "application_name": name},
     )
     await pool.open(wait=False)

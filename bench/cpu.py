@@ -1,0 +1,187 @@
+"""CPU per slate, per process (`mabrec bench cpu`, and the report).
+
+At a steady rate of slates (the API publishes each slate's impressions; a movie opened from the
+last slate, a click, every `clicks_every` slates), every process of the running system is
+sampled for its CPU time (user + system, psutil) at the start and the end of the measured
+window; each process's CPU over the slates served is its cost per slate. Processes are the
+descendants of `mabrec up` grouped by role: the shards, the API, the event router, NATS,
+PostgreSQL, the supervisor, and Ray's own (GCS, raylet, dashboard, idle workers). The load
+generator's own CPU is reported beside, not counted.
+
+Two kinds of users: `new` (each slate for a user never seen, drawn from millions) and
+`history` (users prepared with about `rows` state rows each: impressions of slates, a few
+clicks, straight onto NATS before the measure), so the cost's growth with a user's history shows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import numpy as np
+import orjson
+import psutil
+
+from bench import loadtest
+from bench.growth import wait_applied
+from system.bus import stream
+from system.local.runtime import Runtime
+
+GROUPS = ("shards", "api", "router", "nats", "postgresql", "supervisor", "ray")
+
+
+def processes(supervisor_pid: int, status: dict[str, Any]) -> dict[int, str]:
+    """pid -> group, for `mabrec up` and every process under it."""
+    shards = {s["pid"] for s in status.get("shards", []) if s.get("pid")}
+    apis = {a["pid"] for a in status.get("apis", []) if a.get("pid")}
+    router = (status.get("router") or {}).get("pid")
+    root = psutil.Process(supervisor_pid)
+    out = {supervisor_pid: "supervisor"}
+    for proc in root.children(recursive=True):
+        try:
+            name = proc.name()
+        except psutil.Error:
+            continue
+        if proc.pid in shards:
+            out[proc.pid] = "shards"
+        elif proc.pid in apis:
+            out[proc.pid] = "api"
+        elif proc.pid == router:
+            out[proc.pid] = "router"
+        elif name.startswith("nats-server"):
+            out[proc.pid] = "nats"
+        elif name.startswith("postgres"):
+            out[proc.pid] = "postgresql"
+        else:
+            out[proc.pid] = "ray"
+    return out
+
+
+def cpu_seconds(pids: dict[int, str]) -> dict[int, float]:
+    out = {}
+    for pid in pids:
+        try:
+            t = psutil.Process(pid).cpu_times()
+            out[pid] = t.user + t.system
+        except psutil.Error:
+            continue  # gone since: its CPU is lost to the measure, as it is to the machine
+    return out
+
+
+async def prepare_history(
+    api_url: str, nats_url: str, subject: str, *, users: int, rows: int, movie_ids: list[int], prefix: str
+) -> dict[str, Any]:
+    """Give users `<prefix>0` .. about `rows` state rows each (impressions of slates of 10 and a
+    click per 10 slates), straight onto the stream; returns when every shard applied them, with
+    the rows a user ended with (measured on a few of them)."""
+    rng = np.random.default_rng(11)
+    ids = np.asarray(movie_ids)
+    nc = await stream.connect(nats_url, "bench-cpu")
+    js = nc.jetstream()
+    slates = max(1, (rows - 20) // 10)  # a slate adds about 10 movies; the 21 genres come first
+    last, batch = 0, []
+    try:
+        for u in range(users):
+            for k in range(slates):
+                picks = ids[rng.integers(len(ids), size=10)].tolist()
+                batch.append({"event_type": "seen", "user_id": f"{prefix}{u}", "entity_ids": picks})
+                if k % 10 == 0:
+                    batch.append({"event_type": "clicked", "user_id": f"{prefix}{u}", "entity_ids": picks[:1]})
+            if len(batch) >= 500 or u == users - 1:  # a message carries at most MAX_BATCH events
+                last = max(last, int((await js.publish(subject, orjson.dumps(batch))).seq))
+                batch = []
+    finally:
+        await nc.close()
+    await wait_applied(api_url, last)
+    async with httpx.AsyncClient(base_url=api_url, timeout=30) as http:
+        sizes = []
+        for u in range(0, users, max(1, users // 20)):
+            profile = (await http.get("/api/profile", headers={"uxid": f"{prefix}{u}"})).json()
+            sizes.append(len(profile["movies"]) + len(profile["facets"]))
+    if not min(sizes):
+        raise RuntimeError(f"users were not prepared (state rows {sizes}): see the router's dead letters")
+    return {"users": users, "rows_mean": round(float(np.mean(sizes)), 1), "rows_max": int(max(sizes))}
+
+
+async def measure(
+    api_url: str,
+    supervisor_pid: int,
+    *,
+    rate: float = 1000,
+    duration: float = 15.0,
+    warmup: float = 3.0,
+    users: int = 2_000_000,
+    zipf: float | None = None,
+    prefix: str = "bench-",
+    clicks_every: int = 10,
+    movie_ids: list[int] | None = None,
+    progress: Callable[[float], None] | None = None,
+) -> dict[str, Any]:
+    """CPU per slate per process group at `rate` slates/s (milliseconds of CPU per slate)."""
+    async with httpx.AsyncClient(base_url=api_url, timeout=30) as http:
+        status = (await http.get("/api/status")).json()
+    pids = processes(supervisor_pid, status)
+    me = psutil.Process(os.getpid())
+    mix = loadtest.Mix(recommend=clicks_every, open_movie=1)
+    load = asyncio.create_task(
+        loadtest.run(
+            api_url,
+            clients=64,
+            rate=rate * (clicks_every + 1) / clicks_every,  # slates at `rate`, clicks on top
+            duration=duration,
+            warmup=warmup,
+            users=users,
+            zipf=zipf,
+            prefix=prefix,
+            mix=mix,
+            movie_ids=movie_ids,
+            progress=progress,
+        )
+    )
+    await asyncio.sleep(warmup)
+    before, mine_before, began = cpu_seconds(pids), sum(me.cpu_times()[:2]), time.perf_counter()
+    await asyncio.sleep(duration)
+    after, mine_after, elapsed = cpu_seconds(pids), sum(me.cpu_times()[:2]), time.perf_counter() - began
+    results = await load
+    slates = results["recommend"].requests if "recommend" in results else 0
+    if not slates:
+        raise RuntimeError("no slate was served during the measure")
+    by_group = dict.fromkeys(GROUPS, 0.0)
+    for pid, seconds in after.items():
+        by_group[pids[pid]] += seconds - before.get(pid, 0.0)
+    per_slate = {group: round(1000 * seconds / slates, 4) for group, seconds in by_group.items()}
+    return {
+        "slates": slates,
+        "slates_per_s": round(slates / elapsed),
+        "errors": sum(r.errors for r in results.values()),
+        "p50_ms": results["recommend"].as_dict()["p50_ms"],
+        "p99_ms": results["recommend"].as_dict()["p99_ms"],
+        "cpu_ms_per_slate": round(sum(per_slate.values()), 4),
+        "by_process_ms": per_slate,
+        "machine_busy": round(sum(by_group.values()) / elapsed / (psutil.cpu_count() or 1), 3),
+        "load_generator_ms": round(1000 * (mine_after - mine_before) / slates, 4),
+    }
+
+
+async def both(
+    runtime: Runtime, *, rate: float, duration: float, rows: int, movie_ids: list[int], users: int = 10_000
+) -> dict[str, Any]:
+    """CPU per slate for new users, then (unless `rows` is 0) for users with about `rows` state rows."""
+    out: dict[str, Any] = {
+        "new": await measure(runtime.api_url, runtime.supervisor_pid, rate=rate, duration=duration, movie_ids=movie_ids)
+    }
+    if rows:
+        prefix = f"hist{rows}-"
+        out["history"] = await prepare_history(
+            runtime.api_url, runtime.nats_url, f"{runtime.namespace}.events",
+            users=users, rows=rows, movie_ids=movie_ids, prefix=prefix,
+        )  # fmt: skip
+        out["history"] |= await measure(
+            runtime.api_url, runtime.supervisor_pid, rate=rate, duration=duration, users=users, prefix=prefix,
+            movie_ids=movie_ids,
+        )  # fmt: skip
+    return out
