@@ -114,7 +114,8 @@ async def wait_for_nodes(count: int, timeout: float) -> int:
 
 def cluster_cpus() -> float:
     """The CPUs of the live nodes of the cluster, as Ray counts them."""
-    return float(ray.cluster_resources().get("CPU", 1.0))
+    resources: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]
+    return float(resources.get("CPU", 1.0))
 
 
 def disconnect() -> None:

@@ -200,7 +200,7 @@ async def test_a_pooled_connection_the_server_dropped_is_replaced_without_an_err
     live connection instead of the dead one."""
     async with pool.connection() as conn:
         dead = (await (await conn.execute("SELECT pg_backend_pid()")).fetchone() or (0,))[0]
-    async with await psycopg.AsyncConnection.connect(pool.conninfo, autocommit=True) as admin:
+    async with await psycopg.AsyncConnection.connect(str(pool.conninfo), autocommit=True) as admin:
         await admin.execute("SELECT pg_terminate_backend(%s)", (dead,))
         # Until its goodbye has reached the client's socket: the backend is gone from the server.
         while (

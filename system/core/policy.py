@@ -285,7 +285,7 @@ def _candidates(model: Model, effect: np.ndarray, rng: np.random.Generator) -> n
     cfg, n = model.config, len(model.catalog.movies)
     if n <= cfg.candidates:
         return np.arange(n)
-    parts = [model.best_half, rng.integers(0, n, cfg.candidates // 8)]
+    parts: list[np.ndarray] = [model.best_half, rng.integers(0, n, cfg.candidates // 8)]
     liked = np.flatnonzero(effect > 0)
     if len(liked):
         liked = liked[np.argsort(-effect[liked])[: cfg.favourite_facets]]
