@@ -122,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_growth.add_argument("--users", type=int, default=2_000_000, help="distinct users (default 2000000)")
     p_report = bench_sub.add_parser("report", help="start a fresh system, run every benchmark, write BENCHMARKS.md")
-    p_report.add_argument("--shards", type=int, default=4)
+    p_report.add_argument(
+        "--shards", type=int, help="shards of the system measured (default: as `mabrec up`, one per CPU)"
+    )
     p_report.add_argument(
         "--also-shards", type=int, nargs="*", default=[], help="closed-loop runs with these shard counts too"
     )

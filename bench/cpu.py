@@ -61,12 +61,13 @@ def processes(supervisor_pid: int, status: dict[str, Any]) -> dict[int, str]:
     return out
 
 
-def cpu_seconds(pids: dict[int, str]) -> dict[int, float]:
+def cpu_seconds(pids: dict[int, str]) -> dict[int, tuple[float, float]]:
+    """pid -> (user, system) CPU seconds so far."""
     out = {}
     for pid in pids:
         try:
             t = psutil.Process(pid).cpu_times()
-            out[pid] = t.user + t.system
+            out[pid] = (t.user, t.system)
         except psutil.Error:
             continue  # gone since: its CPU is lost to the measure, as it is to the machine
     return out
@@ -151,8 +152,11 @@ async def measure(
     if not slates:
         raise RuntimeError("no slate was served during the measure")
     by_group = dict.fromkeys(GROUPS, 0.0)
-    for pid, seconds in after.items():
-        by_group[pids[pid]] += seconds - before.get(pid, 0.0)
+    kernel = dict.fromkeys(GROUPS, 0.0)
+    for pid, (user, system) in after.items():
+        was_user, was_system = before.get(pid, (0.0, 0.0))
+        by_group[pids[pid]] += user - was_user + system - was_system
+        kernel[pids[pid]] += system - was_system
     per_slate = {group: round(1000 * seconds / slates, 4) for group, seconds in by_group.items()}
     return {
         "slates": slates,
@@ -162,6 +166,7 @@ async def measure(
         "p99_ms": results["recommend"].as_dict()["p99_ms"],
         "cpu_ms_per_slate": round(sum(per_slate.values()), 4),
         "by_process_ms": per_slate,
+        "in_kernel_ms": {group: round(1000 * seconds / slates, 4) for group, seconds in kernel.items()},
         "machine_busy": round(sum(by_group.values()) / elapsed / (psutil.cpu_count() or 1), 3),
         "load_generator_ms": round(1000 * (mine_after - mine_before) / slates, 4),
     }

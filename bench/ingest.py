@@ -42,6 +42,7 @@ async def run(
     duration: float = 10.0,
     per_message: int = 100,
     users: int = 100_000,
+    prefix: str = "ingest-",
     movie_ids: list[int],
     seed: int = 0,
     progress: Callable[[float], None] | None = None,
@@ -72,7 +73,7 @@ async def run(
             now = time.time()
             batch = []
             for i in range(min(per_tick, total - sent)):
-                user = f"ingest-{(int(rng.zipf(1.1)) - 1) % users}"
+                user = f"{prefix}{(int(rng.zipf(1.1)) - 1) % users}"
                 if rng.random() < 0.8:  # an impression of a slate of 10
                     event = {
                         "event_type": "seen",

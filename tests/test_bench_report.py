@@ -24,8 +24,10 @@ def test_report_writes_every_figure(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     text = out.read_text()
     for row in (
-        "closed loop, 64 connections",
-        "open loop at 1,000 req/s",
+        "CPU per slate, all processes, at 1,000 slates/s, new users",
+        "state rows | ≤ 0.5 ms |",
+        "closed loop, Python load generator, 64 connections",
+        "1,000 slates/s and a click per 10 slates (open loop), 2 runs",
         "ingestion at 20,000 events/s",
         "a click in the user's state",
         "memory, 100,000 users",
@@ -36,6 +38,11 @@ def test_report_writes_every_figure(tmp_path: Path) -> None:
     ):
         assert row in text
     report = json.loads(out.with_suffix(".json").read_text())
+    for users in ("new", "history"):  # every process of the system was measured, and adds up
+        run = report["cpu"][users]
+        assert run["slates"] > 0 and all(run["by_process_ms"][p] > 0 for p in ("shards", "api", "router", "nats"))
+        assert abs(sum(run["by_process_ms"].values()) - run["cpu_ms_per_slate"]) < 0.01
+    assert report["policy"]["openblas_unset"]["cold_us_per_slate"] > 0 and "kernel" in report["policy"]["blas"]
     growth = report["growth"]
     assert growth["memory_after"]["users_in_postgres"] >= 50_000
     assert growth["slate_evicted"]["users_loaded"] > 0  # they were not in memory

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from bench import wrk
 from bench.loadtest import Histogram, Mix, Session, percentiles_from_buckets
 from system.bus import dataplane
 from system.core.events import CLICKED, Event
@@ -64,3 +65,22 @@ def test_a_large_span_is_cut_between_messages_small_enough_to_send() -> None:
         assert all(start < seq <= upto for seq, _, _ in chunk)
         assert len(dataplane.encode_apply(start, upto, chunk)) < 2 * 20_000
     assert dataplane.split_span(10, 40, []) == [(10, 40, [])]  # a heartbeat stays one span
+
+
+def test_wrk_output_is_read_with_its_units_and_errors() -> None:
+    out = """Running 2s test @ http://127.0.0.1:1/api/recommendations/movies
+  2 threads and 64 connections
+  Latency Distribution
+     50%  850.00us
+     75%   30.00ms
+     90%   40.10ms
+     99%    1.20s
+  4000 requests in 2.00s, 4.00MB read
+  Socket errors: connect 0, read 2, write 0, timeout 1
+  Non-2xx or 3xx responses: 3
+Requests/sec:   2000.50
+"""
+    assert wrk.parse(out) == {
+        "requests": 4000, "rate_per_s": 2000, "errors": 6,
+        "p50_ms": 0.85, "p75_ms": 30.0, "p90_ms": 40.1, "p99_ms": 1200.0,
+    }  # fmt: skip

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from system.core import policy, userstate
+from system.core.arrays import sorted_set, unique
 from system.core.catalog import Catalog
 from system.core.catalog_file import SHIPPED, read_movies
 from system.core.events import CLICKED, SEEN, Event
@@ -212,3 +213,12 @@ def test_limit_larger_than_catalog_and_empty_catalog(small: Catalog) -> None:
         ).movies.size
         == 0
     )
+
+
+@pytest.mark.parametrize("size", [0, 1, 2, 7, 500])
+def test_the_unique_helpers_agree_with_numpy(size: int) -> None:
+    values = np.random.default_rng(size).integers(-5, 40, size)
+    uniq, inverse = unique(values)
+    expected, expected_inverse = np.unique(values, return_inverse=True)
+    assert np.array_equal(uniq, expected) and np.array_equal(inverse, expected_inverse)
+    assert np.array_equal(sorted_set(values), expected)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from system.core import userstate
-from system.core.arrays import ranges
+from system.core.arrays import ranges, sorted_set, unique
 from system.core.catalog import Catalog
 from system.core.policy_config import PolicyConfig
 
@@ -295,7 +295,7 @@ def _candidates(model: Model, effect: np.ndarray, rng: np.random.Generator) -> n
         best = ranges(starts, np.minimum(lengths, per))
         some = np.repeat(starts, per) + (rng.random(len(liked) * per) * np.repeat(lengths, per)).astype(np.int64)
         parts += [model.facet_by_mean[best], model.facet_by_mean[some]]
-    return np.unique(np.concatenate(parts))  # a sort of a few hundred, not a pass over the catalog
+    return sorted_set(np.concatenate(parts))  # a sort of a few hundred, not a pass over the catalog
 
 
 def _diverse_top(model: Model, candidates: np.ndarray, scores: np.ndarray, limit: int) -> np.ndarray:
@@ -313,7 +313,7 @@ def _diverse_top(model: Model, candidates: np.ndarray, scores: np.ndarray, limit
     else:
         starts = catalog.movie_facets_ptr[movies]
         lengths = catalog.movie_facets_ptr[movies + 1] - starts
-        local, inverse = np.unique(catalog.pair_facet[ranges(starts, lengths)], return_inverse=True)
+        local, inverse = unique(catalog.pair_facet[ranges(starts, lengths)])
         member = np.zeros((size, len(local)))
         member[np.repeat(np.arange(size), lengths), inverse] = 1.0
     # penalty[i, j]: what candidate i pays once j is picked.

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from system.core.arrays import unique
 from system.core.catalog import Catalog
 
 
@@ -30,7 +31,7 @@ class Popularity:
         if not parts:
             return cls.empty()
         keys = np.concatenate([p.keys for p in parts])
-        uniq, inverse = np.unique(keys, return_inverse=True)
+        uniq, inverse = unique(keys)
         clicks = np.bincount(inverse, weights=np.concatenate([p.clicks for p in parts]), minlength=len(uniq))
         seen = np.bincount(inverse, weights=np.concatenate([p.impressions for p in parts]), minlength=len(uniq))
         return cls(uniq, clicks.astype(np.int64), seen.astype(np.int64))

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from system.core.arrays import unique
+
 # Columns. IMPRESSIONS counts `seen` events; SINCE_CLICK the impressions after the last click.
 KEY, CLICKS, IMPRESSIONS, SINCE_CLICK = 0, 1, 2, 3
 WIDTH = 4
@@ -65,7 +67,7 @@ def aggregate(
     """Summarize a batch of (key, clicks, seen) rows, in event order (or ordered by `order`):
     (unique sorted keys, clicks per key, seen per key, impressions per key after its last click
     in the batch). Keys keep their dtype (callers pack more into them); counts are DTYPE."""
-    uniq, inverse = np.unique(keys, return_inverse=True)
+    uniq, inverse = unique(keys)
     n = len(uniq)
     order = np.arange(len(keys)) if order is None else np.asarray(order)
     clicked = np.asarray(clicks) > 0
