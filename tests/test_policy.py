@@ -222,3 +222,27 @@ def test_the_unique_helpers_agree_with_numpy(size: int) -> None:
     expected, expected_inverse = np.unique(values, return_inverse=True)
     assert np.array_equal(uniq, expected) and np.array_equal(inverse, expected_inverse)
     assert np.array_equal(sorted_set(values), expected)
+
+
+def test_bumping_many_users_at_once_is_bumping_each() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        n = int(rng.integers(1, 6))
+        states = []
+        for _ in range(n):  # each user's state: sorted unique keys, movies and facets
+            keys = np.unique(rng.integers(-5, 30, int(rng.integers(0, 12))))
+            state = np.zeros((len(keys), userstate.WIDTH), dtype=userstate.DTYPE)
+            state[:, 0] = keys
+            state[:, 1:] = rng.integers(0, 5, (len(keys), 3))
+            states.append(state)
+        rows = int(rng.integers(0, 20))
+        packed = np.unique(rng.integers(0, n, rows).astype(np.int64) * 100 + rng.integers(-5, 30, rows) + 50)
+        users, keys = packed // 100, (packed % 100 - 50).astype(userstate.DTYPE)
+        clicks, seen, since = (rng.integers(0, 3, len(packed)).astype(userstate.DTYPE) for _ in range(3))
+        expected = [s.copy() for s in states]
+        for u in range(n):
+            mine = users == u
+            if mine.any():
+                expected[u] = userstate.bump(expected[u], keys[mine], clicks[mine], seen[mine], since[mine])
+        got = userstate.bump_many([s.copy() for s in states], users, keys, clicks, seen, since)
+        assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))

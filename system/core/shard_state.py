@@ -169,7 +169,7 @@ class ShardState:
         users = self.users
         window, cap = self.dedup_window, self.dedup_max_ids
         for event, second in zip(events, seconds, strict=True):
-            if not any(m in known for m in event.movies):
+            if known.isdisjoint(event.movies):
                 self.unknown_movies += len(event.movies)
                 continue  # nothing to apply (the router dead-letters these; a replay skips them alike)
             user = users.pop(event.user, None) or User.empty()
@@ -219,11 +219,9 @@ class ShardState:
         uniq, sum_clicks, sum_seen, since = userstate.aggregate(packed, clicks, seen, order=owner)
         users = uniq >> 32
         keys = ((uniq & 0xFFFFFFFF) - _OFFSET).astype(userstate.DTYPE)
-        bounds = np.searchsorted(users, np.arange(len(touched) + 1))
-        for u, user in enumerate(touched):
-            a, b = bounds[u], bounds[u + 1]
-            if a < b:
-                user.counts = userstate.bump(user.counts, keys[a:b], sum_clicks[a:b], sum_seen[a:b], since[a:b])
+        states = userstate.bump_many([user.counts for user in touched], users, keys, sum_clicks, sum_seen, since)
+        for user, counts in zip(touched, states, strict=True):
+            user.counts = counts
 
     # --- serving and checkpoints --------------------------------------------------------------
 

@@ -55,6 +55,37 @@ def bump(state: np.ndarray, keys: np.ndarray, clicks: np.ndarray, seen: np.ndarr
     return out
 
 
+_OFFSET = 2**31  # keys are int32: shifted into 32 unsigned bits, under the user's index
+
+
+def bump_many(
+    states: list[np.ndarray], users: np.ndarray, keys: np.ndarray, clicks: np.ndarray, seen: np.ndarray,
+    since: np.ndarray,
+) -> list[np.ndarray]:  # fmt: skip
+    """`bump` for many users at once: `states[u]` takes the rows of user u, the rows sorted by
+    (user, key) and unique (see `aggregate`). One merge of every state with every row, instead
+    of a dozen numpy calls per user: the event path touches hundreds of users per span. Returns
+    each user's new state (its own array: no user holds a view into another's)."""
+    n = len(states)
+    sizes = np.fromiter(map(len, states), dtype=np.int64, count=n)
+    old = np.concatenate(states) if sizes.sum() else empty()
+    old_packed = (np.repeat(np.arange(n, dtype=np.int64), sizes) << 32) | (old[:, KEY].astype(np.int64) + _OFFSET)
+    new_packed = (np.asarray(users, dtype=np.int64) << 32) | (np.asarray(keys, dtype=np.int64) + _OFFSET)
+    pos = np.searchsorted(old_packed, new_packed)
+    found = old_packed[np.minimum(pos, len(old_packed) - 1)] == new_packed if len(old_packed) else pos < 0
+    _add(old, pos[found], clicks[found], seen[found], since[found])
+    new = ~found
+    added = int(new.sum())
+    out = np.empty((len(old) + added, WIDTH), dtype=DTYPE)
+    out[np.arange(len(old)) + np.searchsorted(new_packed[new], old_packed)] = old
+    new_at = pos[new] + np.arange(added)
+    out[new_at, KEY], out[new_at, CLICKS], out[new_at, IMPRESSIONS], out[new_at, SINCE_CLICK] = (
+        keys[new], clicks[new], seen[new], since[new]
+    )  # fmt: skip
+    bounds = np.concatenate([[0], np.cumsum(sizes + np.bincount(users[new], minlength=n))]).tolist()
+    return [out[a:b].copy() for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
 def _add(state: np.ndarray, rows: np.ndarray, clicks: np.ndarray, seen: np.ndarray, since: np.ndarray) -> None:
     state[rows, CLICKS] += clicks
     state[rows, IMPRESSIONS] += seen
