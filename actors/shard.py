@@ -421,7 +421,7 @@ class Shard:
             state = self.state
             if state is None:
                 raise ShardNotReady(f"shard {self.shard_id} is restoring")
-            return self.covered, {u: (userstate.to_bytes(x.counts), x.seen.to_bytes()) for u, x in state.users.items()}
+            return self.covered, {u: (userstate.to_bytes(counts), seen) for u, (counts, seen) in state.users.items()}
 
     # --- checkpoints ------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from system.core.arrays import ranges
 from system.core.catalog import Catalog
 from system.core.catalog_file import SHIPPED, read_movies
 from system.core.dedup import SeenIds
-from system.core.shard_state import ShardState, User
+from system.core.shard_state import COUNTS, ShardState
 from system.core.sharding import SlotMap
 
 
@@ -39,14 +39,13 @@ def run(
         keys, clicks, seen, since = userstate.aggregate(keys, np.zeros(len(keys)), np.ones(len(keys)))
         ids = movies + 2  # an impression or a click per movie, and two slates: one id each
         seen_ids = SeenIds(array("Q", rng.integers(1, 2**62, ids).tolist()), array("I", [1_800_000_000] * ids))
-        states[slot_map.shard_of(uxid)].users[uxid] = User(
-            userstate.bump(userstate.empty(), keys, clicks, seen, since), seen_ids
-        )
+        counts = userstate.bump(userstate.empty(), keys, clicks, seen, since)
+        states[slot_map.shard_of(uxid)].users[uxid] = (counts, seen_ids.to_bytes())
         if progress and u % 10_000 == 0:
             progress(u / users)
     gc.collect()
     after = psutil.Process(os.getpid()).memory_info().rss
-    rows = sum(len(x.counts) for s in states for x in s.users.values())
+    rows = sum(len(x[COUNTS]) for s in states for x in s.users.values())
     return {
         "users": users,
         "movies_per_user": movies,

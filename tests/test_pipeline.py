@@ -19,6 +19,7 @@ from system.core import userstate
 from system.core.errors import Unavailable
 from system.core.events import CLICKED, Event
 from system.core.settings import Settings
+from system.core.shard_state import SEEN_IDS
 from system.db.pool import short_lived_pool
 from system.db.state_store import StateStore
 from tests.pipeline import Pipeline, prepare, start_pipeline, stop_pipeline, wait_for
@@ -138,7 +139,7 @@ async def test_a_restarted_shard_recovers_checkpoint_plus_replay_exactly(pipelin
     for uxid in live.state.users:
         await reborn.user_counts(uxid)  # the others come from their checkpoints when asked for
         assert np.array_equal(reborn.state.counts_of(uxid), live.state.counts_of(uxid)), uxid
-        assert reborn.state.users[uxid].seen.to_bytes() == live.state.users[uxid].seen.to_bytes()
+        assert reborn.state.users[uxid][SEEN_IDS] == live.state.users[uxid][SEEN_IDS]
     await reborn.stop()
 
 

@@ -12,9 +12,10 @@ from hypothesis import strategies as st
 
 from system.core.catalog import Catalog
 from system.core.catalog_file import read_movies
+from system.core.dedup import SeenIds
 from system.core.events import CLICKED, SEEN, Event
 from system.core.recount import recount
-from system.core.shard_state import ShardState
+from system.core.shard_state import SEEN_IDS, ShardState
 from tests.conftest import SMALL_CSV
 
 CATALOG = Catalog.from_movies(list(read_movies(SMALL_CSV)))  # movies 1..40, genres and directors
@@ -30,15 +31,18 @@ events = st.builds(
 )
 
 
+def _ids(seen: bytes) -> tuple[list[int], list[int]]:
+    ids = SeenIds.from_bytes(seen)
+    return list(ids.ids), list(ids.at)
+
+
 def shard_state(
     batches: list[list[tuple[int, Event]]],
 ) -> dict[str, tuple[list[tuple[int, ...]], tuple[list[int], list[int]]]]:
     state = ShardState(CATALOG, rng=np.random.default_rng(0), dedup_window=WINDOW, dedup_max_ids=CAP)
     for batch in batches:
         state.apply([e for _, e in batch], [t for t, _ in batch])
-    return {
-        u: ([tuple(r) for r in x.counts.tolist()], (list(x.seen.ids), list(x.seen.at))) for u, x in state.users.items()
-    }
+    return {u: ([tuple(r) for r in counts.tolist()], _ids(seen)) for u, (counts, seen) in state.users.items()}
 
 
 @settings(max_examples=300, deadline=None)
@@ -100,5 +104,6 @@ def test_an_id_exactly_a_window_old_is_still_kept_by_both() -> None:
     reference = recount(log, FACETS, window=5, cap=10)["u"].seen_ids()
     state = ShardState(CATALOG, dedup_window=5, dedup_max_ids=10)
     state.apply([e for _, _, [e] in log], [t for _, t, _ in log])
-    assert (list(state.users["u"].seen.ids), list(state.users["u"].seen.at)) == reference
+    seen = SeenIds.from_bytes(state.users["u"][SEEN_IDS])
+    assert (list(seen.ids), list(seen.at)) == reference
     assert reference[1] == [0, 5]

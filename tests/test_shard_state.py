@@ -6,8 +6,9 @@ import pytest
 from system.core import userstate
 from system.core.catalog import Catalog
 from system.core.catalog_file import read_movies
+from system.core.dedup import SeenIds
 from system.core.events import CLICKED, SEEN, Event
-from system.core.shard_state import ShardState
+from system.core.shard_state import SEEN_IDS, ShardState
 from system.core.sharding import slot_of
 from tests.conftest import SMALL_CSV
 
@@ -32,7 +33,7 @@ def test_the_dedup_window_is_a_span_of_stream_time(state: ShardState) -> None:
     assert state.apply(many, 1_000) == 5_000
     assert state.apply(many, 1_000 + day) == 0  # a retry a day later: still inside the window
     assert state.apply(many[:10], 1_001 + day) == 10  # a second past it: counts again
-    assert len(state.users["u"].seen) == 10  # the others left the window: forgotten
+    assert len(SeenIds.from_bytes(state.users["u"][SEEN_IDS])) == 10  # the others left the window: forgotten
     # Other users have their own ids.
     assert state.apply([Event("v", SEEN, (1,), event_id="e0")], 1_000) == 1
 
