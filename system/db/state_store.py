@@ -16,6 +16,22 @@ from system.core.popularity import Popularity
 from system.core.sharding import SLOTS, SlotMap
 
 
+async def _copy_users(conn: AsyncConnection[Any], users: Sequence[tuple[str, int, bytes, bytes]]) -> None:
+    """The users of a checkpoint into this session's staging table, by binary COPY: for 5,000
+    users of ~2 KB, 13 ms of the shard's CPU where an INSERT of unnest()ed arrays took 130-190 ms
+    (the event loop blocked all along), and a third of the time in PostgreSQL. The caller's
+    transaction empties the table when it ends."""
+    await conn.execute(
+        "SET LOCAL client_min_messages = warning;"  # no notice that the table exists, every time
+        " CREATE TEMP TABLE IF NOT EXISTS user_state_in"
+        " (uxid text, slot int2, counts bytea, recent_ids bytea) ON COMMIT DELETE ROWS"
+    )
+    async with conn.cursor().copy("COPY user_state_in FROM STDIN (FORMAT BINARY)") as copy:
+        copy.set_types(["text", "int2", "bytea", "bytea"])
+        for row in users:
+            await copy.write_row(row)
+
+
 class Fenced(ServiceError):
     """A write from a shard that no longer owns its slots: a successor took them over."""
 
@@ -224,13 +240,11 @@ class StateStore:
             if lost or len(rows) != len(claimed):
                 raise Fenced(f"{len(lost)} of its slots have a new owner (slot {lost[0] if lost else '?'} ...)")
             if checkpoint.users:
-                uxids, user_slots, counts, recent = zip(*checkpoint.users, strict=True)
+                await _copy_users(conn, checkpoint.users)
                 await conn.execute(
-                    "INSERT INTO user_state (uxid, slot, counts, recent_ids)"
-                    " SELECT * FROM unnest(%s::text[], %s::int2[], %s::bytea[], %s::bytea[])"
+                    "INSERT INTO user_state (uxid, slot, counts, recent_ids) SELECT * FROM user_state_in"
                     " ON CONFLICT (uxid) DO UPDATE SET slot = EXCLUDED.slot, counts = EXCLUDED.counts,"
-                    " recent_ids = EXCLUDED.recent_ids, updated_at = now()",
-                    (list(uxids), list(user_slots), list(counts), list(recent)),
+                    " recent_ids = EXCLUDED.recent_ids, updated_at = now()"
                 )
             delta = checkpoint.popularity
             if len(delta.keys):
