@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from typing import Any
 from urllib.parse import urlsplit
@@ -34,11 +35,18 @@ def _bar(desc: str) -> Any:
     return tqdm(total=100, desc=desc, unit="%", disable=not sys.stderr.isatty(), leave=False)
 
 
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def run(settings: Settings, args: argparse.Namespace) -> int:
     """`mabrec bench ...`: one benchmark against the running system, or the whole report."""
     ids = [m.id for m in read_movies(SHIPPED)]
     what = args.bench_command
     if what == "report":
+        # A stop (SIGTERM) unwinds like Ctrl-C: each system the report started is stopped, its
+        # servers with it, and its state directory removed, instead of being left running.
+        signal.signal(signal.SIGTERM, _exit_on_signal)
         bar = _bar("benchmarks")
         results = report.run(args.shards, not args.no_dashboard, args.quick, args.also_shards, step=bar.set_description)
         bar.close()

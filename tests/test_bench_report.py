@@ -4,12 +4,16 @@ system with embedded servers, runs every benchmark, and writes the report."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from bench.running import MABREC
+from bench.running import MABREC, wait_until
+from system.local.processes import pid_alive, stop_pid
+from system.local.runtime import Runtime
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
@@ -50,3 +54,30 @@ def test_report_writes_every_figure(tmp_path: Path) -> None:
     restart = report["restart"]
     assert restart["routed_after_restart"] < restart["events"] / 100  # the gap, not the history
     assert " 0 errors" in text and "nan" not in text
+
+
+@pytest.mark.timeout(180)
+def test_a_stopped_report_stops_the_system_it_started(tmp_path: Path) -> None:
+    """SIGTERM to `mabrec bench report` (a CI job cancelled, a `kill`) stops the `mabrec up` it
+    started, with its embedded servers, and removes its state directory."""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}  # its state directories land here
+    report = subprocess.Popen(
+        [MABREC, "bench", "report", "--quick", "--no-dashboard", "--output", str(tmp_path / "B.md")],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    pids: list[int] = []
+    try:
+        wait_until(lambda: any(Runtime.load(d) for d in tmp_path.glob("mabrec-bench-*")), 120, "a system started")
+        runtime = next(r for d in tmp_path.glob("mabrec-bench-*") if (r := Runtime.load(d)) is not None)
+        pids = [runtime.supervisor_pid, *(s.pid for s in runtime.services)]
+        report.send_signal(signal.SIGTERM)
+        assert report.wait(timeout=120) == 128 + signal.SIGTERM
+        left = [pid for pid in pids if pid_alive(pid)]
+    finally:
+        if report.poll() is None:
+            report.kill()
+        for pid in pids:  # whatever the outcome, nothing of it stays running
+            if pid_alive(pid):
+                stop_pid(pid, signal.SIGTERM)
+    assert not left, "the report's system outlived it"
+    assert not list(tmp_path.glob("mabrec-bench-*")), "its state directory was left behind"
