@@ -45,8 +45,20 @@ class RunningSystem:
         began = time.monotonic()
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([MABREC, "up"], env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = began + timeout
-        while time.monotonic() < deadline:
+        try:
+            return self._wait_ready(began, timeout)
+        except BaseException:  # not ready, or the caller was stopped meanwhile: nothing left behind
+            if self.proc.poll() is None:
+                try:
+                    self.stop(timeout=60)
+                except subprocess.TimeoutExpired:
+                    pass  # killed, with everything it started
+            self.kill()
+            raise
+
+    def _wait_ready(self, began: float, timeout: float) -> RunningSystem:
+        assert self.proc is not None
+        while time.monotonic() < began + timeout:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"mabrec up exited with {self.proc.returncode}:\n{self.tail()}")
             runtime = Runtime.load(self.state_dir)
@@ -61,7 +73,6 @@ class RunningSystem:
                 except httpx.HTTPError:
                     pass
             time.sleep(0.1)
-        self.kill()
         raise TimeoutError(f"mabrec up was not ready within {timeout}s:\n{self.tail()}")
 
     def stop(self, timeout: float = 90.0) -> int:

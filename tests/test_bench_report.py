@@ -3,12 +3,13 @@ system with embedded servers, runs every benchmark, and writes the report."""
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import signal
 import subprocess
 from pathlib import Path
 
+import psutil
 import pytest
 
 from bench.running import MABREC, wait_until
@@ -60,16 +61,29 @@ def test_report_writes_every_figure(tmp_path: Path) -> None:
 def test_a_stopped_report_stops_the_system_it_started(tmp_path: Path) -> None:
     """SIGTERM to `mabrec bench report` (a CI job cancelled, a `kill`) stops the `mabrec up` it
     started, with its embedded servers, and removes its state directory."""
-    env = {**os.environ, "TMPDIR": str(tmp_path)}  # its state directories land here
     report = subprocess.Popen(
         [MABREC, "bench", "report", "--quick", "--no-dashboard", "--output", str(tmp_path / "B.md")],
-        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
+
+    def state_dirs() -> set[Path]:  # of the `mabrec up` the report started (its only such child)
+        dirs = set()
+        for child in psutil.Process(report.pid).children():
+            with contextlib.suppress(psutil.Error):
+                if state_dir := child.environ().get("MABREC_STATE_DIR"):
+                    dirs.add(Path(state_dir))
+        return dirs
+
+    def started() -> Runtime | None:  # its runtime, once it is up
+        return next((r for d in state_dirs() if (r := Runtime.load(d)) is not None), None)
+
     pids: list[int] = []
     try:
-        wait_until(lambda: any(Runtime.load(d) for d in tmp_path.glob("mabrec-bench-*")), 120, "a system started")
-        runtime = next(r for d in tmp_path.glob("mabrec-bench-*") if (r := Runtime.load(d)) is not None)
+        wait_until(started, 120, "the report's system started")
+        runtime = started()
+        assert runtime is not None
         pids = [runtime.supervisor_pid, *(s.pid for s in runtime.services)]
+        dirs = state_dirs()
         report.send_signal(signal.SIGTERM)
         assert report.wait(timeout=120) == 128 + signal.SIGTERM
         left = [pid for pid in pids if pid_alive(pid)]
@@ -80,4 +94,4 @@ def test_a_stopped_report_stops_the_system_it_started(tmp_path: Path) -> None:
             if pid_alive(pid):
                 stop_pid(pid, signal.SIGTERM)
     assert not left, "the report's system outlived it"
-    assert not list(tmp_path.glob("mabrec-bench-*")), "its state directory was left behind"
+    assert dirs and not any(d.exists() for d in dirs), "its state directory was left behind"
