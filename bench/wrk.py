@@ -49,9 +49,10 @@ def parse(out: str) -> dict[str, Any]:
         f"p{q}_ms": round(float(v) * _UNITS[unit], 3)
         for q, v, unit in re.findall(r"^\s+(50|75|90|99)%\s+([\d.]+)(us|ms|s)\s*$", out, re.MULTILINE)
     }
-    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    requests, rate = re.search(r"(\d+) requests in", out), re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if requests is None or rate is None:
+        raise ValueError(f"wrk printed no request count or rate:\n{out}")
     non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     socket = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     errors = (int(non_2xx.group(1)) if non_2xx else 0) + (sum(map(int, socket.groups())) if socket else 0)
-    return {"requests": requests, "rate_per_s": round(rate), "errors": errors, **latency}
+    return {"requests": int(requests.group(1)), "rate_per_s": round(float(rate.group(1))), "errors": errors, **latency}

@@ -21,9 +21,7 @@ def unique(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     values = np.asarray(values)
     order = np.argsort(values, kind="stable")
     ordered = values[order]
-    first = np.empty(len(ordered), dtype=bool)
-    first[:1] = True
-    np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
+    first = _firsts(ordered)
     inverse = np.empty(len(ordered), dtype=np.intp)
     inverse[order] = np.cumsum(first) - 1
     return ordered[first], inverse
@@ -32,7 +30,13 @@ def unique(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def sorted_set(values: np.ndarray) -> np.ndarray:
     """np.unique(values) (sorted, distinct) by one sort."""
     ordered = np.sort(values)
+    distinct: np.ndarray = ordered[_firsts(ordered)]
+    return distinct
+
+
+def _firsts(ordered: np.ndarray) -> np.ndarray:
+    """Where each run of equal values of a sorted array starts."""
     first = np.empty(len(ordered), dtype=bool)
     first[:1] = True
     np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
-    return ordered[first]
+    return first

@@ -27,9 +27,6 @@ from system.core.policy_config import PolicyConfig
 from system.core.popularity import Popularity
 from system.core.sharding import slot_of
 
-_OFFSET = 2**31  # keys are int32; shifted to pack (user, key) into one sortable int64
-
-
 # A resident user: (counts, seen event ids as SeenIds bytes), a plain tuple of an array and
 # bytes. The garbage collector stops tracking such a tuple, so its full passes never walk the
 # users: over 250,000 user objects (the default budget) a pass stalled the shard for 120 ms.
@@ -216,11 +213,10 @@ class ShardState:
         seen = (row_kind[owner] == SEEN).astype(np.float64)
         self.pending.append(Popularity(keys, clicks.astype(np.int64), seen.astype(np.int64)))
 
-        packed = (row_user[owner].astype(np.int64) << 32) | (keys + _OFFSET)
+        packed = userstate.pack(row_user[owner], keys)
         # `owner` is the row's place in event order: what came after a click is told apart.
         uniq, sum_clicks, sum_seen, since = userstate.aggregate(packed, clicks, seen, order=owner)
-        users = uniq >> 32
-        keys = ((uniq & 0xFFFFFFFF) - _OFFSET).astype(userstate.DTYPE)
+        users, keys = userstate.unpack(uniq)
         resident = self.users
         states = userstate.bump_many([resident[u][COUNTS] for u in touched], users, keys, sum_clicks, sum_seen, since)
         for uxid, counts in zip(touched, states, strict=True):

@@ -58,6 +58,16 @@ def bump(state: np.ndarray, keys: np.ndarray, clicks: np.ndarray, seen: np.ndarr
 _OFFSET = 2**31  # keys are int32: shifted into 32 unsigned bits, under the user's index
 
 
+def pack(users: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """(user index, key) pairs as one int64 each, sorting by user, then key."""
+    return (np.asarray(users, dtype=np.int64) << 32) | (np.asarray(keys, dtype=np.int64) + _OFFSET)
+
+
+def unpack(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(user indices, keys) of `pack`ed pairs."""
+    return packed >> 32, ((packed & 0xFFFFFFFF) - _OFFSET).astype(DTYPE)
+
+
 def bump_many(
     states: list[np.ndarray], users: np.ndarray, keys: np.ndarray, clicks: np.ndarray, seen: np.ndarray,
     since: np.ndarray,
@@ -69,8 +79,8 @@ def bump_many(
     n = len(states)
     sizes = np.fromiter(map(len, states), dtype=np.int64, count=n)
     old = np.concatenate(states) if sizes.sum() else empty()
-    old_packed = (np.repeat(np.arange(n, dtype=np.int64), sizes) << 32) | (old[:, KEY].astype(np.int64) + _OFFSET)
-    new_packed = (np.asarray(users, dtype=np.int64) << 32) | (np.asarray(keys, dtype=np.int64) + _OFFSET)
+    old_packed = pack(np.repeat(np.arange(n), sizes), old[:, KEY])
+    new_packed = pack(users, keys)
     pos = np.searchsorted(old_packed, new_packed)
     found = old_packed[np.minimum(pos, len(old_packed) - 1)] == new_packed if len(old_packed) else pos < 0
     _add(old, pos[found], clicks[found], seen[found], since[found])
