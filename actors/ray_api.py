@@ -97,19 +97,41 @@ def connect(settings: Settings, address: str) -> str | None:
     return f"http://{url}" if url and not url.startswith("http") else url or None
 
 
+@ray.remote(num_cpus=0, max_retries=0)
+def _on_node() -> str:
+    return str(ray.get_runtime_context().get_node_id())
+
+
 async def wait_for_nodes(count: int, timeout: float) -> int:
-    """Wait (bounded) until the cluster has `count` live nodes: actors are placed over the nodes
-    there when they are created, and stay. Returns how many there are."""
+    """Wait (bounded) until the cluster has `count` live nodes that can run work: actors are
+    placed over the nodes there when they are created, and stay. Returns how many there are.
+
+    A node is alive in the GCS a moment before the scheduler here hears of it: actors placed in
+    that moment would all land on the nodes it knew. A task pinned to each node runs only once the
+    scheduler knows it."""
     deadline = time.monotonic() + timeout
     while True:
         nodes: list[dict[str, Any]] = ray.nodes()  # type: ignore[no-untyped-call]
-        alive = len([node for node in nodes if node.get("Alive")])
-        if alive >= count or time.monotonic() > deadline:
-            if alive < count:
-                log.warning("fewer Ray nodes than asked for: placing the actors anyway", extra={"nodes": alive})
-            return alive
-        log.info("waiting for Ray nodes", extra={"nodes": alive, "wanted": count})
+        alive = [node["NodeID"] for node in nodes if node.get("Alive")]
+        if len(alive) >= count and count <= 1:
+            return len(alive)  # the scheduler here knows its own node
+        if len(alive) >= count:
+            try:
+                await asyncio.wait_for(
+                    asyncio.gather(*(_pinned(node).remote() for node in alive)), max(deadline - time.monotonic(), 1)
+                )
+                return len(alive)
+            except (TimeoutError, RayError) as exc:  # a node died meanwhile, or never became usable
+                log.warning("a Ray node did not run a task", extra={"error": repr(exc)})
+        if time.monotonic() > deadline:
+            log.warning("fewer usable Ray nodes than asked for: placing the actors anyway", extra={"nodes": len(alive)})
+            return len(alive)
+        log.info("waiting for Ray nodes", extra={"nodes": len(alive), "wanted": count})
         await asyncio.sleep(1.0)
+
+
+def _pinned(node: str) -> Any:
+    return _on_node.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
 
 
 def cluster_cpus() -> float:

@@ -130,6 +130,8 @@ class Cluster:
             self.head.wait(90)
         if self.worker is not None and self.worker.poll() is None:
             stop_pid(self.worker.pid, signal.SIGTERM, timeout=20)
+        if self.worker is not None:
+            self.worker.wait(5)  # reaped here, not warned about in a later test
         # The head's Ray daemonized (`ray start` without --block): its processes are the ones
         # that inherited this cluster's mark. Raylet first, gcs_server last.
         ours = [p for p in psutil.process_iter() if self.ours(p)]

@@ -111,8 +111,12 @@ def test_both_api_actors_serve_the_same_users_the_same_way(running: RunningSyste
                 fresh.get("/api/recommendations/movies", headers={"uxid": uxid}).headers["x-mabrec-source"]
                 == "personal"
             )
-    after = {a["api"]: a["publisher"]["published"] for a in status(running)["apis"]}
-    assert sorted(after) == [0, 1] and all(after[a] > before.get(a, 0) for a in after), (before, after)
+
+    def both_published() -> bool:  # acknowledged by NATS, as the supervisor's last health check saw
+        after = {a["api"]: a["publisher"]["published"] for a in status(running)["apis"]}
+        return sorted(after) == [0, 1] and all(after[a] > before.get(a, 0) for a in after)
+
+    wait_until(both_published, 30, "impressions published by both API actors")
 
 
 def test_a_rolling_restart_under_load_fails_nothing(running: RunningSystem) -> None:
