@@ -259,7 +259,10 @@ class Shard:
     async def _load(self, state: ShardState, uxids: Iterable[str]) -> None:
         """Make these users resident: those not in memory come from their checkpoints, in one
         indexed read. The caller holds the apply lock."""
-        missing = state.missing(uxids)
+        # Only users of slots this shard owns now: a request that checked its slot, then waited
+        # for the lock while a release gave the slot away, must not bring a copy back that
+        # would outlive the release and be taken for the user if the slot returns.
+        missing = [u for u in state.missing(uxids) if slot_of(u) in self._slot_set]
         if not missing:
             return
         assert self._pool is not None
@@ -401,6 +404,7 @@ class Shard:
         None for a user whose slot is not (or no longer) this shard's: the caller asks again."""
         mine = [slot_of(uxid) in self._slot_set for uxid, _ in requests]
         state = await self._resident([uxid for (uxid, _), ok in zip(requests, mine, strict=True) if ok])
+        mine = [slot_of(uxid) in self._slot_set for uxid, _ in requests]  # a release may have run meanwhile
         self.slate_calls += 1
         self.slates_served += sum(mine)
         return [state.slate(uxid, limit) if ok else None for (uxid, limit), ok in zip(requests, mine, strict=True)]
@@ -411,6 +415,8 @@ class Shard:
         if slot_of(uxid) not in self._slot_set:
             return None
         state = await self._resident([uxid])
+        if slot_of(uxid) not in self._slot_set:  # released while it loaded
+            return None
         rows: list[list[int]] = state.counts_of(uxid).tolist()
         return rows
 

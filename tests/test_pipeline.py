@@ -20,6 +20,7 @@ from system.core.errors import Unavailable
 from system.core.events import CLICKED, Event
 from system.core.settings import Settings
 from system.core.shard_state import SEEN_IDS
+from system.core.sharding import slot_of
 from system.db.pool import short_lived_pool
 from system.db.state_store import StateStore
 from tests.pipeline import Pipeline, prepare, start_pipeline, stop_pipeline, wait_for
@@ -167,6 +168,32 @@ async def test_a_checkpoint_taken_during_a_long_span_holds_exactly_what_it_says_
         rows = await store.load_users(users)
     clicks = sum(userstate.posterior(userstate.from_bytes(counts), 7)[0] - 1 for _, counts, _ in rows)
     assert len(covered) == 1 and clicks == sum(seq <= min(covered) for seq, _, _ in span) > 0
+    await shard.stop()
+
+
+async def test_a_slate_waiting_while_its_slot_is_released_leaves_no_copy_of_the_user(
+    settings: Settings, js: JetStreamContext
+) -> None:
+    """A slate request checks the user's slot, then waits for the apply lock to load them; if a
+    release gives the slot away meanwhile, the user must not be loaded after it: that copy would
+    stay in memory and, were the slot to come back, stand for the user without the events its
+    other owner applied (found by `mabrec verify` after a live re-shard)."""
+    slot_map = await prepare(settings)
+    shard = Shard(0, settings)
+    await shard.wait_ready()
+    assert shard.state is not None
+    uxid = next(u for u in (f"away-{i}" for i in range(1_000)) if slot_map.shard_of(u) == 0)
+    async with shard._apply_lock:  # a hand-off in progress: the release is queued first...
+        releasing = asyncio.create_task(shard.release([slot_of(uxid)]))
+        while not shard._checkpoint_lock.locked():
+            await asyncio.sleep(0)
+        asking = asyncio.create_task(shard.slates([(uxid, 5)]))  # ...then the slate
+        await asyncio.sleep(0)  # one turn: the slate checks the slot and queues for the lock
+        assert not asking.done()
+    await releasing
+    assert await asking == [None]  # the caller asks the new owner
+    assert uxid not in shard.state.users
+    assert await shard.user_counts(uxid) is None
     await shard.stop()
 
 
