@@ -472,6 +472,9 @@ class Shard:
                 self.state.dirty.update(row[0] for row in cut.users)
                 self.state.give_back(cut.popularity)
             raise
+        finally:
+            if self.state is not None:
+                self.state.saved()
         self._saved_covered = cut.covered
         self.checkpoints += 1
         self.last_checkpoint = time.time()

@@ -108,6 +108,10 @@ def test_eviction_keeps_the_budget_the_dirty_and_the_recently_used() -> None:
     assert state.evict() == 0 and len(state.users) == 5  # all dirty: not in PostgreSQL yet
     state.take_dirty()  # as a checkpoint does
     state.slate("a", 3)  # a is used again: now the most recent
+    # Until the checkpoint is in PostgreSQL, its users stay: evicted, their next event would
+    # load the older state.
+    assert state.evict() == 0 and len(state.users) == 5
+    state.saved()
     assert state.evict() == 2 and list(state.users) == ["d", "e", "a"] and state.evicted == 2
     assert state.missing(["a", "b", "z"]) == ["b", "z"]
     state.apply([Event("d", CLICKED, (2,))])  # dirty again

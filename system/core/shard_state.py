@@ -59,6 +59,9 @@ class ShardState:
         # Resident users, least recently used first (a user is moved to the end when touched).
         self.users: dict[str, User] = {}
         self.dirty: set[str] = set()
+        # Users whose changes are in a checkpoint being written: not evictable until it is in
+        # PostgreSQL, or their next event would load the older state and lose what it held.
+        self.saving: set[str] = set()
         self.applied = 0  # events applied
         self.duplicates = 0  # events skipped as repeats of an event_id
         self.unknown_movies = 0  # movie ids not in the catalog, ignored
@@ -139,9 +142,9 @@ class ShardState:
         excess = len(self.users) - self.resident_users
         if excess <= 0:
             return 0
-        dirty = self.dirty
-        # The least recently used first; scanning a little more than needed skips dirty ones.
-        victims = [u for u in islice(self.users, excess + len(dirty)) if u not in dirty][:excess]
+        pinned = self.dirty | self.saving if self.saving else self.dirty
+        # The least recently used first; scanning a little more than needed skips pinned ones.
+        victims = [u for u in islice(self.users, excess + len(pinned)) if u not in pinned][:excess]
         for uxid in victims:
             del self.users[uxid]
         self.evicted += len(victims)
@@ -239,5 +242,9 @@ class ShardState:
         rows = [
             (uxid, slot_of(uxid), userstate.to_bytes(users[uxid][COUNTS]), users[uxid][SEEN_IDS]) for uxid in self.dirty
         ]
-        self.dirty = set()
+        self.saving, self.dirty = self.dirty, set()
         return rows
+
+    def saved(self) -> None:
+        """The last `take_dirty`'s rows are in PostgreSQL (or back in `dirty`, the write failed)."""
+        self.saving = set()
