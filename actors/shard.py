@@ -256,13 +256,14 @@ class Shard:
 
     # --- users in memory ----------------------------------------------------------------------
 
-    async def _load(self, state: ShardState, uxids: Iterable[str]) -> None:
+    async def _load(self, state: ShardState, uxids: Iterable[str], slots: frozenset[int] | None = None) -> None:
         """Make these users resident: those not in memory come from their checkpoints, in one
         indexed read. The caller holds the apply lock."""
         # Only users of slots this shard owns now: a request that checked its slot, then waited
         # for the lock while a release gave the slot away, must not bring a copy back that
         # would outlive the release and be taken for the user if the slot returns.
-        missing = [u for u in state.missing(uxids) if slot_of(u) in self._slot_set]
+        owned = self._slot_set if slots is None else slots  # an acquire's catch-up: the slots it takes
+        missing = [u for u in state.missing(uxids) if slot_of(u) in owned]
         if not missing:
             return
         assert self._pool is not None
@@ -325,7 +326,7 @@ class Shard:
                 for e in msg.decode()[0]
                 if (slot := slot_of(e.user)) in slots and msg.seq > floor.get(slot, 0)
             ]
-            self.replayed += await self._apply(state, mine)
+            self.replayed += await self._apply(state, mine, slots)
             if only is None:
                 self.covered = batch[-1].seq  # under the apply lock: nothing else applied meanwhile
             state.evict()
@@ -385,14 +386,16 @@ class Shard:
             log.info("acquired slots", extra={"shard": self.shard_id, "slots": len(claims), "at": self.covered})
             return self.covered
 
-    async def _apply(self, state: ShardState, events: Sequence[tuple[int, Event]]) -> int:
+    async def _apply(
+        self, state: ShardState, events: Sequence[tuple[int, Event]], slots: frozenset[int] | None = None
+    ) -> int:
         """Apply (stream second, event) pairs, loading their users first, a chunk at a time:
         between chunks other work gets its turn (a slate, a health check), so a long replay
         never holds the process for seconds. The caller holds the apply lock."""
         applied = 0
         for start in range(0, len(events), APPLY_CHUNK):
             chunk = events[start : start + APPLY_CHUNK]
-            await self._load(state, (e.user for _, e in chunk))
+            await self._load(state, (e.user for _, e in chunk), slots)
             applied += state.apply([e for _, e in chunk], [second for second, _ in chunk])
             await asyncio.sleep(0)
         return applied
