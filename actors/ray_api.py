@@ -113,16 +113,9 @@ async def wait_for_nodes(count: int, timeout: float) -> int:
     while True:
         nodes: list[dict[str, Any]] = ray.nodes()  # type: ignore[no-untyped-call]
         alive = [node["NodeID"] for node in nodes if node.get("Alive")]
-        if len(alive) >= count and count <= 1:
-            return len(alive)  # the scheduler here knows its own node
-        if len(alive) >= count:
-            try:
-                await asyncio.wait_for(
-                    asyncio.gather(*(_pinned(node).remote() for node in alive)), max(deadline - time.monotonic(), 1)
-                )
-                return len(alive)
-            except (TimeoutError, RayError) as exc:  # a node died meanwhile, or never became usable
-                log.warning("a Ray node did not run a task", extra={"error": repr(exc)})
+        # One node: the scheduler here knows its own.
+        if len(alive) >= count and (count <= 1 or await _each_runs_a_task(alive, deadline)):
+            return len(alive)
         if time.monotonic() > deadline:
             log.warning("fewer usable Ray nodes than asked for: placing the actors anyway", extra={"nodes": len(alive)})
             return len(alive)
@@ -130,8 +123,14 @@ async def wait_for_nodes(count: int, timeout: float) -> int:
         await asyncio.sleep(1.0)
 
 
-def _pinned(node: str) -> Any:
-    return _on_node.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+async def _each_runs_a_task(nodes: list[str], deadline: float) -> bool:
+    pinned = [_on_node.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)) for n in nodes]
+    try:
+        await asyncio.wait_for(asyncio.gather(*(task.remote() for task in pinned)), max(deadline - time.monotonic(), 1))
+    except (TimeoutError, RayError) as exc:  # a node died meanwhile, or never became usable
+        log.warning("a Ray node did not run a task", extra={"error": repr(exc)})
+        return False
+    return True
 
 
 def cluster_cpus() -> float:

@@ -31,7 +31,7 @@ from system.db.catalog_store import CatalogStore
 from system.db.pool import open_pool
 from system.db.state_store import StateStore
 from system.verify import verify
-from tests.pipeline import LocalShards, prepare
+from tests.pipeline import LocalShards, prepare, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -168,12 +168,7 @@ async def fleet(settings: Settings, js: JetStreamContext) -> AsyncIterator[tuple
 async def settled_and_verified(supervisor: Supervisor, actors: LocalFleet, traffic: Traffic) -> None:
     """Every shard applied what was published, and verify finds each user's state exact."""
     last = traffic.last_seq
-    for _ in range(1500):
-        if all(s.state is not None and s.covered >= last for s in actors.shards.values()):
-            break
-        await asyncio.sleep(0.02)
-    else:
-        raise AssertionError(f"shards did not apply through {last}: {[s.status() for s in actors.shards.values()]}")
+    await wait_for(lambda: all(s.state is not None and s.covered >= last for s in actors.shards.values()), 30)
     shards = dict(enumerate(sorted(actors.shards)))
     report = await verify(supervisor.settings, lambda s: actors.shards[shards[s]].export(), len(shards), 10)
     assert report.ok, report.as_dict()
