@@ -39,7 +39,7 @@ from system.core.policy import Picks
 from system.core.policy_config import PolicyConfig
 from system.core.popularity import Popularity
 from system.core.settings import Settings
-from system.core.shard_state import ShardState
+from system.core.shard_state import COUNTS, SEEN_IDS, ShardState
 from system.core.sharding import slot_of
 from system.db.catalog_store import CatalogStore
 from system.db.pool import open_pool
@@ -430,7 +430,9 @@ class Shard:
             state = self.state
             if state is None:
                 raise ShardNotReady(f"shard {self.shard_id} is restoring")
-            return self.covered, {u: (userstate.to_bytes(counts), seen) for u, (counts, seen) in state.users.items()}
+            return self.covered, {
+                u: (userstate.to_bytes(user[COUNTS]), user[SEEN_IDS]) for u, user in state.users.items()
+            }
 
     # --- checkpoints ------------------------------------------------------------------------
 

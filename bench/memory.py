@@ -40,7 +40,7 @@ def run(
         ids = movies + 2  # an impression or a click per movie, and two slates: one id each
         seen_ids = SeenIds(array("Q", rng.integers(1, 2**62, ids).tolist()), array("I", [1_800_000_000] * ids))
         counts = userstate.bump(userstate.empty(), keys, clicks, seen, since)
-        states[slot_map.shard_of(uxid)].users[uxid] = (counts, seen_ids.to_bytes())
+        states[slot_map.shard_of(uxid)].users[uxid] = (counts, seen_ids.to_bytes(), None)
         if progress and u % 10_000 == 0:
             progress(u / users)
     gc.collect()

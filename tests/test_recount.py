@@ -15,7 +15,7 @@ from system.core.catalog_file import read_movies
 from system.core.dedup import SeenIds
 from system.core.events import CLICKED, SEEN, Event
 from system.core.recount import recount
-from system.core.shard_state import SEEN_IDS, ShardState
+from system.core.shard_state import COUNTS, SEEN_IDS, ShardState
 from tests.conftest import SMALL_CSV
 
 CATALOG = Catalog.from_movies(list(read_movies(SMALL_CSV)))  # movies 1..40, genres and directors
@@ -42,7 +42,7 @@ def shard_state(
     state = ShardState(CATALOG, rng=np.random.default_rng(0), dedup_window=WINDOW, dedup_max_ids=CAP)
     for batch in batches:
         state.apply([e for _, e in batch], [t for t, _ in batch])
-    return {u: ([tuple(r) for r in counts.tolist()], _ids(seen)) for u, (counts, seen) in state.users.items()}
+    return {u: ([tuple(r) for r in user[COUNTS].tolist()], _ids(user[SEEN_IDS])) for u, user in state.users.items()}
 
 
 @settings(max_examples=300, deadline=None)

@@ -5,10 +5,10 @@ import pytest
 
 from system.core import userstate
 from system.core.catalog import Catalog
-from system.core.catalog_file import read_movies
+from system.core.catalog_file import SHIPPED, read_movies
 from system.core.dedup import SeenIds
 from system.core.events import CLICKED, SEEN, Event
-from system.core.shard_state import SEEN_IDS, ShardState
+from system.core.shard_state import DIGEST, SEEN_IDS, ShardState
 from system.core.sharding import slot_of
 from tests.conftest import SMALL_CSV
 
@@ -117,3 +117,42 @@ def test_eviction_keeps_the_budget_the_dirty_and_the_recently_used() -> None:
     state.apply([Event("d", CLICKED, (2,))])  # dirty again
     state.admit(["x", "y"], [])
     assert state.evict() == 2 and list(state.users) == ["d", "x", "y"]  # e and a: the least recently used
+
+
+def test_a_kept_digest_stays_the_digest_of_the_counts_through_every_kind_of_event() -> None:
+    """A user whose state outgrew the policy's digest keeps it, and every apply updates it: it
+    stays what summing the counts afresh gives (impressions and clicks, on movies new to the user
+    or not, unknown movies, repeated event ids); a new model (a popularity push) drops it and
+    the next slate sums it again under that model."""
+    catalog = Catalog.from_movies(list(read_movies(SHIPPED)))
+    state = ShardState(catalog, rng=np.random.default_rng(0))
+    rng = np.random.default_rng(1)
+    ids = catalog.movie_ids.tolist()
+    state.apply([Event("u", SEEN, tuple(rng.choice(ids, 10, replace=False).tolist())) for _ in range(40)])
+    state.slate("u", 10)
+    digest = state.users["u"][DIGEST]
+    assert digest is not None and digest[0] == state.model.version
+
+    def assert_current() -> None:
+        kept, fresh = state.users["u"][DIGEST], state.model.digest(state.counts_of("u"))
+        assert kept is not None and kept[0] == fresh[0]
+        assert kept[1:3] == fresh[1:3]
+        np.testing.assert_allclose(kept[3], fresh[3], rtol=1e-12)
+
+    seen = state.counts_of("u")[:, userstate.KEY]
+    old = [m for m in ids if m in set(seen.tolist())]
+    new = [m for m in ids if m not in set(seen.tolist())]
+    for events in (
+        [Event("u", SEEN, tuple(old[:5]) + tuple(new[:5]))],  # impressions of movies touched and not
+        [Event("u", CLICKED, (old[0],)), Event("u", CLICKED, (new[9],))],  # clicks, one without an impression
+        [Event("u", SEEN, (new[20], 99_999_999)), Event("u", CLICKED, (99_999_999,))],  # unknown movies
+        [Event("u", CLICKED, (old[1],), event_id="c1"), Event("u", CLICKED, (old[1],), event_id="c1")],  # a repeat
+        [Event("u", SEEN, (new[30],)), Event("v", SEEN, (new[30],)), Event("u", CLICKED, (new[30],))],  # two users
+    ):
+        state.apply(events)
+        assert_current()
+    state.refresh_model()
+    state.apply([Event("u", SEEN, (new[40],))])
+    assert state.users["u"][DIGEST] is None  # summed under the old model: dropped, not patched
+    state.slate("u", 10)
+    assert_current()

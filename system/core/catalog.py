@@ -5,6 +5,7 @@ file is in `catalog_file.py`."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -103,6 +104,20 @@ class Catalog:
     def facet_ids_by_movie(self) -> dict[int, list[int]]:
         """Movie id -> the ids of its facet values, in plain Python (for the reference recount)."""
         return {int(self.movie_ids[i]): self.facet_ids[self.facets_of(i)].tolist() for i in range(len(self.movies))}
+
+    @cached_property
+    def facet_sets(self) -> tuple[np.ndarray, np.ndarray]:
+        """The distinct sets of facet values movies carry (a genre catalog of 10,000 movies has
+        about 400): (each movie's set, each set as a row of a sets x facets 0/1 matrix). Built on
+        first use, densely: callers use it only where movies x facets is small."""
+        if not len(self.facets):  # one set, the empty one
+            return np.zeros(len(self.movies), dtype=np.int64), np.zeros((min(len(self.movies), 1), 0))
+        member = np.zeros((len(self.movies), len(self.facets)), dtype=bool)
+        member[self.pair_movie, self.pair_facet] = True
+        packed = np.packbits(member, axis=1)  # a row as bytes: one sort key per movie
+        rows = np.ascontiguousarray(packed).view(np.dtype((np.void, packed.shape[1]))).ravel()
+        _, first, movie_set = np.unique(rows, return_index=True, return_inverse=True)
+        return movie_set.astype(np.int64), member[first].astype(np.float64)
 
     def facet_names(self, movie: int) -> dict[str, list[Facet]]:
         out: dict[str, list[Facet]] = {}

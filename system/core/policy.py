@@ -18,6 +18,7 @@ a mild penalty for piling up the same facets, and movies the user already opened
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,19 +36,32 @@ REASON_LIFT = 0.3  # logits: a facet preference that clear is worth naming as th
 
 @dataclass(frozen=True)
 class UserView:
-    """A user's evidence mapped onto the catalog's dense indices (entities not in it dropped)."""
+    """What a slate reads of a user: their movie rows by id (looked up only for the candidates),
+    their facet rows on the catalog's dense indices, and the digest of their movie rows. All of
+    it bounded by the catalog, not the history, except the lookups (logarithmic in it)."""
 
-    movie: np.ndarray
+    movie_ids: np.ndarray  # the state's movie rows (sorted ids, movies not in the catalog too)
     movie_clicks: np.ndarray
     movie_seen: np.ndarray
     facet: np.ndarray
     facet_clicks: np.ndarray
     facet_seen: np.ndarray
     facet_since: np.ndarray  # impressions after the last click
+    clicks: float  # on movies in the catalog
+    seen: float
+    facet_set: np.ndarray  # the facet sets (Catalog.facet_sets) of the movies the user touched
+    facet_set_base: np.ndarray  # per set, the backfit's trials x global click rate (see `digest`)
 
     @property
     def cold(self) -> bool:
-        return not (len(self.movie) or len(self.facet))
+        return not (len(self.movie_ids) or len(self.facet))
+
+
+# A user's movie rows summed under one model (`Model.digest`): (the model's version, clicks and
+# impressions on the catalog's movies, per facet set the backfit's base). A plain tuple of
+# plain values, which the garbage collector stops tracking, as it does the users holding one.
+Digest = tuple[int, float, float, np.ndarray]
+_versions = itertools.count(1)
 
 
 # What a shard answers per slate request: movie ids, best first, and a reason for each.
@@ -74,6 +88,7 @@ class Model:
         """`global_clicks` / `global_seen` are dense counts: M movies, then F facets."""
         self.catalog = catalog
         self.config = cfg = config or PolicyConfig()
+        self.version = next(_versions)  # what a Digest was summed under
         m, f = len(catalog.movies), len(catalog.facets)
         clicks = np.zeros(m + f) if global_clicks is None else np.asarray(global_clicks, dtype=np.float64)
         seen = np.zeros(m + f) if global_seen is None else np.asarray(global_seen, dtype=np.float64)
@@ -98,9 +113,12 @@ class Model:
         # Movie x facet incidence as a dense matrix when it is small (a genre catalog: 10k x 21):
         # a matrix product then beats gathering CSR rows. Large facet sets (directors, cast) keep CSR.
         self.incidence: np.ndarray | None = None
+        self.facet_set = np.zeros(m, dtype=np.int64)  # each movie's (Catalog.facet_sets), when dense
+        self.set_incidence = np.zeros((min(m, 1), f))
         if m * f <= DENSE_INCIDENCE_LIMIT:
             self.incidence = np.zeros((m, f), dtype=np.float64)
             self.incidence[catalog.pair_movie, catalog.pair_facet] = 1.0
+            self.facet_set, self.set_incidence = catalog.facet_sets
 
         # The share of the catalog carrying each facet value: what a user's clicks would land on
         # by chance, before their impressions tell what they were actually shown.
@@ -110,27 +128,67 @@ class Model:
         self.facet_weight = kind_weight[catalog.facet_kind] if f else np.zeros(0)
         self.typical_exposure = cfg.exposure_prior * float(self.movie_mean.mean()) if m else 0.0
         self.best_half = np.sort(self.by_mean[: cfg.candidates // 2])  # every request's first candidates
-        self.cold_view = self._view(userstate.empty())  # a new user's, the same for all of them
+        cold = userstate.empty()
+        self.cold_view = self._view(cold, self.digest(cold))  # a new user's, the same for all of them
         for column in vars(self.cold_view).values():
-            column.setflags(write=False)
+            if isinstance(column, np.ndarray):
+                column.setflags(write=False)
 
-    def view(self, state: np.ndarray) -> UserView:
-        """Map a user's sparse state (see `system.userstate`) onto the catalog."""
-        return self._view(state) if len(state) else self.cold_view
+    def view(self, state: np.ndarray, digest: Digest | None = None) -> UserView:
+        """Map a user's sparse state (see `system.userstate`) onto the catalog; `digest`, this
+        model's digest of the state when the caller keeps one (else it is summed here)."""
+        if not len(state):
+            return self.cold_view
+        return self._view(state, digest if digest is not None and digest[0] == self.version else self.digest(state))
 
-    def _view(self, state: np.ndarray) -> UserView:
-        movies, facets = userstate.movies(state), userstate.facets(state)
+    def digest(self, state: np.ndarray) -> Digest:
+        """Sum a user's movie rows for the policy: their clicks and impressions, and per facet set
+        the backfit's base, max(impressions, clicks) x the movie's global click rate (movies that
+        share a facet set are interchangeable in the backfit, see `_backfit_expectations`).
+        The one pass over a user's history; a shard keeps it and `add_to_digest` keeps it current."""
+        movies = userstate.movies(state)
         mi = self.catalog.movie_index(movies[:, userstate.KEY])
+        known = mi >= 0
+        mi, clicks, seen = mi[known], movies[known, userstate.CLICKS], movies[known, userstate.IMPRESSIONS]
+        base = np.bincount(
+            self.facet_set[mi],
+            weights=np.maximum(seen, clicks) * self.movie_mean[mi],
+            minlength=len(self.set_incidence),
+        )
+        return self.version, float(clicks.sum()), float(seen.sum()), base
+
+    def add_to_digest(self, digest: Digest, before: np.ndarray, after: np.ndarray) -> Digest:
+        """`digest` with the changes of some movie rows: `before` and `after` (key, clicks, seen,
+        since) rows of the same movies, before and after an apply (zeros before for new rows).
+        The same as `digest` of the new state, to rounding."""
+        mi = self.catalog.movie_index(after[:, userstate.KEY])
+        known = mi >= 0
+        mi, before, after = mi[known], before[known], after[known]
+        c, s = userstate.CLICKS, userstate.IMPRESSIONS
+        trials = np.maximum(after[:, s], after[:, c]) - np.maximum(before[:, s], before[:, c])
+        base = digest[3]
+        np.add.at(base, self.facet_set[mi], trials * self.movie_mean[mi])  # in place: the digest is the user's
+        added = after - before
+        return digest[0], digest[1] + float(added[:, c].sum()), digest[2] + float(added[:, s].sum()), base
+
+    def _view(self, state: np.ndarray, digest: Digest) -> UserView:
+        movies, facets = userstate.movies(state), userstate.facets(state)
         fi = self.catalog.facet_index(-facets[:, userstate.KEY])
-        mk, fk = mi >= 0, fi >= 0
+        fk = fi >= 0
+        base = digest[3]
+        touched = np.flatnonzero(base)
         return UserView(
-            movie=mi[mk],
-            movie_clicks=movies[mk, userstate.CLICKS].astype(np.float64),
-            movie_seen=movies[mk, userstate.IMPRESSIONS].astype(np.float64),
+            movie_ids=movies[:, userstate.KEY],
+            movie_clicks=movies[:, userstate.CLICKS],
+            movie_seen=movies[:, userstate.IMPRESSIONS],
             facet=fi[fk],
             facet_clicks=facets[fk, userstate.CLICKS].astype(np.float64),
             facet_seen=facets[fk, userstate.IMPRESSIONS].astype(np.float64),
             facet_since=facets[fk, userstate.SINCE_CLICK].astype(np.float64),
+            clicks=digest[1],
+            seen=digest[2],
+            facet_set=touched,
+            facet_set_base=base[touched],
         )
 
 
@@ -143,19 +201,25 @@ def draw_slate(model: Model, user: UserView, limit: int, rng: np.random.Generato
     effect = facet_effects(model, user, rng)
     candidates = _candidates(model, effect, rng)
     logits = model.movie_logit[candidates]
-    if user.movie_clicks.any():  # else no facet preference yet: every effect is 0
+    if user.clicks:  # else no facet preference yet: every effect is 0
         logits = logits + _lift(model, candidates, effect)
     mean = _sigmoid(logits)
     alpha = cfg.movie_strength * mean
     beta = cfg.movie_strength * (1.0 - mean)
-    # The user's own evidence on the candidates among the movies they touched.
-    pos = np.minimum(np.searchsorted(candidates, user.movie), len(candidates) - 1)
-    hit = candidates[pos] == user.movie
-    alpha[pos[hit]] += user.movie_clicks[hit]
-    beta[pos[hit]] += user.movie_seen[hit]
+    # The user's own evidence on the candidates they touched: a lookup per candidate (candidates
+    # are sorted dense indices, so their ids are sorted too), not a pass over their history.
+    clicked = np.zeros(0, dtype=np.int64)
+    if len(user.movie_ids):
+        ids = model.catalog.movie_ids[candidates]
+        pos = np.minimum(np.searchsorted(user.movie_ids, ids), len(user.movie_ids) - 1)
+        hit = np.flatnonzero(user.movie_ids[pos] == ids)
+        clicks = user.movie_clicks[pos[hit]]
+        alpha[hit] += clicks
+        beta[hit] += user.movie_seen[pos[hit]]
+        clicked = hit[clicks > 0]
     e = cfg.exploration  # Beta(a/e, b/e): the same mean, about e times the variance
     scores = _logit(rng.beta(alpha / e, beta / e))
-    scores[pos[hit & (user.movie_clicks > 0)]] -= cfg.clicked_penalty
+    scores[clicked] -= cfg.clicked_penalty
     order = _diverse_top(model, candidates, scores, limit)
     picks = candidates[order]
     return Slate(picks, scores[order], reasons(model, picks, effect))
@@ -197,7 +261,7 @@ def facet_effects(model: Model, user: UserView, rng: np.random.Generator) -> np.
     """
     cfg = model.config
     effect = np.zeros(len(model.catalog.facets))
-    clicks = user.movie_clicks.sum()
+    clicks = user.clicks
     if not clicks:
         return effect  # no click yet: every facet value is at its prior, indifferent
 
@@ -210,7 +274,7 @@ def facet_effects(model: Model, user: UserView, rng: np.random.Generator) -> np.
         expected = _backfit_expectations(model, user, clicks, facet_clicks)
     else:
         exposure = (user.facet_seen + cfg.exposure_prior * model.facet_share[user.facet]) / (
-            user.movie_seen.sum() + cfg.exposure_prior
+            user.seen + cfg.exposure_prior
         )
         expected = clicks * exposure
     shape, e = cfg.facet_strength + facet_clicks, cfg.exploration  # Gamma(k/e, e): mean k, variance k*e
@@ -244,12 +308,15 @@ def _backfit_expectations(
         E[clicks on m] = trials_m * p_m * exp(b + sum over m's facet values g of w_g),
     fitted by a few rounds of iterative proportional fitting over the movies the user was shown
     or opened, plus `exposure_prior` pseudo-impressions of the catalog at its facet shares (what
-    a user opening movies from the catalog list chose among)."""
+    a user opening movies from the catalog list chose among). Movies with the same facet set
+    have the same lift, so the fit runs over the user's facet sets, each with its movies'
+    trials_m * p_m summed (the digest's base): its cost is bounded by the catalog's sets (about
+    400 for genres), not by the user's history."""
     cfg = model.config
     a = cfg.facet_strength
     assert model.incidence is not None  # the caller checked: only small facet sets are backfitted
-    base = np.maximum(user.movie_seen, user.movie_clicks) * model.movie_mean[user.movie]
-    member = model.incidence[user.movie][:, user.facet]  # movies x facets
+    base = user.facet_set_base
+    member = model.set_incidence[user.facet_set][:, user.facet]  # facet sets x facets
     typical = model.typical_exposure
     prior = typical * model.facet_share[user.facet]  # the pseudo-catalog's movies of each facet
     w = np.zeros(len(user.facet))
@@ -268,8 +335,8 @@ def _backfit_expectations(
 
 def _lift(model: Model, movies: np.ndarray, effect: np.ndarray) -> np.ndarray:
     """Per movie, the sum of its facets' effects."""
-    if model.incidence is not None:
-        lifts: np.ndarray = model.incidence[movies] @ effect
+    if model.incidence is not None:  # per facet set, then per movie: fewer rows than the candidates
+        lifts: np.ndarray = (model.set_incidence @ effect)[model.facet_set[movies]]
         return lifts
     catalog = model.catalog
     starts = catalog.movie_facets_ptr[movies]

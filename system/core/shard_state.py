@@ -22,22 +22,26 @@ from system.core.catalog import Catalog
 from system.core.dedup import SeenIds
 from system.core.events import CLICKED, LAG_EDGES, SEEN, Event
 from system.core.limits import DEDUP_MAX_IDS, DEDUP_WINDOW_HOURS, RESIDENT_USERS
-from system.core.policy import Model, Picks, draw_slate
+from system.core.policy import Digest, Model, Picks, draw_slate
 from system.core.policy_config import PolicyConfig
 from system.core.popularity import Popularity
 from system.core.sharding import slot_of
 
-# A resident user: (counts, seen event ids as SeenIds bytes), a plain tuple of an array and
-# bytes. The garbage collector stops tracking such a tuple, so its full passes never walk the
-# users: over 250,000 user objects (the default budget) a pass stalled the shard for 120 ms.
-# The ids stay in their checkpoint form; an event with an id decodes them (about 2 µs).
-User = tuple[np.ndarray, bytes]
+# A resident user: (counts, seen event ids as SeenIds bytes, the policy's digest of the counts
+# or None), a plain tuple of plain values. The garbage collector stops tracking such a tuple, so
+# its full passes never walk the users: over 250,000 user objects (the default budget) a pass
+# stalled the shard for 120 ms. The ids stay in their checkpoint form; an event with an id
+# decodes them (about 2 µs). The digest is kept for users whose state outgrew it: their slates
+# then cost the same however long their history (policy.Model.digest); the events' apply keeps
+# it current, and it leaves with the counts it sums.
+User = tuple[np.ndarray, bytes, Digest | None]
 COUNTS: Final = 0  # see system/core/userstate.py
 SEEN_IDS: Final = 1  # see system/core/dedup.py
+DIGEST: Final = 2
 
 
 def new_user() -> User:
-    return userstate.empty(), b""
+    return userstate.empty(), b"", None
 
 
 class ShardState:
@@ -117,7 +121,7 @@ class ShardState:
         users = self.users
         for uxid, counts, seen in rows:
             if uxid not in users:
-                users[uxid] = userstate.from_bytes(counts), seen
+                users[uxid] = userstate.from_bytes(counts), seen, None
         for uxid in asked:
             if uxid not in users:
                 users[uxid] = new_user()
@@ -178,7 +182,7 @@ class ShardState:
                 if not seen.admit(event.id_hash, second, window, cap):
                     self.duplicates += 1
                     continue
-                users[event.user] = user[COUNTS], seen.to_bytes()
+                users[event.user] = user[COUNTS], seen.to_bytes(), user[DIGEST]
             u = index.get(event.user)
             if u is None:
                 u = index[event.user] = len(touched)
@@ -221,19 +225,39 @@ class ShardState:
         uniq, sum_clicks, sum_seen, since = userstate.aggregate(packed, clicks, seen, order=owner)
         users, keys = userstate.unpack(uniq)
         resident = self.users
-        states = userstate.bump_many([resident[u][COUNTS] for u in touched], users, keys, sum_clicks, sum_seen, since)
-        for uxid, counts in zip(touched, states, strict=True):
-            resident[uxid] = counts, resident[uxid][SEEN_IDS]  # in place: its place in the LRU order stays
+        before = [resident[u] for u in touched]
+        states = userstate.bump_many([user[COUNTS] for user in before], users, keys, sum_clicks, sum_seen, since)
+        model = self.model
+        for u, (uxid, user, counts) in enumerate(zip(touched, before, states, strict=True)):
+            digest = user[DIGEST]
+            if digest is not None:  # bump_many left the old counts as they were: the digest takes the difference
+                if digest[0] == model.version:
+                    lo, hi = np.searchsorted(users, [u, u + 1])
+                    movies = keys[lo:hi][keys[lo:hi] > 0]
+                    digest = model.add_to_digest(
+                        digest, userstate.rows_of(user[COUNTS], movies), userstate.rows_of(counts, movies)
+                    )
+                else:
+                    digest = None  # summed under an older model: the next slate sums it again
+            resident[uxid] = counts, user[SEEN_IDS], digest  # in place: its place in the LRU order stays
 
     # --- serving and checkpoints --------------------------------------------------------------
 
     def slate(self, uxid: str, limit: int) -> Picks:
         """The user's slate: movie ids, best first, and why each is there."""
+        model = self.model
         user = self.users.pop(uxid, None)
-        if user is not None:
+        if user is None:
+            view = model.view(userstate.empty())
+        else:
+            counts, digest = user[COUNTS], user[DIGEST]
+            if digest is None or digest[0] != model.version:
+                digest = model.digest(counts)
+                if counts.nbytes >= digest[3].nbytes:  # keep it once the state outgrew it
+                    user = counts, user[SEEN_IDS], digest
             self.users[uxid] = user  # now the most recently used
-        counts = userstate.empty() if user is None else user[COUNTS]
-        slate = draw_slate(self.model, self.model.view(counts), limit, self.rng)
+            view = model.view(counts, digest)
+        slate = draw_slate(model, view, limit, self.rng)
         return self.catalog.movie_ids[slate.movies].tolist(), slate.reasons
 
     def take_dirty(self) -> list[tuple[str, int, bytes, bytes]]:

@@ -140,6 +140,17 @@ def facets(state: np.ndarray) -> np.ndarray:
     return state[: np.searchsorted(state[:, KEY], 0, side="left")]
 
 
+def rows_of(state: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """The rows of `keys` (sorted), a row of zeros but the key where the state has none."""
+    out = np.zeros((len(keys), WIDTH), dtype=DTYPE)
+    out[:, KEY] = keys
+    if len(state):
+        pos = np.minimum(np.searchsorted(state[:, KEY], keys), len(state) - 1)
+        found = state[pos, KEY] == keys
+        out[found] = state[pos[found]]
+    return out
+
+
 def posterior(state: np.ndarray, key: int) -> tuple[int, int]:
     """The original service's Beta(alpha, beta) of one entity: it starts at (1, 1), and each event
     adds r to alpha and 1 - r to beta (r = 1 for a click, 0 for an impression)."""
