@@ -40,6 +40,7 @@ def test_report_writes_every_figure(tmp_path: Path) -> None:
         "50,000 distinct users, each touched once",
         "a slate for a user not in memory",
         "after 50,000 events in the log",
+        "policy, one slate in-process, by the user's state rows",
     ):
         assert row in text
     report = json.loads(out.with_suffix(".json").read_text())
@@ -48,6 +49,7 @@ def test_report_writes_every_figure(tmp_path: Path) -> None:
         assert run["slates"] > 0 and all(run["by_process_ms"][p] > 0 for p in ("shards", "api", "router", "nats"))
         assert abs(sum(run["by_process_ms"].values()) - run["cpu_ms_per_slate"]) < 0.01
     assert report["policy"]["openblas_unset"]["cold_us_per_slate"] > 0 and "kernel" in report["policy"]["blas"]
+    assert report["policy"]["rows9000_rows"] > 5_000 and report["policy"]["rows9000_us_per_slate"] > 0
     growth = report["growth"]
     assert growth["memory_after"]["users_in_postgres"] >= 50_000
     assert growth["slate_evicted"]["users_loaded"] > 0  # they were not in memory
