@@ -51,6 +51,11 @@ log = logging.getLogger(__name__)
 
 # Events applied in one go, without letting other work in.
 APPLY_CHUNK = 2_000
+# Slots whose checkpointed users are read in one query when indexing them (a few thousand users
+# a slot at two million users): small enough that a load or a checkpoint never waits long.
+INDEX_CHUNK = 16
+# How long the index waits after a failed read before it tries again, at most.
+INDEX_RETRY_MAX = 30.0
 
 
 class ShardNotReady(Unavailable):
@@ -82,6 +87,8 @@ class Shard:
         self._stopped = False
         self.fenced: str | None = None  # why this instance stopped serving: a successor owns its slots
         self._checkpointer: asyncio.Task[None] | None = None
+        self._indexer: asyncio.Task[None] | None = None
+        self._index_wanted = asyncio.Event()  # slots to index: restored, or acquired
         self.started = time.time()
         self.restored_at: float | None = None
         self.restore_seconds: float | None = None
@@ -89,6 +96,7 @@ class Shard:
         self.gaps = 0
         self.loads = 0  # indexed reads of users who were not in memory
         self.users_loaded = 0
+        self.reads_skipped = 0  # users not in memory known to have no checkpoint: started empty
         self.slate_calls = 0
         self.slates_served = 0
         self.apply_calls = 0
@@ -176,6 +184,9 @@ class Shard:
             self._checkpointer = start_task(
                 self._checkpoint_loop(), f"shard-{self.shard_id} checkpoints", self._restart_checkpoints
             )
+        self._index_wanted.set()
+        if self._indexer is None:
+            self._indexer = start_task(self._index_loop(), f"shard-{self.shard_id} index", self._restart_index)
         await self._listen()
 
     def _restart_checkpoints(self, exc: BaseException | None) -> None:
@@ -183,6 +194,13 @@ class Shard:
             None
             if self._stopped or self.fenced
             else start_task(self._checkpoint_loop(), f"shard-{self.shard_id} checkpoints", self._restart_checkpoints)
+        )
+
+    def _restart_index(self, exc: BaseException | None) -> None:
+        self._indexer = (
+            None
+            if self._stopped or self.fenced
+            else start_task(self._index_loop(), f"shard-{self.shard_id} index", self._restart_index)
         )
 
     async def _listen(self) -> None:
@@ -235,6 +253,8 @@ class Shard:
         await self._unlisten()
         checkpointer, self._checkpointer = self._checkpointer, None
         await cancel_and_wait(checkpointer)
+        indexer, self._indexer = self._indexer, None
+        await cancel_and_wait(indexer)
         await self._restoring.cancel()
         if self.state is not None and not self.fenced:
             try:
@@ -266,11 +286,16 @@ class Shard:
         missing = [u for u in state.missing(uxids) if slot_of(u) in owned]
         if not missing:
             return
-        assert self._pool is not None
-        rows = await StateStore(self._pool).load_users(missing)
+        # Users known to have no checkpoint (new ones, mostly) start empty without a read.
+        ask = [u for u, maybe in zip(missing, state.checkpointed.may_have(missing), strict=True) if maybe]
+        self.reads_skipped += len(missing) - len(ask)
+        rows: list[tuple[str, bytes, bytes]] = []
+        if ask:
+            assert self._pool is not None
+            rows = await StateStore(self._pool).load_users(ask)
+            self.loads += 1
+            self.users_loaded += len(rows)
         state.admit(missing, rows)
-        self.loads += 1
-        self.users_loaded += len(rows)
 
     async def _resident(self, uxids: Sequence[str]) -> ShardState:
         """The state, with these users resident (loaded first if they are not)."""
@@ -383,6 +408,7 @@ class Shard:
                 await self._replay(state, behind, self.covered, covered, only=frozenset(claims))
             self.epochs |= {slot: claim.epoch for slot, claim in claims.items()}
             self._slot_set = frozenset(self.epochs)
+            self._index_wanted.set()  # their users' checkpoints are read now that the slots are taken
             log.info("acquired slots", extra={"shard": self.shard_id, "slots": len(claims), "at": self.covered})
             return self.covered
 
@@ -497,6 +523,32 @@ class Shard:
                 self.last_error = repr(exc)
                 log.warning("checkpoint failed", extra={"shard": self.shard_id, "error": repr(exc)})
 
+    async def _index_loop(self) -> None:
+        """Index the checkpointed users of the slots this shard owns (ShardState.checkpointed), a
+        few slots per read, whenever slots were taken; a read that fails is tried again later,
+        and meanwhile those slots' users are read from PostgreSQL as before."""
+        pause = 0.5
+        while not self.fenced:
+            await self._index_wanted.wait()
+            state = self.state
+            todo = sorted(self._slot_set - state.checkpointed.indexed) if state is not None else []
+            if not todo:
+                self._index_wanted.clear()
+                continue
+            assert self._pool is not None
+            chunk = todo[:INDEX_CHUNK]
+            generations = state.checkpointed.generations(chunk) if state is not None else {}
+            try:
+                uxids = await StateStore(self._pool).checkpointed_users(chunk)
+            except Exception as exc:  # noqa: BLE001 - PostgreSQL down: loads read as before; retry later
+                log.warning("indexing checkpoints failed", extra={"shard": self.shard_id, "error": repr(exc)})
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, INDEX_RETRY_MAX)
+                continue
+            pause = 0.5
+            if self.state is state and state is not None:  # not a state replaced by a restore meanwhile
+                state.checkpointed.add_slots(uxids, generations)
+
     # --- catalog and popularity ---------------------------------------------------------------
 
     async def reload_catalog(self) -> int:
@@ -525,6 +577,8 @@ class Shard:
             "users_evicted": state.evicted if state else 0,
             "users_loaded": self.users_loaded,
             "loads": self.loads,
+            "reads_skipped": self.reads_skipped,
+            "slots_indexed": len(state.checkpointed.indexed & self._slot_set) if state else 0,
             "covered_seq": self.covered,
             "checkpoint_seq": self._saved_covered,
             "events_applied": state.applied if state else 0,

@@ -197,6 +197,40 @@ async def test_a_slate_waiting_while_its_slot_is_released_leaves_no_copy_of_the_
     await shard.stop()
 
 
+async def test_a_user_without_a_checkpoint_starts_empty_without_a_read_and_one_with_is_read(
+    pipeline: Pipeline,
+) -> None:
+    """Once a shard has indexed its slots' checkpointed users, a user never seen gets a slate
+    without a PostgreSQL read; a user with a checkpoint (written before the shard started, or by
+    this shard since and then evicted) is still read, whole."""
+    users = [u for u in (f"idx-{i}" for i in range(200)) if pipeline.slot_map.shard_of(u) == 0]
+    before, new, later = users[:3]
+    seq = await pipeline.publish({"event_type": "clicked", "entity_id": 2, "user_id": before})
+    await pipeline.settle(seq, before)
+    await pipeline.shards[0].checkpoint()
+    reborn = Shard(0, pipeline.settings)  # a new incarnation: nothing in memory
+    await reborn.wait_ready()
+    await wait_for(lambda: reborn.status()["slots_indexed"] == len(reborn.epochs) > 0)
+    assert reborn.state is not None and before not in reborn.state.users
+    loads = reborn.loads
+
+    assert (await reborn.slates([(new, 5)]))[0] is not None
+    assert (reborn.reads_skipped, reborn.loads) == (1, loads)  # no read
+    assert await reborn.user_counts(before) and posterior(reborn, before, 2) == (2, 1)
+    assert reborn.loads == loads + 1  # read, from the checkpoint written before the restart
+
+    at = reborn.covered + 1  # this shard's own checkpoint of a user it started empty
+    await reborn.apply(at - 1, at, [(at, 0, Event(later, CLICKED, (3,)))])
+    assert reborn.reads_skipped == 2
+    await reborn.checkpoint()
+    reborn.state.resident_users = 0
+    reborn.state.evict()
+    assert later not in reborn.state.users
+    await reborn.user_counts(later)
+    assert posterior(reborn, later, 3) == (2, 1) and reborn.loads == loads + 2
+    await reborn.stop()
+
+
 async def test_slates_learn_from_events(pipeline: Pipeline) -> None:
     seq = 0
     for movie in (3, 12, 18):  # three Christopher Nolan movies

@@ -19,6 +19,7 @@ import numpy as np
 from system.core import userstate
 from system.core.arrays import ranges
 from system.core.catalog import Catalog
+from system.core.checkpointed import CheckpointedUsers
 from system.core.dedup import SeenIds
 from system.core.events import CLICKED, LAG_EDGES, SEEN, Event
 from system.core.limits import DEDUP_MAX_IDS, DEDUP_WINDOW_HOURS, RESIDENT_USERS
@@ -66,6 +67,8 @@ class ShardState:
         # Users whose changes are in a checkpoint being written: not evictable until it is in
         # PostgreSQL, or their next event would load the older state and lose what it held.
         self.saving: set[str] = set()
+        # Users with a checkpoint, for the slots indexed so far: the others need no read.
+        self.checkpointed = CheckpointedUsers()
         self.applied = 0  # events applied
         self.duplicates = 0  # events skipped as repeats of an event_id
         self.unknown_movies = 0  # movie ids not in the catalog, ignored
@@ -132,6 +135,7 @@ class ShardState:
         leaving = [u for u in self.users if slot_of(u) in slots]
         if self.dirty.intersection(leaving):
             raise ValueError("a user with changes not checkpointed cannot leave")
+        self.checkpointed.forget(slots)
         for uxid in leaving:
             del self.users[uxid]
         return len(leaving)
@@ -261,8 +265,10 @@ class ShardState:
         return self.catalog.movie_ids[slate.movies].tolist(), slate.reasons
 
     def take_dirty(self) -> list[tuple[str, int, bytes, bytes]]:
-        """Snapshot (uxid, slot, counts, seen ids) of every changed user, and reset the set."""
+        """Snapshot (uxid, slot, counts, seen ids) of every changed user, and reset the set.
+        From here on they count as checkpointed: the write may land at any moment."""
         users = self.users
+        self.checkpointed.add(self.dirty)
         rows = [
             (uxid, slot_of(uxid), userstate.to_bytes(users[uxid][COUNTS]), users[uxid][SEEN_IDS]) for uxid in self.dirty
         ]

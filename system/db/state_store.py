@@ -201,6 +201,12 @@ class StateStore:
         assert row is not None  # an aggregate always has a row
         return int(row[0])
 
+    async def checkpointed_users(self, slots: Sequence[int]) -> list[str]:
+        """The ids of the users of these slots that have a checkpoint."""
+        async with self.pool.connection() as conn:
+            cursor = await conn.execute("SELECT uxid FROM user_state WHERE slot = ANY(%s)", (list(slots),))
+            return [uxid for (uxid,) in await cursor.fetchall()]
+
     async def load_users(self, uxids: Sequence[str]) -> list[tuple[str, bytes, bytes]]:
         """The checkpointed state of these users (those that have one): one indexed read."""
         async with self.pool.connection() as conn:
