@@ -133,6 +133,14 @@ async def _each_runs_a_task(nodes: list[str], deadline: float) -> bool:
     return True
 
 
+def _alive_nodes() -> list[str]:
+    """The live nodes' ids: this process's node first, then the others in id order."""
+    here = ray.get_runtime_context().get_node_id()
+    nodes: list[dict[str, Any]] = ray.nodes()  # type: ignore[no-untyped-call]
+    alive = sorted(node["NodeID"] for node in nodes if node.get("Alive") and node["NodeID"] != here)
+    return [here, *alive]
+
+
 def cluster_cpus() -> float:
     """The CPUs of the live nodes of the cluster, as Ray counts them."""
     resources: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]
@@ -241,9 +249,15 @@ class Cluster(Actors):
             self._handles[key] = RemoteApi.options(**options).remote(self.settings, index, port)
 
     def spawn_shard(self, shard: int) -> None:
-        """Create shard `shard`'s actor (or attach to it): it restores the slots the map gives it."""
+        """Create shard `shard`'s actor (or attach to it): it restores the slots the map gives it.
+        Over several nodes, shard i goes to the i-th (this one first), softly: a node that is gone
+        when the actor (re)starts is passed over. SPREAD alone put every shard on one node at times."""
         key = shard_key(shard)
-        options = _options(actor_name(self.settings, key))
+        nodes = _alive_nodes()
+        extra: dict[str, Any] = {}
+        if len(nodes) > 1:
+            extra["scheduling_strategy"] = NodeAffinitySchedulingStrategy(nodes[shard % len(nodes)], soft=True)
+        options = _options(actor_name(self.settings, key), **extra)
         self._handles[key] = RemoteShard.options(**options).remote(shard, self.settings, self.policy)
 
     def restart(self, actor: str) -> None:
