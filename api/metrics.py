@@ -120,16 +120,18 @@ class StatusCollector(Collector):
                 counter.add_metric([str(s["shard"])], float(s.get(key) or 0))
             yield counter
         lag = np.zeros(len(LAG_EDGES) + 1)
+        lag_seconds = 0.0
         for s in shards:
             if s.get("lag_buckets"):
                 lag += np.asarray(s["lag_buckets"])
+                lag_seconds += float(s.get("lag_seconds") or 0.0)
         cumulative = np.cumsum(lag)
         yield HistogramMetricFamily(
             "mabrec_event_apply_lag_seconds",
             "From an event's ts (set by its publisher) to its application in a shard",
             buckets=[(f"{edge:.6g}", float(c)) for edge, c in zip(LAG_EDGES, cumulative[:-1], strict=True)]
             + [("+Inf", float(cumulative[-1]))],
-            sum_value=float("nan"),
+            sum_value=lag_seconds,
         )
         router = status.get("router") or {}
         dead = CounterMetricFamily(

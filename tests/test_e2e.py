@@ -243,6 +243,17 @@ def test_readiness_and_metrics_report_the_real_shards(running: RunningSystem) ->
     assert 'mabrec_shard_ready{shard="0"} 1.0' in metrics and 'mabrec_shard_ready{shard="1"} 1.0' in metrics
     assert 'mabrec_recommendations_total{source="personal"}' in metrics
 
+    def lag() -> dict[str, float]:  # the apply lag histogram's count and sum, once the slate's impression is in
+        lines = running.get("/metrics").text.splitlines()
+        return {
+            line.split()[0].rpartition("_")[2]: float(line.split()[1])
+            for line in lines
+            if line.startswith(("mabrec_event_apply_lag_seconds_count", "mabrec_event_apply_lag_seconds_sum"))
+        }
+
+    wait_until(lambda: lag()["count"] > 0, 30, "an event's apply lag in /metrics")
+    assert 0 < lag()["sum"] < 60 * lag()["count"]  # a real sum of seconds (it was NaN)
+
 
 def test_status_command_finds_the_running_system(running: RunningSystem) -> None:
     env = {**running.env}

@@ -74,6 +74,7 @@ class ShardState:
         self.unknown_movies = 0  # movie ids not in the catalog, ignored
         self.evicted = 0  # users evicted to stay within `resident_users`
         self.lag_counts = np.zeros(len(LAG_EDGES) + 1, dtype=np.int64)
+        self.lag_seconds = 0.0  # the lags' sum: with the counts, a Prometheus histogram
         # Popularity: what all users' checkpoints held when last told, plus what this shard's
         # events added since (`pending`, until a checkpoint takes it).
         self.known = Popularity.empty()
@@ -204,6 +205,7 @@ class ShardState:
         if stamps:
             lags = time.time() - np.array(stamps)
             np.add.at(self.lag_counts, np.searchsorted(LAG_EDGES, lags), 1)
+            self.lag_seconds += float(lags.sum())
         return applied
 
     def _apply_rows(
