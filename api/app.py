@@ -13,12 +13,15 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from swagger_ui_bundle import swagger_ui_path
 
 from api import admin, routes
 from api.backend import Backend
 from api.errors import HANDLERS
 from api.metrics import ApiMetrics, MetricsMiddleware, StatusCollector
+from api.openapi import SWAGGER_ASSETS
 
 
 class State(TypedDict):
@@ -53,6 +56,7 @@ def create_app(backend: Backend, metrics: ApiMetrics | None = None, admin_token:
             Route("/metrics", prometheus, methods=["GET"]),
             Route("/openapi.json", routes.openapi_json, methods=["GET"]),
             Route("/docs", routes.docs, methods=["GET"]),
+            Mount(SWAGGER_ASSETS, StaticFiles(directory=swagger_ui_path), name="swagger-ui"),
         ],
         middleware=[Middleware(MetricsMiddleware, metrics=metrics)],
         exception_handlers=HANDLERS,

@@ -251,9 +251,28 @@ def openapi() -> dict[str, Any]:
     }
 
 
+# Swagger UI's assets ship in a Python package (swagger-ui-bundle): the docs work offline.
+SWAGGER_ASSETS = "/docs/assets"
+
+
 @cache
 def docs_html() -> str:
+    """Swagger UI over /openapi.json (try every route from the page), with a plain table of the
+    routes for a browser without JavaScript."""
     spec = openapi()
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>mabrec API</title>"
+        f"<link rel='stylesheet' href='{SWAGGER_ASSETS}/swagger-ui.css'>"
+        f"<link rel='icon' href='{SWAGGER_ASSETS}/favicon-32x32.png'></head><body>"
+        "<div id='swagger-ui'></div>"
+        f"<noscript>{_reference(spec)}</noscript>"
+        f"<script src='{SWAGGER_ASSETS}/swagger-ui-bundle.js'></script>"
+        "<script>window.ui = SwaggerUIBundle({url: '/openapi.json', dom_id: '#swagger-ui', deepLinking: true})</script>"
+        "</body></html>"
+    )
+
+
+def _reference(spec: dict[str, Any]) -> str:
     rows = []
     for path, methods in spec["paths"].items():
         for method, op in methods.items():
@@ -266,14 +285,10 @@ def docs_html() -> str:
                 f"<td>{html.escape(op['summary'])}</td><td>{html.escape(params)}</td><td>{codes}</td></tr>"
             )
     return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>mabrec API</title>"
-        "<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:75em}"
-        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.4em;text-align:left;vertical-align:top}"
-        "</style></head><body>"
         f"<h1>mabrec API {spec['info']['version']}</h1><p>{html.escape(spec['info']['description'])}</p>"
         '<p>Errors are JSON: <code>{"error": code, "detail": text}</code>. '
         "Machine-readable contract: <a href='/openapi.json'>/openapi.json</a>.</p>"
-        "<table><tr><th>Method</th><th>Path</th><th>What</th><th>Parameters</th><th>Responses</th></tr>"
+        "<table border='1'><tr><th>Method</th><th>Path</th><th>What</th><th>Parameters</th><th>Responses</th></tr>"
         + "".join(rows)
-        + "</table></body></html>"
+        + "</table>"
     )

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -169,7 +170,16 @@ def test_bad_input_gets_a_clear_4xx_json_error(
 def test_the_contract_the_docs_and_the_metrics(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     assert spec["openapi"].startswith("3.") and "/api/recommendations/movies" in spec["paths"]
-    assert "mabrec API" in client.get("/docs").text
+    docs = client.get("/docs").text
+    assert "mabrec API" in docs and "SwaggerUIBundle" in docs and "/openapi.json" in docs
+    # Offline: every asset the page loads is served here, by the API, from the package.
+    assets = re.findall(r"(?:src|href)='([^']+)'", docs)
+    assert assets and not [a for a in assets if "//" in a]
+    for asset in assets:
+        got = client.get(asset)
+        assert got.status_code == 200 and len(got.content) > 0, asset
+    assert "javascript" in client.get("/docs/assets/swagger-ui-bundle.js").headers["content-type"]
+    assert client.get("/docs/assets/nothing.js").status_code == 404
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").json()["ready"]
     client.get("/api/movies/2")
