@@ -58,6 +58,9 @@ class ApiHost:
         self._thread: threading.Thread | None = None
         self._starting = Background(self._start, f"api-{index} start", forever=False)
 
+    def __repr__(self) -> str:  # what Ray shows: the dashboard's Repr column, log line prefixes
+        return f"ApiHost({self.index}, http://{self.settings.host}:{self.port})"
+
     @property
     def serving(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and bool(self._server and self._server.started)

@@ -68,6 +68,9 @@ class EventRouter:
         self.catalog_version = -1
         self.paused = False
 
+    def __repr__(self) -> str:  # what Ray shows: the dashboard's Repr column, log line prefixes
+        return f"EventRouter({self.settings.events_subject}.>)"
+
     def ensure_running(self) -> dict[str, Any]:
         """Start the routing loop if it is not running, nor paused (idempotent). Returns `status()`."""
         if not self.paused:

@@ -40,7 +40,7 @@ from system.core.policy_config import PolicyConfig
 from system.core.popularity import Popularity
 from system.core.settings import Settings
 from system.core.shard_state import COUNTS, SEEN_IDS, ShardState
-from system.core.sharding import slot_of
+from system.core.sharding import slot_of, slot_ranges
 from system.db.catalog_store import CatalogStore
 from system.db.pool import open_pool
 from system.db.state_store import Checkpoint, Fenced, StateStore
@@ -104,6 +104,11 @@ class Shard:
         self.checkpoint_errors = 0
         self.last_checkpoint: float | None = None
         self.last_error: str | None = None
+
+    def __repr__(self) -> str:
+        """What Ray shows for this actor (the dashboard's Repr column, its log lines' prefix). Ray
+        takes it once, as the actor is created: the slots are there only once it has restored."""
+        return f"Shard({self.shard_id}" + (f", slots {slot_ranges(self.epochs)})" if self.epochs else ")")
 
     @property
     def slots(self) -> list[int]:
@@ -588,6 +593,7 @@ class Shard:
             "replayed": self.replayed,
             "gaps": self.gaps,
             "lag_buckets": state.lag_counts.tolist() if state else [],
+            "lag_seconds": state.lag_seconds if state else 0.0,
             "slate_calls": self.slate_calls,
             "slates_served": self.slates_served,
             "apply_calls": self.apply_calls,

@@ -20,7 +20,7 @@ from system.core.errors import Unavailable
 from system.core.events import CLICKED, Event
 from system.core.settings import Settings
 from system.core.shard_state import SEEN_IDS
-from system.core.sharding import slot_of
+from system.core.sharding import slot_of, slot_ranges
 from system.db.pool import short_lived_pool
 from system.db.state_store import StateStore
 from tests.pipeline import Pipeline, prepare, start_pipeline, stop_pipeline, wait_for
@@ -229,6 +229,16 @@ async def test_a_user_without_a_checkpoint_starts_empty_without_a_read_and_one_w
     await reborn.user_counts(later)
     assert posterior(reborn, later, 3) == (2, 1) and reborn.loads == loads + 2
     await reborn.stop()
+
+
+async def test_a_shard_names_itself_and_its_slots(settings: Settings, js: JetStreamContext) -> None:
+    """What Ray shows for the actor (its Repr column, its log lines' prefix)."""
+    slot_map = await prepare(settings)
+    shard = Shard(1, settings)
+    assert repr(shard) == "Shard(1)"  # as Ray takes it, on creation
+    await shard.wait_ready()
+    assert repr(shard) == f"Shard(1, slots {slot_ranges(slot_map.slots_of(1))})"
+    await shard.stop()
 
 
 async def test_slates_learn_from_events(pipeline: Pipeline) -> None:

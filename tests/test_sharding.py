@@ -6,7 +6,7 @@ import zlib
 
 import numpy as np
 
-from system.core.sharding import SLOTS, SlotMap, slot_of
+from system.core.sharding import SLOTS, SlotMap, slot_of, slot_ranges
 
 
 def test_slot_is_a_stable_crc32_not_the_salted_hash() -> None:
@@ -50,3 +50,9 @@ def test_resharding_moves_slots_not_users() -> None:
         for u in users:
             by_slot.setdefault(slot_of(u), set()).add(after.shard_of(u))
         assert all(len(shards) == 1 for shards in by_slot.values())
+
+
+def test_slots_read_as_ranges() -> None:
+    assert slot_ranges([9, 0, 1, 2, 7, 10]) == "0-2,7,9-10"
+    assert slot_ranges(SlotMap.even(2).slots_of(1)) == "512-1023"
+    assert slot_ranges([5]) == "5" and slot_ranges([]) == "none"

@@ -4,6 +4,7 @@ Python's salted `hash`); a slot map assigns slots to shards, so re-sharding move
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -13,6 +14,17 @@ SLOTS = 1024
 
 def slot_of(uxid: str) -> int:
     return zlib.crc32(uxid.encode()) % SLOTS
+
+
+def slot_ranges(slots: Iterable[int]) -> str:
+    """Slots as ranges, for people: [0, 1, 2, 7, 9, 10] -> "0-2,7,9-10"."""
+    runs: list[list[int]] = []
+    for slot in sorted(slots):
+        if runs and slot == runs[-1][1] + 1:
+            runs[-1][1] = slot
+        else:
+            runs.append([slot, slot])
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs) or "none"
 
 
 def even_slot_map(shards: int) -> np.ndarray:
