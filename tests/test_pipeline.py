@@ -241,6 +241,30 @@ async def test_a_shard_names_itself_and_its_slots(settings: Settings, js: JetStr
     await shard.stop()
 
 
+async def test_an_acquire_catches_up_on_the_users_of_the_slots_it_takes_from_their_checkpoints(
+    pipeline: Pipeline,
+) -> None:
+    """A slot whose checkpoint is behind its new owner is brought level by replaying the stream
+    after it; the replay lands on the slot's users as their checkpoints hold them (loaded first),
+    not on empty users: the user ends with every event, the checkpointed and the replayed."""
+    taker, giver = pipeline.shards[0], pipeline.shards[1]
+    uxid = next(u for u in (f"catch-{i}" for i in range(1_000)) if pipeline.slot_map.shard_of(u) == 1)
+    slot = slot_of(uxid)
+    for _ in range(3):
+        seq = await pipeline.publish({"event_type": "clicked", "entity_id": 2, "user_id": uxid})
+    await pipeline.settle(seq)
+    await giver.checkpoint()  # the slot's checkpoint: 3 clicks
+    await giver._unlisten()  # it hears no more (as if it died): the next events are only in the stream
+    for _ in range(2):
+        seq = await pipeline.publish({"event_type": "clicked", "entity_id": 2, "user_id": uxid})
+    await wait_for(lambda: taker.covered >= seq)  # the taker is past them, the slot's checkpoint is not
+    async with short_lived_pool(pipeline.settings.database_url or "", "test") as pool:
+        await StateStore(pool).move_slots({slot: 0})
+    await taker.acquire([slot])
+    assert await taker.user_counts(uxid) is not None
+    assert posterior(taker, uxid, 2) == (1 + 5, 1)
+
+
 async def test_slates_learn_from_events(pipeline: Pipeline) -> None:
     seq = 0
     for movie in (3, 12, 18):  # three Christopher Nolan movies
