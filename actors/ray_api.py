@@ -111,8 +111,7 @@ async def wait_for_nodes(count: int, timeout: float) -> int:
     scheduler knows it."""
     deadline = time.monotonic() + timeout
     while True:
-        nodes: list[dict[str, Any]] = ray.nodes()  # type: ignore[no-untyped-call]
-        alive = [node["NodeID"] for node in nodes if node.get("Alive")]
+        alive = _alive_nodes()
         # One node: the scheduler here knows its own.
         if len(alive) >= count and (count <= 1 or await _each_runs_a_task(alive, deadline)):
             return len(alive)

@@ -536,13 +536,13 @@ class Shard:
         while not self.fenced:
             await self._index_wanted.wait()
             state = self.state
-            todo = sorted(self._slot_set - state.checkpointed.indexed) if state is not None else []
-            if not todo:
+            todo = [] if state is None else sorted(self._slot_set - state.checkpointed.indexed)
+            if state is None or not todo:
                 self._index_wanted.clear()
                 continue
             assert self._pool is not None
             chunk = todo[:INDEX_CHUNK]
-            generations = state.checkpointed.generations(chunk) if state is not None else {}
+            generations = state.checkpointed.generations(chunk)
             try:
                 uxids = await StateStore(self._pool).checkpointed_users(chunk)
             except Exception as exc:  # noqa: BLE001 - PostgreSQL down: loads read as before; retry later
@@ -551,7 +551,7 @@ class Shard:
                 pause = min(pause * 2, INDEX_RETRY_MAX)
                 continue
             pause = 0.5
-            if self.state is state and state is not None:  # not a state replaced by a restore meanwhile
+            if self.state is state:  # not a state replaced by a restore meanwhile
                 state.checkpointed.add_slots(uxids, generations)
 
     # --- catalog and popularity ---------------------------------------------------------------

@@ -154,7 +154,5 @@ def rows_of(state: np.ndarray, keys: np.ndarray) -> np.ndarray:
 def posterior(state: np.ndarray, key: int) -> tuple[int, int]:
     """The original service's Beta(alpha, beta) of one entity: it starts at (1, 1), and each event
     adds r to alpha and 1 - r to beta (r = 1 for a click, 0 for an impression)."""
-    pos = int(np.searchsorted(state[:, KEY], key))
-    if pos < len(state) and state[pos, KEY] == key:
-        return 1 + int(state[pos, CLICKS]), 1 + int(state[pos, IMPRESSIONS])
-    return 1, 1
+    row = rows_of(state, np.array([key]))[0]
+    return 1 + int(row[CLICKS]), 1 + int(row[IMPRESSIONS])
