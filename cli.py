@@ -52,6 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_restart.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for it (default 600)")
 
+    p_user = sub.add_parser("user", help="user commands (admin)")
+    user_sub = p_user.add_subparsers(dest="user_command", required=True, metavar="ACTION")
+    p_erase = user_sub.add_parser(
+        "erase", help="erase a user: state from memory and PostgreSQL, their events from the event log"
+    )
+    p_erase.add_argument("uxid", help="the user's id (the uxid header)")
+    p_erase.add_argument("--no-wait", action="store_true", help="do not wait for the event log's scrub")
+    p_erase.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the scrub (default 300)")
+
     p_catalog = sub.add_parser("catalog", help="catalog commands")
     catalog_sub = p_catalog.add_subparsers(dest="catalog_command", required=True, metavar="ACTION")
     p_load = catalog_sub.add_parser(
@@ -161,6 +170,12 @@ def restart(settings: Settings, args: argparse.Namespace) -> int:
     return asyncio.run(rolling_restart(settings, args.timeout))
 
 
+def user(settings: Settings, args: argparse.Namespace) -> int:
+    from system.user_admin import erase
+
+    return asyncio.run(erase(settings, args.uxid, not args.no_wait, args.timeout))
+
+
 def catalog(settings: Settings, args: argparse.Namespace) -> int:
     if not args.file.exists():
         print(f"mabrec: no such file: {args.file}", file=sys.stderr)
@@ -252,6 +267,7 @@ COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "status": status,
     "scale": scale,
     "restart": restart,
+    "user": user,
     "catalog": catalog,
     "verify": verify,
     "simulate": simulate,

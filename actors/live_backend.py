@@ -19,8 +19,10 @@ from system.core.errors import Moved, Unavailable
 from system.core.events import Event
 from system.core.policy import Model, Picks, draw_slate
 from system.core.popularity import Popularity
+from system.core.profile import UserProfile
 from system.core.settings import Settings
 from system.core.sharding import SlotMap
+from system.db.erasure_store import ErasureStore
 from system.db.pool import short_lived_pool
 from system.db.state_store import StateStore
 
@@ -37,7 +39,9 @@ class Gateway(Protocol):
 
     async def slate(self, shard: int, uxid: str, limit: int) -> Picks: ...
 
-    async def profile(self, shard: int, uxid: str) -> list[list[int]]: ...
+    async def profile(self, shard: int, uxid: str) -> UserProfile: ...
+
+    async def erase(self, shard: int, uxid: str) -> dict[str, Any]: ...
 
 
 class FailoverGateway:
@@ -52,10 +56,15 @@ class FailoverGateway:
             return await self.nats.slate(shard, uxid, limit)
         return await self.ray.slate(shard, uxid, limit)
 
-    async def profile(self, shard: int, uxid: str) -> list[list[int]]:
+    async def profile(self, shard: int, uxid: str) -> UserProfile:
         if self.nats.connected:
             return await self.nats.profile(shard, uxid)
         return await self.ray.profile(shard, uxid)
+
+    async def erase(self, shard: int, uxid: str) -> dict[str, Any]:
+        if self.nats.connected:
+            return await self.nats.erase(shard, uxid)
+        return await self.ray.erase(shard, uxid)
 
 
 class LiveBackend:
@@ -105,8 +114,15 @@ class LiveBackend:
     async def slate(self, uxid: str, limit: int) -> Picks:
         return await self._ask(uxid, lambda shard: self.gateway.slate(shard, uxid, limit))
 
-    async def profile(self, uxid: str) -> list[list[int]]:
+    async def profile(self, uxid: str) -> UserProfile:
         return await self._ask(uxid, lambda shard: self.gateway.profile(shard, uxid))
+
+    async def erase(self, uxid: str) -> dict[str, Any]:
+        return await self._ask(uxid, lambda shard: self.gateway.erase(shard, uxid))
+
+    async def erasures(self) -> list[dict[str, Any]]:
+        async with short_lived_pool(self.settings.database_url or "", "api-erasures") as pool:
+            return [e.as_dict() for e in await ErasureStore(pool).erasures()]
 
     async def _ask(self, uxid: str, call: Callable[[int], Awaitable[T]]) -> T:
         """Ask the user's shard. While a re-shard moves the user's slot, the shard that had it

@@ -22,6 +22,7 @@ import gc
 import logging
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -29,6 +30,7 @@ import numpy as np
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
+from nats.js import JetStreamContext
 from psycopg_pool import AsyncConnectionPool
 
 from system.bus import dataplane, stream
@@ -42,8 +44,10 @@ from system.core.settings import Settings
 from system.core.shard_state import COUNTS, SEEN_IDS, ShardState
 from system.core.sharding import slot_of, slot_ranges
 from system.db.catalog_store import CatalogStore
+from system.db.erasure_store import ErasureStore
 from system.db.pool import open_pool
 from system.db.state_store import Checkpoint, Fenced, StateStore
+from system.erasure import LogScrubber
 from system.tasks import Background, cancel_and_wait, start_task
 
 log = logging.getLogger(__name__)
@@ -56,6 +60,8 @@ APPLY_CHUNK = 2_000
 INDEX_CHUNK = 16
 # How long the index waits after a failed read before it tries again, at most.
 INDEX_RETRY_MAX = 30.0
+# Users whose last slate a shard remembers, for the admin profile's "why": the most recent.
+LAST_SLATES = 10_000
 
 
 class ShardNotReady(Unavailable):
@@ -104,6 +110,10 @@ class Shard:
         self.checkpoint_errors = 0
         self.last_checkpoint: float | None = None
         self.last_error: str | None = None
+        # uxid -> (when, movie ids, reasons) of their last slate, least recent first
+        self.last_slates: OrderedDict[str, tuple[float, list[int], list[str]]] = OrderedDict()
+        self.erased = 0
+        self._scrubber = LogScrubber(settings, self._connections)
 
     def __repr__(self) -> str:
         """What Ray shows for this actor (the dashboard's Repr column, its log lines' prefix). Ray
@@ -192,7 +202,13 @@ class Shard:
         self._index_wanted.set()
         if self._indexer is None:
             self._indexer = start_task(self._index_loop(), f"shard-{self.shard_id} index", self._restart_index)
+        await self._scrubber.resume(lambda uxid: slot_of(uxid) in self._slot_set)
         await self._listen()
+
+    def _connections(self) -> tuple[JetStreamContext, AsyncConnectionPool]:
+        if self._nc is None or self._pool is None:
+            raise ShardNotReady(f"shard {self.shard_id} is restoring")
+        return self._nc.jetstream(), self._pool
 
     def _restart_checkpoints(self, exc: BaseException | None) -> None:
         self._checkpointer = (
@@ -240,6 +256,8 @@ class Shard:
                 reply = dataplane.encode_reply(await self.slates([(uxid, limit) for uxid, limit in args]))
             elif op == dataplane.PROFILE:
                 reply = dataplane.encode_reply(await self.user_counts(args))
+            elif op == dataplane.ERASE:
+                reply = dataplane.encode_reply(await self.erase(args))
             else:
                 reply = dataplane.encode_reply(error=f"unknown operation {op!r}")
         except Exception as exc:  # noqa: BLE001 - the caller gets the error as the reply
@@ -260,6 +278,7 @@ class Shard:
         await cancel_and_wait(checkpointer)
         indexer, self._indexer = self._indexer, None
         await cancel_and_wait(indexer)
+        await self._scrubber.stop()
         await self._restoring.cancel()
         if self.state is not None and not self.fenced:
             try:
@@ -441,18 +460,62 @@ class Shard:
         mine = [slot_of(uxid) in self._slot_set for uxid, _ in requests]  # a release may have run meanwhile
         self.slate_calls += 1
         self.slates_served += sum(mine)
-        return [state.slate(uxid, limit) if ok else None for (uxid, limit), ok in zip(requests, mine, strict=True)]
+        picks = [state.slate(uxid, limit) if ok else None for (uxid, limit), ok in zip(requests, mine, strict=True)]
+        self._remember_slates(requests, picks)
+        return picks
 
-    async def user_counts(self, uxid: str) -> list[list[int]] | None:
-        """A user's raw evidence rows (key, clicks, seen): movie id > 0, minus facet id < 0;
-        None when the user's slot is not this shard's."""
+    def _remember_slates(self, requests: Sequence[tuple[str, int]], picks: Sequence[Picks | None]) -> None:
+        now, last = time.time(), self.last_slates
+        for (uxid, _), slate in zip(requests, picks, strict=True):
+            if slate is not None:
+                last.pop(uxid, None)
+                last[uxid] = (now, *slate)
+        while len(last) > LAST_SLATES:
+            last.popitem(last=False)
+
+    async def user_counts(self, uxid: str) -> dict[str, Any] | None:
+        """A user's raw evidence rows (key, clicks, seen): movie id > 0, minus facet id < 0, and
+        their last slate if this shard remembers it ([when, movie ids, reasons]); None when the
+        user's slot is not this shard's."""
         if slot_of(uxid) not in self._slot_set:
             return None
         state = await self._resident([uxid])
         if slot_of(uxid) not in self._slot_set:  # released while it loaded
             return None
-        rows: list[list[int]] = state.counts_of(uxid).tolist()
-        return rows
+        last = self.last_slates.get(uxid)
+        return {"rows": state.counts_of(uxid).tolist(), "last_slate": list(last) if last else None}
+
+    async def erase(self, uxid: str) -> dict[str, Any] | None:
+        """Erase a user (a privacy request): their checkpoint and what it added to popularity
+        leave PostgreSQL, their state leaves memory, both at once with every event of theirs
+        through `covered`; then their messages leave the event log (system/erasure.py). The
+        next event or request with their id starts a new user. None when the slot is not ours."""
+        slot = slot_of(uxid)
+        async with self._checkpoint_lock, self._apply_lock:  # no cut and no apply in between
+            state = self.state
+            if state is None or self._pool is None:
+                raise ShardNotReady(f"shard {self.shard_id} is restoring")
+            if slot not in self._slot_set:
+                return None
+            through = self.covered
+            try:
+                erasure, saved = await ErasureStore(self._pool).erase_user(uxid, slot, self.epochs[slot], through)
+            except Fenced as exc:
+                await self._fence(exc.detail)
+                raise
+            was_resident = state.erase(uxid, saved)
+            self.last_slates.pop(uxid, None)
+        self.erased += 1
+        self._scrubber.start(erasure, uxid, through)
+        log.info(
+            "user erased; scrubbing the log", extra={"shard": self.shard_id, "erasure": erasure, "through": through}
+        )
+        return {
+            "erasure": erasure,
+            "through_seq": through,
+            "in_memory": was_resident,
+            "checkpointed": saved is not None,
+        }
 
     async def export(self) -> tuple[int, dict[str, tuple[bytes, bytes]]]:
         """(covered, {uxid: (counts, seen ids)}) of the users in memory: one consistent
@@ -603,5 +666,7 @@ class Shard:
             "restore_seconds": self.restore_seconds,
             "catalog_version": state.catalog.version if state else None,
             "fenced": self.fenced,
+            "erased": self.erased,
+            "erasures_scrubbing": len(self._scrubber.running),
             "last_error": self.last_error or self._restoring.last_error,
         }

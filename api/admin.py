@@ -1,6 +1,7 @@
 """Admin routes: each takes `Authorization: Bearer <MABREC_ADMIN_TOKEN>`, compared in constant
-time; with no token configured they are off (403), so nothing unauthenticated changes the
-deployment."""
+time; with no token configured they are off (403). They read any user's profile, erase users,
+show the internals (process ids, errors) and change the deployment: nothing a user's client may
+do. (`mabrec up` makes a token for a local system: system/local/admin_token.py.)"""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from starlette.responses import Response
 from api.backend import Backend
 from api.responses import json_response
 from system.core.errors import BadRequest, Forbidden, Unauthorized
-from system.core.inputs import bounded
+from system.core.inputs import bounded, check_uxid
+from system.core.profile import describe
 
 MAX_SHARDS = 256
 
@@ -25,6 +27,43 @@ def require_admin(request: Request) -> None:
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
         raise Unauthorized("an admin route needs `Authorization: Bearer <MABREC_ADMIN_TOKEN>`")
+
+
+def _backend(request: Request) -> Backend:
+    require_admin(request)
+    backend: Backend = request.state.backend
+    return backend
+
+
+def _user(request: Request) -> str:
+    """The user a route is about: the path's {uxid}, else the `uxid` header."""
+    uxid = request.path_params.get("uxid") or request.headers.get("uxid")
+    if uxid is None:
+        raise BadRequest("the uxid header is required: it identifies the user (1 to 128 printable characters)")
+    return check_uxid(uxid)
+
+
+async def profile(request: Request) -> Response:
+    """What the system learned about a user: posteriors, top facets, their last slate and why."""
+    backend = _backend(request)
+    uxid = _user(request)
+    return json_response(describe(uxid, await backend.profile(uxid), backend.catalog.catalog))
+
+
+async def erase_user(request: Request) -> Response:
+    """The user's state leaves memory and PostgreSQL now; their events leave the event log next
+    (GET /api/admin/erasures shows when). Their id then names a new user."""
+    backend = _backend(request)
+    erased = await backend.erase(_user(request))
+    return json_response({**erased, "log": "scrubbing", "progress": "/api/admin/erasures"}, 202)
+
+
+async def erasures(request: Request) -> Response:
+    return json_response({"erasures": await _backend(request).erasures()})
+
+
+async def status(request: Request) -> Response:
+    return json_response(_backend(request).status())
 
 
 async def scale(request: Request) -> Response:

@@ -9,6 +9,7 @@ from typing import Any, Protocol
 from api.render import Rendered
 from system.core.events import Event
 from system.core.policy import Picks
+from system.core.profile import UserProfile
 
 
 class Backend(Protocol):
@@ -22,8 +23,17 @@ class Backend(Protocol):
         system.errors.Unavailable when the user's shard cannot answer."""
         ...
 
-    async def profile(self, uxid: str) -> list[list[int]]:
-        """The user's evidence rows (key, clicks, impressions); see system/core/userstate.py."""
+    async def profile(self, uxid: str) -> UserProfile:
+        """The user's evidence rows (key, clicks, impressions; see system/core/userstate.py) and
+        their last slate, if their shard remembers it."""
+        ...
+
+    async def erase(self, uxid: str) -> dict[str, Any]:
+        """Erase the user (actors/shard.py `erase`): their state at once, the event log after."""
+        ...
+
+    async def erasures(self) -> list[dict[str, Any]]:
+        """The latest erasures, newest first, without whom they were for."""
         ...
 
     def fallback(self, limit: int) -> Picks:

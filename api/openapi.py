@@ -14,6 +14,14 @@ UXID = {
     "schema": {"type": "string", "minLength": 1, "maxLength": 128},
 }
 ERROR = {"$ref": "#/components/responses/Error"}
+# Admin routes: `Authorization: Bearer <MABREC_ADMIN_TOKEN>`; 401 without it or with another,
+# 403 when the deployment has no token (admin routes off).
+ADMIN: list[dict[str, list[str]]] = [{"adminToken": []}]
+ADMIN_ERRORS = {"401": ERROR, "403": ERROR}
+PROFILE = {
+    "description": "`{uxid, clicks, impressions, top_facets: [{kind, id, name, alpha, beta, mean, clicks, "
+    "impressions}], last_slate: {at, movies: [{id, name, reason}]} | null, movies: [...], facets: [...]}`"
+}
 MOVIES = {
     "description": "Movies",
     "content": {"application/json": {"schema": {"type": "array", "items": {"$ref": "#/components/schemas/Movie"}}}},
@@ -174,19 +182,72 @@ def openapi() -> dict[str, Any]:
             },
             "/api/profile": {
                 "get": {
-                    "summary": "What the system learned about a user: Beta(alpha, beta) per movie and facet value touched",
+                    "summary": "Admin: what the system learned about the user in the uxid header (as /api/users/{uxid})",
+                    "security": ADMIN,
                     "parameters": [{**UXID, "required": True}],
+                    "responses": {"200": PROFILE, **ADMIN_ERRORS, "400": ERROR, "503": ERROR},
+                }
+            },
+            "/api/users/{uxid}": {
+                "parameters": [{**UXID, "in": "path", "required": True}],
+                "get": {
+                    "summary": "Admin: what the system learned about a user: posteriors, top facets, their last slate and why",
+                    "security": ADMIN,
+                    "responses": {"200": PROFILE, **ADMIN_ERRORS, "400": ERROR, "503": ERROR},
+                },
+                "delete": {
+                    "summary": "Admin: erase a user: their state now, their events from the event log next",
+                    "description": "The user's state leaves memory and PostgreSQL at once; the event log's messages "
+                    "that name them are deleted once every checkpoint covers them (GET /api/admin/erasures). The id "
+                    "then names a new user.",
+                    "security": ADMIN,
                     "responses": {
-                        "200": {"description": "`{uxid, clicks, impressions, movies: [...], facets: [...]}`"},
+                        "202": {
+                            "description": "`{erasure, through_seq, in_memory, checkpointed, log: 'scrubbing', progress}`"
+                        },
+                        **ADMIN_ERRORS,
                         "400": ERROR,
                         "503": ERROR,
                     },
+                },
+            },
+            "/api/admin/erasures": {
+                "get": {
+                    "summary": "Admin: the latest erasures, newest first (never whom they were for)",
+                    "security": ADMIN,
+                    "responses": {
+                        "200": {
+                            "description": "`{erasures: [{erasure, requested_at, through_seq, log: 'scrubbing' | "
+                            "'scrubbed', messages_redacted, dead_letters_deleted, done_at}]}`"
+                        },
+                        **ADMIN_ERRORS,
+                    },
+                }
+            },
+            "/api/admin/scale": {
+                "post": {
+                    "summary": "Admin: move the running system to N shards, live (as `mabrec scale`)",
+                    "security": ADMIN,
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "properties": {"shards": {"type": "integer", "minimum": 1, "maximum": 256}},
+                                    "required": ["shards"],
+                                }
+                            }
+                        },
+                    },
+                    "responses": {"202": {"description": "`{desired_shards, progress}`"}, **ADMIN_ERRORS, "400": ERROR},
                 }
             },
             "/api/status": {
                 "get": {
-                    "summary": "Shards, event router and publisher status",
-                    "responses": {"200": {"description": "Status"}},
+                    "summary": "Admin: shards, event router and publisher status",
+                    "security": ADMIN,
+                    "responses": {"200": {"description": "Status"}, **ADMIN_ERRORS},
                 }
             },
             "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "The process runs"}}}},
@@ -207,6 +268,13 @@ def openapi() -> dict[str, Any]:
             },
         },
         "components": {
+            "securitySchemes": {
+                "adminToken": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "MABREC_ADMIN_TOKEN (a local `mabrec up` keeps one in .mabrec/admin-token)",
+                }
+            },
             "schemas": {
                 "Movie": {
                     "type": "object",
@@ -275,9 +343,13 @@ def docs_html() -> str:
 def _reference(spec: dict[str, Any]) -> str:
     rows = []
     for path, methods in spec["paths"].items():
+        shared = methods.get("parameters", [])  # the path's own, for each of its methods
         for method, op in methods.items():
+            if method == "parameters":
+                continue
             params = ", ".join(
-                f"{p['name']} ({p['in']}{', required' if p.get('required') else ''})" for p in op.get("parameters", [])
+                f"{p['name']} ({p['in']}{', required' if p.get('required') else ''})"
+                for p in shared + op.get("parameters", [])
             )
             codes = ", ".join(op.get("responses", {}))
             rows.append(

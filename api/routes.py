@@ -114,37 +114,6 @@ async def get_recommendations(request: Request) -> Response:
     return raw_json(backend.catalog.by_ids(movie_ids, reasons), headers=headers)
 
 
-async def profile(request: Request) -> Response:
-    """What the system has learned about the user: Beta(alpha, beta) per movie and facet value
-    they touched (alpha = 1 + clicks, beta = 1 + impressions, the original service's update)."""
-    uxid = _uxid(request, required=True)
-    assert uxid is not None
-    backend = _backend(request)
-    rows = await backend.profile(uxid)
-    catalog = backend.catalog.catalog
-    movies, facets = [], []
-    for key, clicks, seen, *_ in rows:
-        if key > 0:
-            index = int(catalog.movie_index([key])[0])
-            name = catalog.movies[index].name if index >= 0 else None
-            movies.append({"id": key, "name": name, "alpha": 1 + clicks, "beta": 1 + seen})
-        else:
-            index = int(catalog.facet_index([-key])[0])
-            facet = catalog.facets[index] if index >= 0 else None
-            facets.append(
-                {
-                    "kind": facet and facet.kind,
-                    "id": -key,
-                    "name": facet and facet.name,
-                    "alpha": 1 + clicks,
-                    "beta": 1 + seen,
-                }
-            )
-    clicks = sum(r[1] for r in rows if r[0] > 0)
-    seen = sum(r[2] for r in rows if r[0] > 0)
-    return json_response({"uxid": uxid, "clicks": clicks, "impressions": seen, "movies": movies, "facets": facets})
-
-
 async def post_events(request: Request) -> Response:
     """A batch of events, all or nothing. Each event without an `event_id` gets one: made of
     the request's Idempotency-Key (when it has one), its place in the batch and its content,
@@ -216,10 +185,6 @@ async def healthz(request: Request) -> Response:
 async def readyz(request: Request) -> Response:
     readiness = _backend(request).readiness()
     return json_response(readiness, 200 if readiness.get("ready") else 503)
-
-
-async def status(request: Request) -> Response:
-    return json_response(_backend(request).status())
 
 
 async def openapi_json(request: Request) -> Response:

@@ -29,6 +29,7 @@ import psutil
 from bench import loadtest
 from bench.growth import wait_applied
 from system.bus import stream
+from system.local import admin_token
 from system.local.runtime import Runtime
 
 GROUPS = ("shards", "api", "router", "nats", "postgresql", "supervisor", "ray")
@@ -98,7 +99,7 @@ async def prepare_history(
     finally:
         await nc.close()
     await wait_applied(api_url, last)
-    async with httpx.AsyncClient(base_url=api_url, timeout=30) as http:
+    async with httpx.AsyncClient(base_url=api_url, headers=admin_token.headers(api_url), timeout=30) as http:
         sizes = []
         for u in range(0, users, max(1, users // 20)):
             profile = (await http.get("/api/profile", headers={"uxid": f"{prefix}{u}"})).json()
@@ -123,7 +124,7 @@ async def measure(
     progress: Callable[[float], None] | None = None,
 ) -> dict[str, Any]:
     """CPU per slate per process group at `rate` slates/s (milliseconds of CPU per slate)."""
-    async with httpx.AsyncClient(base_url=api_url, timeout=30) as http:
+    async with httpx.AsyncClient(base_url=api_url, headers=admin_token.headers(api_url), timeout=30) as http:
         status = (await http.get("/api/status")).json()
     pids = processes(supervisor_pid, status)
     me = psutil.Process(os.getpid())

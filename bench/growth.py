@@ -27,6 +27,7 @@ import psycopg
 from bench.loadtest import Connection, Histogram
 from bench.running import RunningSystem
 from system.bus import stream
+from system.local import admin_token
 
 
 async def flood(
@@ -81,7 +82,7 @@ async def flood(
 
 async def wait_applied(api_url: str, seq: int, *, checkpointed: bool = False) -> None:
     """Until every shard has applied the stream up to `seq` (and checkpointed it, if asked)."""
-    async with httpx.AsyncClient(base_url=api_url, timeout=30) as http:
+    async with httpx.AsyncClient(base_url=api_url, headers=admin_token.headers(api_url), timeout=30) as http:
         while True:
             shards = (await http.get("/api/status")).json()["shards"]
             if all(s["covered_seq"] >= seq and (not checkpointed or s["checkpoint_seq"] >= seq) for s in shards):
@@ -91,7 +92,7 @@ async def wait_applied(api_url: str, seq: int, *, checkpointed: bool = False) ->
 
 async def memory(api_url: str, database_url: str) -> dict[str, Any]:
     """The shards' memory and the users' cost in PostgreSQL, now."""
-    async with httpx.AsyncClient(base_url=api_url, timeout=30) as http:
+    async with httpx.AsyncClient(base_url=api_url, headers=admin_token.headers(api_url), timeout=30) as http:
         shards = (await http.get("/api/status")).json()["shards"]
     rss = [psutil.Process(s["pid"]).memory_info().rss for s in shards]
     with psycopg.connect(database_url) as conn:
@@ -203,7 +204,7 @@ async def flood_events(
             pending.clear()
     last = max([last, *(int(a.seq) for a in await asyncio.gather(*pending))])
     await nc.close()
-    async with httpx.AsyncClient(base_url=api_url, timeout=30) as http:
+    async with httpx.AsyncClient(base_url=api_url, headers=admin_token.headers(api_url), timeout=30) as http:
         while True:
             shards = (await http.get("/api/status")).json()["shards"]
             if all(s["covered_seq"] >= last and s["checkpoint_seq"] >= last for s in shards):

@@ -20,6 +20,7 @@ import orjson
 from bench.loadtest import percentiles_from_buckets
 from system.bus import stream
 from system.core.events import LAG_EDGES
+from system.local import admin_token
 
 
 def _applied(status: dict[str, Any]) -> tuple[int, np.ndarray, float]:
@@ -48,7 +49,7 @@ async def run(
     progress: Callable[[float], None] | None = None,
 ) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
-    async with httpx.AsyncClient(base_url=api_url, timeout=10) as http:
+    async with httpx.AsyncClient(base_url=api_url, headers=admin_token.headers(api_url), timeout=10) as http:
 
         async def status() -> dict[str, Any]:
             answer: dict[str, Any] = (await http.get("/api/status")).json()

@@ -17,6 +17,7 @@ import httpx
 import numpy as np
 
 from bench import loadtest
+from system.local import admin_token
 
 
 async def click_to_state(
@@ -36,7 +37,9 @@ async def click_to_state(
     await asyncio.sleep(1.5)
     latencies = []
     tag = secrets.token_hex(3)
-    async with httpx.AsyncClient(base_url=api_url, timeout=10, limits=httpx.Limits(max_connections=2)) as http:
+    async with httpx.AsyncClient(
+        base_url=api_url, headers=admin_token.headers(api_url), timeout=10, limits=httpx.Limits(max_connections=2)
+    ) as http:
         for i in range(probes):
             uxid = f"probe-{tag}-{i}"
             movie = int(movie_ids[int(rng.integers(len(movie_ids)))])

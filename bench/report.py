@@ -27,6 +27,7 @@ from bench import cpu, growth, ingest, loadtest, memory, policy, probes, wrk
 from bench.running import RunningSystem
 from system.core.catalog_file import SHIPPED, read_movies
 from system.core.limits import RESIDENT_USERS
+from system.local import admin_token
 from system.local.runtime import Runtime
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,7 +108,9 @@ def run(
     with running_system(shards, dashboard) as (runtime, startup):
         results["startup_seconds"] = round(startup, 2)
         api = runtime.api_url
-        results["settings"]["shards"] = len(httpx.get(f"{api}/api/status", timeout=10).json()["shards"])
+        results["settings"]["shards"] = len(
+            httpx.get(f"{api}/api/status", headers=admin_token.headers(api), timeout=10).json()["shards"]
+        )
         # Ingestion first: its first run is the first load after `mabrec up` is ready, and each
         # run's users are new to the system (half a million of them by the last run).
         results["ingest_runs"] = []

@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 
+from system.local import admin_token
 from system.local.processes import pid_alive, stop_pid
 from system.local.runtime import Runtime
 
@@ -36,7 +37,8 @@ class RunningSystem:
         }
         self.proc: subprocess.Popen[bytes] | None = None
         self.runtime: Runtime | None = None
-        self.http: httpx.Client | None = None
+        self.http: httpx.Client | None = None  # sends the admin token: tests and benchmarks read /api/status
+        self.admin_headers: dict[str, str] = {}
         self.log = state_dir / "supervisor.log"
         self.started_in = 0.0
 
@@ -65,7 +67,12 @@ class RunningSystem:
             if runtime is not None and runtime.supervisor_pid == self.proc.pid:
                 self.runtime = runtime
                 if self.http is None:
-                    self.http = httpx.Client(base_url=runtime.api_url, timeout=10.0)
+                    token = (
+                        self.env.get("MABREC_ADMIN_TOKEN") or (self.state_dir / admin_token.FILE).read_text().strip()
+                    )
+                    admin_token.remember(runtime.api_url, token)
+                    self.admin_headers = admin_token.headers(runtime.api_url)
+                    self.http = httpx.Client(base_url=runtime.api_url, timeout=10.0, headers=self.admin_headers)
                 try:
                     if self.http.get("/readyz").status_code == 200:
                         self.started_in = time.monotonic() - began

@@ -17,6 +17,7 @@ from system.core.errors import BadRequest, Unavailable
 from system.core.settings import Settings
 from system.db.pool import short_lived_pool
 from system.db.state_store import StateStore
+from system.local import admin_token
 from system.local.runtime import Runtime
 from system.status import slots_per_shard
 
@@ -65,7 +66,7 @@ async def rolling_restart(settings: Settings, timeout: float) -> int:
 async def _follow(api: str, done: Callable[[Status], Awaitable[bool]], timeout: float) -> Status:
     """Poll the status, printing each change of progress, until `done(status)`."""
     deadline, last = time.monotonic() + timeout, ""
-    async with httpx.AsyncClient(base_url=api, timeout=10) as http:
+    async with httpx.AsyncClient(base_url=api, timeout=10, headers=admin_token.headers(api)) as http:
         while True:
             status: Status = (await http.get("/api/status")).json()
             change = status.get("change")

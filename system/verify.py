@@ -27,13 +27,14 @@ from system.bus import stream
 from system.core import userstate
 from system.core.dedup import SeenIds
 from system.core.errors import Unavailable
-from system.core.events import Event
+from system.core.events import Event, decode
 from system.core.limits import DEDUP_MAX_IDS
 from system.core.popularity import Popularity
 from system.core.recount import Recounted, Row, recount
 from system.core.settings import Settings
 from system.core.sharding import slot_of
 from system.db.catalog_store import CatalogStore
+from system.db.erasure_store import ErasureStore
 from system.db.pool import short_lived_pool
 from system.db.state_store import StateStore
 
@@ -85,6 +86,8 @@ class Report:
     popularity_mismatches: int
     lagging: list[str]
     seconds: float
+    erased_users: int = 0  # erasures recorded (never whom)
+    redacted_messages: int = 0  # their messages, recounted from redacted copies
 
     @property
     def ok(self) -> bool:
@@ -102,6 +105,8 @@ class Report:
             "checkpoints": vars(self.checkpoints) if self.checkpoints else "the baseline (the log is trimmed)",
             "popularity_mismatches": self.popularity_mismatches,
             "lagging": self.lagging,
+            "erased_users": self.erased_users,
+            "redacted_messages": self.redacted_messages,
             "seconds": round(self.seconds, 2),
         }
 
@@ -137,8 +142,7 @@ async def verify(
 
             # What PostgreSQL holds (read after the live snapshots: checkpoints only move forward).
             snapshot = await store.snapshot()
-            trimmed = first > 1
-            if trimmed and min(snapshot.covered.values()) < first - 1:
+            if first > 1 and min(snapshot.covered.values()) < first - 1:
                 raise Unavailable(
                     f"stream {settings.stream} starts at #{first} but a checkpoint covers only through"
                     f" #{min(snapshot.covered.values())}: events between them were lost to retention"
@@ -149,6 +153,18 @@ async def verify(
                 async for batch in stream.read_range(js, settings, first - 1, through)
                 for m in batch
             ]
+            # Messages that named an erased user: deleted from the stream, recounted from their
+            # redacted copies (system/erasure.py).
+            erasures = ErasureStore(pool)
+            redacted = {seq: (second, data) for seq, second, data in await erasures.redacted(0, through)}
+            while first - 1 in redacted:  # the stream's first messages were erased, not trimmed
+                first -= 1
+            trimmed = first > 1
+            log = sorted(
+                log + [(seq, second, decode(data)[0]) for seq, (second, data) in redacted.items() if seq >= first],
+                key=lambda entry: entry[0],
+            )
+            erased = await erasures.erasures(limit=1_000_000)
     finally:
         await nc.close()
 
@@ -186,7 +202,17 @@ async def verify(
     events = sum(len(events) for _, _, events in log)
     mismatched = _popularity_mismatches(snapshot.popularity, stored)
     return Report(
-        settings.stream, events, first, through, live_cmp, stored_cmp, mismatched, lagging, time.monotonic() - began
+        settings.stream,
+        events,
+        first,
+        through,
+        live_cmp,
+        stored_cmp,
+        mismatched,
+        lagging,
+        time.monotonic() - began,
+        len(erased),
+        len(redacted),
     )
 
 
@@ -227,6 +253,8 @@ def render(report: Report, as_json: bool) -> str:
         if checkpoints
         else f"checkpoints:  the baseline (retention trimmed the log before #{report.since})",
         f"popularity:   {report.popularity_mismatches} mismatches with the sum of the checkpoints",
+        f"erasures:     {report.erased_users} users erased; {report.redacted_messages} messages recounted from"
+        " their redacted copies",
         *(
             f"  {line}"
             for line in report.lagging + report.live.examples + (checkpoints.examples if checkpoints else [])

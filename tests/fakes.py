@@ -4,6 +4,7 @@ NATS). The API's tests run on it in milliseconds."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,6 +16,7 @@ from system.core.catalog import Catalog
 from system.core.errors import Unavailable
 from system.core.events import Event
 from system.core.policy import Picks, draw_slate
+from system.core.profile import UserProfile
 from system.core.shard_state import ShardState
 
 
@@ -26,6 +28,8 @@ class FakeBackend:
         self.shard_down = False  # the user's shard is restarting
         self.nats_down = False  # the publish buffer is full / JetStream does not confirm
         self.desired_shards: int | None = None
+        self.last_slates: dict[str, tuple[float, list[int], list[str]]] = {}
+        self.erased: list[dict[str, Any]] = []
 
     @property
     def catalog(self) -> Rendered:
@@ -34,11 +38,22 @@ class FakeBackend:
     async def slate(self, uxid: str, limit: int) -> Picks:
         if self.shard_down:
             raise Unavailable("shard 0 is not serving (restarting?)")
-        return self.state.slate(uxid, limit)
+        ids, reasons = self.state.slate(uxid, limit)
+        self.last_slates[uxid] = (time.time(), ids, reasons)
+        return ids, reasons
 
-    async def profile(self, uxid: str) -> list[list[int]]:
-        rows: list[list[int]] = self.state.counts_of(uxid).tolist()
-        return rows
+    async def profile(self, uxid: str) -> UserProfile:
+        return UserProfile(self.state.counts_of(uxid).tolist(), self.last_slates.get(uxid))
+
+    async def erase(self, uxid: str) -> dict[str, Any]:
+        in_memory = self.state.erase(uxid, None)  # nothing is checkpointed here
+        self.last_slates.pop(uxid, None)
+        erasure = {"erasure": len(self.erased) + 1, "through_seq": len(self.published), "in_memory": in_memory}
+        self.erased.append(erasure)
+        return erasure
+
+    async def erasures(self) -> list[dict[str, Any]]:
+        return self.erased[::-1]
 
     def fallback(self, limit: int) -> Picks:
         model = self.state.model

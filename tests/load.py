@@ -127,7 +127,9 @@ class Load:
 
 def status(running: RunningSystem) -> dict[str, Any]:
     assert running.runtime is not None
-    answer: dict[str, Any] = httpx.get(f"{running.runtime.api_url}/api/status", timeout=10).json()
+    answer: dict[str, Any] = httpx.get(
+        f"{running.runtime.api_url}/api/status", headers=running.admin_headers, timeout=10
+    ).json()
     return answer
 
 

@@ -12,7 +12,7 @@ from starlette.testclient import TestClient
 from api.app import create_app
 from system.core.catalog import Catalog
 from system.core.catalog_file import SHIPPED, read_movies
-from system.core.events import CLICKED, SEEN
+from system.core.events import CLICKED, SEEN, parse_event
 from tests.fakes import FakeBackend
 
 
@@ -26,9 +26,13 @@ def backend(catalog: Catalog) -> FakeBackend:
     return FakeBackend(catalog)
 
 
+TOKEN = "s3cret-admin-token-of-some-length"
+ADMIN = {"Authorization": f"Bearer {TOKEN}"}
+
+
 @pytest.fixture
 def client(backend: FakeBackend) -> Iterator[TestClient]:
-    with TestClient(create_app(backend)) as client:
+    with TestClient(create_app(backend, admin_token=TOKEN)) as client:
         yield client
 
 
@@ -59,7 +63,7 @@ def test_opening_a_movie_with_a_uxid_records_an_attributed_click(client: TestCli
     assert response.status_code == 200
     [event] = backend.published
     assert (event.user, event.kind, event.movies, event.recommendation_id) == ("alice", CLICKED, (2,), "rec-7")
-    profile = client.get("/api/profile", headers={"uxid": "alice"}).json()
+    profile = client.get("/api/profile", headers={"uxid": "alice", **ADMIN}).json()
     assert profile["clicks"] == 1 and [(m["id"], m["alpha"], m["beta"]) for m in profile["movies"]] == [(2, 2, 1)]
     crime = next(f for f in profile["facets"] if f["name"] == "Crime")
     assert (crime["kind"], crime["alpha"], crime["beta"]) == ("genres", 2, 1)
@@ -98,7 +102,7 @@ def test_posted_events_are_applied_and_a_retry_counts_once(client: TestClient, b
         "stream_seq": 2,
     }
     assert client.post("/api/events", json=batch).status_code == 202  # a client's retry
-    profile = client.get("/api/profile", headers={"uxid": "carol"}).json()
+    profile = client.get("/api/profile", headers={"uxid": "carol", **ADMIN}).json()
     assert {m["id"]: (m["alpha"], m["beta"]) for m in profile["movies"]} == {1: (1, 2), 2: (2, 2), 3: (1, 2)}
     # An event without an id gets one, so it can be told apart from the others.
     single = client.post("/api/events", json={"event_type": "clicked", "entity_id": 5, "user_id": "carol"}).json()
@@ -144,7 +148,7 @@ def test_events_refused_while_nats_is_away_ask_for_a_retry(client: TestClient, b
         ("GET", "/api/movies/1.5", None, {}, 400, "must be an integer"),
         ("GET", "/api/movies/99999999", None, {}, 404, "no movie with id"),
         ("GET", "/api/movies/2", "", {}, 400, "uxid must be"),
-        ("GET", "/api/profile", None, {}, 400, "uxid header is required"),
+        ("GET", "/api/profile", None, {}, 401, "Authorization: Bearer"),
         ("GET", "/api/nothing-here", None, {}, 404, "Not Found"),
         ("DELETE", "/api/movies/2", None, {}, 405, "Method Not Allowed"),
     ],
@@ -201,7 +205,7 @@ def test_an_idempotency_key_makes_a_retry_without_event_ids_count_once(
     other = client.post("/api/events", json=batch[:1], headers={"Idempotency-Key": "order-43"}).json()
     unkeyed = client.post("/api/events", json=batch[:1]).json()  # no key: a retry would count again
     assert not set(other["event_ids"] + unkeyed["event_ids"]) & set(first["event_ids"])
-    assert client.get("/api/profile", headers={"uxid": "gus"}).json()["clicks"] == 4  # 2, then 1 and 1
+    assert client.get("/api/profile", headers={"uxid": "gus", **ADMIN}).json()["clicks"] == 4  # 2, then 1 and 1
     assert client.post("/api/events", json=batch, headers={"Idempotency-Key": ""}).status_code == 400
 
 
@@ -210,7 +214,7 @@ def test_admin_routes_are_off_without_a_token_and_refuse_a_wrong_one(catalog: Ca
     with TestClient(create_app(backend)) as off:
         response = off.post("/api/admin/scale", json={"shards": 3}, headers={"Authorization": "Bearer anything"})
         assert response.status_code == 403 and "MABREC_ADMIN_TOKEN" in response.json()["detail"]
-    token = "s3cret-admin-token-of-some-length"
+    token = TOKEN
     with TestClient(create_app(backend, admin_token=token)) as on:
         assert on.post("/api/admin/scale", json={"shards": 3}).status_code == 401
         wrong = on.post("/api/admin/scale", json={"shards": 3}, headers={"Authorization": "Bearer nope"})
@@ -220,3 +224,58 @@ def test_admin_routes_are_off_without_a_token_and_refuse_a_wrong_one(catalog: Ca
         assert bad.status_code == 400
         ok = on.post("/api/admin/scale", json={"shards": 3}, headers={"Authorization": f"Bearer {token}"})
         assert ok.status_code == 202 and backend.desired_shards == 3
+
+
+ADMIN_ROUTES = [
+    ("GET", "/api/profile"),
+    ("GET", "/api/users/alice"),
+    ("DELETE", "/api/users/alice"),
+    ("GET", "/api/status"),
+    ("GET", "/api/admin/erasures"),
+    ("POST", "/api/admin/scale"),
+]
+
+
+@pytest.mark.parametrize(("method", "path"), ADMIN_ROUTES)
+def test_every_admin_route_refuses_a_missing_or_wrong_token(catalog: Catalog, method: str, path: str) -> None:
+    backend = FakeBackend(catalog)
+    backend.state.apply([parse_event({"event_type": "clicked", "entity_id": 2, "user_id": "alice"})])
+    with TestClient(create_app(backend)) as off:
+        refused = off.request(method, path, headers={"uxid": "alice", **ADMIN}, json={"shards": 2})
+        assert refused.status_code == 403 and "MABREC_ADMIN_TOKEN" in refused.json()["detail"]
+    with TestClient(create_app(backend, admin_token=TOKEN)) as on:
+        for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": f"Basic {TOKEN}"}):
+            answer = on.request(method, path, headers={"uxid": "alice", **headers}, json={"shards": 2})
+            assert answer.status_code == 401 and answer.json()["error"] == "unauthorized", headers
+            assert "uxid" not in answer.text and "alpha" not in answer.text  # nothing of the user leaks
+    assert [2, 1, 0] in [row[:3] for row in backend.state.counts_of("alice").tolist()] and not backend.erased
+    assert backend.desired_shards is None
+
+
+def test_the_admin_profile_shows_top_facets_and_why_the_last_slate(client: TestClient, catalog: Catalog) -> None:
+    movie = catalog.movies[0]
+    for _ in range(3):
+        assert client.get(f"/api/movies/{movie.id}", headers={"uxid": "hana"}).status_code == 200
+    slate = client.get("/api/recommendations/movies", headers={"uxid": "hana"}, params={"limit": 5}).json()
+    profile = client.get("/api/users/hana", headers=ADMIN).json()
+    assert profile["uxid"] == "hana" and profile["clicks"] == 3
+    liked = {(catalog.facets[j].kind, catalog.facets[j].name) for j in catalog.facets_of(0)}
+    top = profile["top_facets"]
+    assert {(f["kind"], f["name"]) for f in top[: len(liked)]} == liked  # the clicked movie's facets lead
+    assert all(f["mean"] == round(f["alpha"] / (f["alpha"] + f["beta"]), 4) for f in top)
+    assert [f["mean"] for f in top] == sorted((f["mean"] for f in top), reverse=True)
+    last = profile["last_slate"]
+    assert [(m["id"], m["reason"]) for m in last["movies"]] == [(m["id"], m["reason"]) for m in slate]
+    assert client.get("/api/profile", headers={"uxid": "hana", **ADMIN}).json() == profile  # the header form
+
+
+def test_erasing_a_user_forgets_them_and_their_id_starts_anew(client: TestClient, backend: FakeBackend) -> None:
+    assert client.get("/api/movies/2", headers={"uxid": "ivan"}).status_code == 200
+    assert client.get("/api/users/ivan", headers=ADMIN).json()["clicks"] == 1
+    erased = client.delete("/api/users/ivan", headers=ADMIN)
+    assert erased.status_code == 202 and erased.json()["in_memory"] is True
+    assert "ivan" not in backend.state.users and "ivan" not in backend.last_slates
+    assert client.get("/api/users/ivan", headers=ADMIN).json()["movies"] == []  # a new user
+    assert client.get("/api/admin/erasures", headers=ADMIN).json()["erasures"][0]["erasure"] == erased.json()["erasure"]
+    bad = client.delete("/api/users/a%07b", headers=ADMIN)
+    assert bad.status_code == 400 and "uxid" in bad.json()["detail"]

@@ -4,7 +4,7 @@ import orjson
 import pytest
 
 from system.core.errors import BadRequest, MalformedEvent
-from system.core.events import CLICKED, SEEN, Event, decode, parse_event
+from system.core.events import CLICKED, SEEN, Event, decode, parse_event, redact
 from system.core.inputs import check_uxid
 
 
@@ -66,3 +66,23 @@ def test_uxid_rules() -> None:
     for bad in ("", "x" * 129, "tab\there", None, 42):
         with pytest.raises(BadRequest):
             check_uxid(bad)
+
+
+def test_redact_drops_the_users_items_and_keeps_the_others_decoding_alike() -> None:
+    items = [
+        {"event_type": "seen", "entity_ids": [1, 2], "user_id": "ana"},
+        {"event_type": "clicked", "entity_id": 2, "user_id": "caf\u00e9"},
+        {"event_type": "clicked", "entity_id": 3, "user_id": "bob", "event_id": "b-1"},
+        {"event_type": "nonsense", "user_id": "caf\u00e9"},  # malformed, still names them
+    ]
+    escaped = orjson.dumps(items).replace("é".encode(), b"\\u00e9")  # as another producer may write it
+    for payload in (orjson.dumps(items), escaped):
+        redacted = redact(payload, "msg-7", "café")
+        assert redacted is not None and "café".encode() not in redacted and b"u00e9" not in redacted
+        before, _ = decode(payload, "msg-7")
+        after, errors = decode(redacted, None)  # the copy is read without its Nats-Msg-Id
+        assert after == [e for e in before if e.user != "café"] and not errors
+        assert [e.event_id for e in after] == ["msg-7#0", "b-1"]
+    assert redact(orjson.dumps(items), "msg-7", "nobody") is None
+    assert redact(orjson.dumps(items[0]), None, "ana") == b"[]"  # a single event: nothing left
+    assert redact(b"not json, from caf\xc3\xa9", None, "café") == b"[]"

@@ -101,8 +101,8 @@ async def test_memory_stays_within_the_budget_and_verify_stays_exact(small_budge
     loaded_before = sum(s.users_loaded for s in pipeline.shards.values())
     for uxid in evicted:
         shard = pipeline.shard_of(uxid)
-        rows = await shard.user_counts(uxid)
-        assert rows is not None and [tuple(r) for r in rows] == expected[uxid].rows(), uxid
+        answer = await shard.user_counts(uxid)
+        assert answer is not None and [tuple(r) for r in answer["rows"]] == expected[uxid].rows(), uxid
         clicked = {key for key, clicks, *_ in expected[uxid].rows() if key > 0 and clicks}
         [picks] = await shard.slates([(uxid, 10)])
         assert picks is not None

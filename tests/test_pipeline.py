@@ -290,7 +290,9 @@ async def test_the_api_reaches_shards_over_nats_request_reply(pipeline: Pipeline
     slates = [ids for ids, _ in await asyncio.gather(*(client.slate(shard, "rpc-user", 5) for _ in range(20)))]
     assert all(len(s) == 5 and 14 not in s for s in slates)  # concurrent requests, batched
     assert client.batchers[shard].calls < 20
-    assert [row[0] for row in await client.profile(shard, "rpc-user") if row[0] > 0] == [14]
+    profile = await client.profile(shard, "rpc-user")
+    assert [row[0] for row in profile.rows if row[0] > 0] == [14]
+    assert profile.last_slate is not None and profile.last_slate[1] in slates  # why one looked as it did
     await pipeline.shards[shard].stop()  # no responder any more: fail fast, not after a timeout
     began = asyncio.get_running_loop().time()
     with pytest.raises(Unavailable, match="not serving"):

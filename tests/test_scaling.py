@@ -77,8 +77,8 @@ def test_8_to_3_shards_through_the_admin_api_under_load(running: RunningSystem) 
     with Load(running, "down", clicks=True) as load:
         load.under_way()
         began = time.monotonic()
-        refused = running.http.post("/api/admin/scale", json={"shards": 3})
-        assert refused.status_code == 401  # no token, no change
+        refused = running.http.post("/api/admin/scale", json={"shards": 3}, headers={"Authorization": "Bearer x"})
+        assert refused.status_code == 401  # not the token, no change
         asked = running.http.post("/api/admin/scale", json={"shards": 3}, headers={"Authorization": f"Bearer {TOKEN}"})
         assert asked.status_code == 202
         wait_until(
@@ -102,7 +102,8 @@ def test_both_api_actors_serve_the_same_users_the_same_way(running: RunningSyste
     for uxid in users:
         profiles = []
         for _ in range(8):
-            with httpx.Client(base_url=running.runtime.api_url, timeout=10) as fresh:  # a new connection each
+            # a new connection each time
+            with httpx.Client(base_url=running.runtime.api_url, timeout=10, headers=running.admin_headers) as fresh:
                 profiles.append(fresh.get("/api/profile", headers={"uxid": uxid}).json())
         assert all(p == profiles[0] for p in profiles), uxid
     for uxid in users * 3:  # slates (each publishes an impression) through either actor

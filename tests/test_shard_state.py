@@ -8,6 +8,7 @@ from system.core.catalog import Catalog
 from system.core.catalog_file import SHIPPED, read_movies
 from system.core.dedup import SeenIds
 from system.core.events import CLICKED, SEEN, Event
+from system.core.popularity import Popularity
 from system.core.shard_state import DIGEST, SEEN_IDS, ShardState
 from system.core.sharding import slot_of
 from tests.conftest import SMALL_CSV
@@ -156,3 +157,23 @@ def test_a_kept_digest_stays_the_digest_of_the_counts_through_every_kind_of_even
     assert state.users["u"][DIGEST] is None  # summed under the old model: dropped, not patched
     state.slate("u", 10)
     assert_current()
+
+
+def test_erasing_a_user_takes_all_they_added_out_of_popularity(state: ShardState) -> None:
+    """Checkpointed part out of `known` (PostgreSQL drops it in the same erase), the part since
+    out of `pending`: the next checkpoint adds only what the other users did."""
+    state.apply([Event("keep", CLICKED, (3,)), Event("gone", CLICKED, (3,)), Event("gone", SEEN, (4, 5))])
+    saved = {uxid: counts for uxid, _, counts, _ in state.take_dirty()}
+    state.set_popularity(Popularity.total([state.take_popularity()]))  # as PostgreSQL holds it now
+    state.apply([Event("keep", SEEN, (4,)), Event("gone", CLICKED, (4,))])  # not checkpointed yet
+    assert state.erase("gone", userstate.from_bytes(saved["gone"])) is True
+    assert "gone" not in state.users and "gone" not in state.dirty
+    known, delta = state.known, state.take_popularity()
+    total = Popularity.total([known, delta])
+    expected = Popularity.of_user(state.counts_of("keep"))
+    nonzero = (total.clicks != 0) | (total.impressions != 0)
+    assert np.array_equal(total.keys[nonzero], expected.keys)
+    assert np.array_equal(total.clicks[nonzero], expected.clicks)
+    assert np.array_equal(total.impressions[nonzero], expected.impressions)
+    assert state.erase("never-seen", None) is False
+    assert len(state.counts_of("gone")) == 0  # the id names a new user

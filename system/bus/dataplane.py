@@ -24,6 +24,7 @@ from system.batching import Batchers
 from system.core.errors import Moved, Unavailable
 from system.core.events import Event
 from system.core.policy import Picks
+from system.core.profile import UserProfile
 
 
 def rpc_subject(namespace: str, shard: int) -> str:
@@ -101,7 +102,15 @@ def decode_reply(payload: bytes) -> Any:
 
 # The operations of `<ns>.shard.<i>.rpc`.
 SLATES = "slates"  # args: [[uxid, limit], ...] -> [[movie ids, reasons] or null if not the shard's, ...]
-PROFILE = "profile"  # args: uxid -> the user's rows (system/core/userstate.py), or null
+PROFILE = "profile"  # args: uxid -> {"rows", "last_slate"} (system/core/profile.py), or null
+ERASE = "erase"  # args: uxid -> the erasure (actors/shard.py `erase`), or null
+
+
+def owned(answer: Any, shard: int, uxid: str) -> Any:
+    """A shard's answer about a user; null means the user's slot is not (or no longer) its."""
+    if answer is None:
+        raise Moved(f"the slot of {uxid!r} is not shard {shard}'s")
+    return answer
 
 
 class ShardClient:
@@ -129,11 +138,12 @@ class ShardClient:
         ids, reasons = picks
         return ids, reasons
 
-    async def profile(self, shard: int, uxid: str) -> list[list[int]]:
-        rows: list[list[int]] | None = await self.call(shard, PROFILE, uxid)
-        if rows is None:
-            raise Moved(f"the slot of {uxid!r} is not shard {shard}'s")
-        return rows
+    async def profile(self, shard: int, uxid: str) -> UserProfile:
+        return UserProfile.from_wire(owned(await self.call(shard, PROFILE, uxid), shard, uxid))
+
+    async def erase(self, shard: int, uxid: str) -> dict[str, Any]:
+        erased: dict[str, Any] = owned(await self.call(shard, ERASE, uxid), shard, uxid)
+        return erased
 
     async def call(self, shard: int, op: str, args: Any) -> Any:
         try:

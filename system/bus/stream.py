@@ -137,6 +137,16 @@ class StreamCursor:
             await self._check_consumer()
         return out
 
+    async def drained(self) -> bool:
+        """Whether nothing is left to deliver from `next_seq` on: messages deleted from the
+        stream (an erased user's) leave holes that are never delivered. Not while a delivery is
+        on its way (or lost: a fetch that timed out as it came), which the next fetch sees."""
+        if self._sub is None:
+            return False
+        info = await self.js.consumer_info(self.stream, self._consumer)
+        delivered = info.delivered.consumer_seq if info.delivered else 0
+        return info.num_pending == 0 and delivered == self._consumer_seq
+
     async def _check_consumer(self) -> None:
         """Idle is normal, but a NATS restart also looks idle: it drops ephemeral consumers.
         Every few idle seconds, make sure ours still exists; recreate it if not."""
@@ -184,24 +194,32 @@ class StreamCursor:
 
 
 async def read_range(
-    js: JetStreamContext, settings: Settings, after: int, through: int, give_up_after: float = 30.0
+    js: JetStreamContext,
+    settings: Settings,
+    after: int,
+    through: int,
+    give_up_after: float = 30.0,
+    name: str | None = None,
 ) -> AsyncIterator[list[StreamMessage]]:
-    """Every message with after < seq <= through, in batches (for replays and recounts).
+    """Every message with after < seq <= through, in batches (for replays and recounts), of the
+    events stream (or the stream `name`).
 
     NATS errors are retried with a growing pause, each one logged; after `give_up_after` seconds
     without progress it raises Unavailable (the caller's own retry, with its lock released, is
     the next attempt)."""
-    cursor = StreamCursor(js, settings.stream, after + 1)
+    name = name or settings.stream
+    cursor = StreamCursor(js, name, after + 1)
     backoff, stalled_since = 0.2, time.monotonic()
     try:
         while cursor.next_seq <= through:
             try:
                 batch = await cursor.fetch(min(1000, through - cursor.next_seq + 1), timeout=2.0)
                 if not batch:
-                    state = (await js.stream_info(settings.stream)).state
+                    state = (await js.stream_info(name)).state
+                    drained = await cursor.drained()
             except (NatsError, TimeoutError) as exc:
                 if time.monotonic() - stalled_since > give_up_after:
-                    raise Unavailable(f"cannot read stream {settings.stream} at #{cursor.next_seq}: {exc!r}") from exc
+                    raise Unavailable(f"cannot read stream {name} at #{cursor.next_seq}: {exc!r}") from exc
                 log.warning("stream read failed; retrying", extra={"at": cursor.next_seq, "error": repr(exc)})
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
@@ -210,8 +228,8 @@ async def read_range(
             if batch:
                 yield [m for m in batch if m.seq <= through]
                 continue
-            if cursor.next_seq > state.last_seq:
-                return  # asked past the end of the stream
+            if cursor.next_seq > state.last_seq or drained:
+                return  # asked past the end of the stream, or the rest of the range was deleted
             if cursor.next_seq < state.first_seq:
                 # Retention trimmed the start of the range; nothing older exists to read.
                 log.warning("replay range trimmed", extra={"from": cursor.next_seq, "first": state.first_seq})

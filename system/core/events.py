@@ -153,3 +153,28 @@ def _optional_ts(obj: dict[str, Any]) -> float | None:
     elif type(value) in (int, float):
         return float(value)
     raise MalformedEvent("ts must be a number (seconds since the epoch) or an ISO 8601 string")
+
+
+def redact(payload: bytes, msg_id: str | None, uxid: str) -> bytes | None:
+    """The message without the items of user `uxid` (None: it has none), for erasing the user
+    from the event log. The other events decode as before: each keeps the id `decode` gave it.
+    A message that is not a JSON batch but names the user becomes empty."""
+    if uxid.encode() not in payload and b"\\" not in payload:  # not there, and not escaped either
+        return None
+    try:
+        data = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return b"[]" if uxid.encode() in payload else None
+    items = data if isinstance(data, list) else [data]
+    if len(items) > MAX_BATCH:  # refused whole by `decode`: nothing in it counted
+        return b"[]" if any(isinstance(i, dict) and i.get("user_id") == uxid for i in items) else None
+    kept = []
+    for i, item in enumerate(items):
+        if isinstance(item, dict) and item.get("user_id") == uxid:
+            continue
+        if isinstance(item, dict) and item.get("event_id") is None and msg_id:
+            item = {**item, "event_id": f"{msg_id}#{i}"}
+        kept.append(item)
+    if len(kept) == len(items) and uxid.encode() not in payload:
+        return None
+    return orjson.dumps(kept)

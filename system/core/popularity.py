@@ -36,6 +36,11 @@ class Popularity:
         seen = np.bincount(inverse, weights=np.concatenate([p.impressions for p in parts]), minlength=len(uniq))
         return cls(uniq, clicks.astype(np.int64), seen.astype(np.int64))
 
+    @classmethod
+    def of_user(cls, counts: np.ndarray) -> Popularity:
+        """What one user's state rows (system/core/userstate.py, sorted by key) add to it."""
+        return cls(counts[:, 0].astype(np.int64), counts[:, 1].astype(np.int64), counts[:, 2].astype(np.int64))
+
     def negated(self) -> Popularity:
         return Popularity(self.keys, -self.clicks, -self.impressions)
 

@@ -141,6 +141,19 @@ class ShardState:
             del self.users[uxid]
         return len(leaving)
 
+    def erase(self, uxid: str, saved: np.ndarray | None) -> bool:
+        """Forget a user entirely: they asked to be erased. `saved`: the rows of their checkpoint,
+        deleted from PostgreSQL with what it added to popularity; what they added since leaves
+        the pending popularity as well. Returns whether they were in memory."""
+        user = self.users.pop(uxid, None)
+        self.dirty.discard(uxid)
+        checkpointed = Popularity.empty() if saved is None else Popularity.of_user(saved)
+        self.known = Popularity.total([self.known, checkpointed.negated()])
+        if user is not None:
+            self.pending.append(Popularity.total([checkpointed, Popularity.of_user(user[COUNTS]).negated()]))
+        self.refresh_model()
+        return user is not None
+
     def counts_of(self, uxid: str) -> np.ndarray:
         user = self.users.get(uxid)
         return userstate.empty() if user is None else user[COUNTS]

@@ -74,6 +74,19 @@ class Snapshot:
     popularity: Popularity
 
 
+async def add_popularity(conn: AsyncConnection[Any], delta: Popularity) -> None:
+    if len(delta.keys):
+        # In key order: concurrent checkpoints of other shards lock the same rows in the same
+        # order, so they wait for each other instead of deadlocking.
+        await conn.execute(
+            "INSERT INTO popularity AS p (key, clicks, impressions)"
+            " SELECT * FROM unnest(%s::int4[], %s::int8[], %s::int8[]) ORDER BY 1"
+            " ON CONFLICT (key) DO UPDATE"
+            " SET clicks = p.clicks + EXCLUDED.clicks, impressions = p.impressions + EXCLUDED.impressions",
+            (delta.keys.tolist(), delta.clicks.tolist(), delta.impressions.tolist()),
+        )
+
+
 async def _popularity(conn: AsyncConnection[Any]) -> Popularity:
     rows = await (await conn.execute("SELECT key, clicks, impressions FROM popularity ORDER BY key")).fetchall()
     table = np.array(rows, dtype=np.int64).reshape(-1, 3)
@@ -252,17 +265,7 @@ class StateStore:
                     " ON CONFLICT (uxid) DO UPDATE SET slot = EXCLUDED.slot, counts = EXCLUDED.counts,"
                     " recent_ids = EXCLUDED.recent_ids, updated_at = now()"
                 )
-            delta = checkpoint.popularity
-            if len(delta.keys):
-                # In key order: concurrent checkpoints of other shards lock the same rows in the
-                # same order, so they wait for each other instead of deadlocking.
-                await conn.execute(
-                    "INSERT INTO popularity AS p (key, clicks, impressions)"
-                    " SELECT * FROM unnest(%s::int4[], %s::int8[], %s::int8[]) ORDER BY 1"
-                    " ON CONFLICT (key) DO UPDATE"
-                    " SET clicks = p.clicks + EXCLUDED.clicks, impressions = p.impressions + EXCLUDED.impressions",
-                    (delta.keys.tolist(), delta.clicks.tolist(), delta.impressions.tolist()),
-                )
+            await add_popularity(conn, checkpoint.popularity)
             await conn.execute(
                 "UPDATE slots SET covered_seq = %s WHERE slot = ANY(%s) AND covered_seq < %s",
                 (checkpoint.covered, sorted(claimed), checkpoint.covered),
