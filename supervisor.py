@@ -38,6 +38,7 @@ from system.db.catalog_store import CatalogStore, load_file
 from system.db.migrations import migrate
 from system.db.pool import open_pool, short_lived_pool
 from system.db.state_store import StateStore
+from system.local import admin_token
 from system.local.infra import Infrastructure
 from system.local.processes import free_port, pid_alive
 from system.local.runtime import Runtime
@@ -325,6 +326,8 @@ async def prepare_database(settings: Settings) -> None:
 async def up(settings: Settings) -> int:
     """Run the whole system until SIGINT/SIGTERM."""
     os.environ.update(ray_env(settings))  # Ray reads these when it is imported
+    # The actors' log lines come with a prefix naming the actor: colored on a terminal only.
+    os.environ.setdefault("RAY_COLOR_PREFIX", "1" if sys.stderr.isatty() else "0")
     from actors import ray_api  # Ray is imported only by the commands that use it
 
     began = time.monotonic()
@@ -336,12 +339,13 @@ async def up(settings: Settings) -> int:
             loop.add_signal_handler(sig, stopping.set)
 
     handle_signals()
+    configured_token = settings.admin_token is not None
     previous = Runtime.load(settings.state_dir)
     if previous and previous.supervisor_pid != os.getpid() and pid_alive(previous.supervisor_pid):
         log.error("another supervisor runs from this state directory", extra={"pid": previous.supervisor_pid})
         return 1
     infra = await asyncio.to_thread(Infrastructure.start, settings)
-    settings = infra.settings
+    settings = admin_token.ensure(infra.settings)
     control: asyncio.Task[None] | None = None
     try:
         await prepare_database(settings)
@@ -353,7 +357,8 @@ async def up(settings: Settings) -> int:
         assert info.created is not None  # JetStream reports it for every stream
         state_store, catalog_store = StateStore(pool), CatalogStore(pool)
         await state_store.check_event_log(settings.stream, info.created, info.state.last_seq)
-        dashboard = ray_api.connect(settings, settings.ray_address or "")  # on the main thread, as Ray wants
+        # On the main thread, as Ray wants; the actors' logs join the supervisor's.
+        dashboard = ray_api.connect(settings, settings.ray_address or "", actor_logs=True)
         handle_signals()  # ray.init installed its own SIGTERM handler: ours must win (checkpoints first)
         await ray_api.wait_for_nodes(settings.min_nodes, timeout=120)
         wanted = (await state_store.deployment()).desired_shards
@@ -378,6 +383,7 @@ async def up(settings: Settings) -> int:
             await asyncio.sleep(0.05)
         api_port = next((a.status.get("port") for a in supervisor.health.apis if a.status.get("port")), port)
         api_url = f"http://{settings.host}:{api_port}"
+        metrics_url = infra.metrics_url or ray_api.metrics_url()  # Ray's metrics export here: mabrec's figures too
         Runtime(
             supervisor_pid=os.getpid(),
             api_url=api_url,
@@ -387,6 +393,7 @@ async def up(settings: Settings) -> int:
             namespace=settings.namespace,
             dashboard_url=supervisor.extra["ray_dashboard"],
             services=infra.services,
+            metrics_url=metrics_url,
         ).save(settings.state_dir)
         if not stopping.is_set():
             log.info(
@@ -396,8 +403,10 @@ async def up(settings: Settings) -> int:
             dashboard_note = supervisor.extra["ray_dashboard"] or "off"
             if infra.dashboard_url:  # the local Ray we started: its dashboard asks for the token
                 dashboard_note += f" (token in {ray_token(settings.state_dir)})"
+            admin_note = "" if configured_token else f"  admin token in {settings.state_dir / admin_token.FILE}"
             print(
-                f"mabrec is up: API {api_url}  docs {api_url}/docs  Ray dashboard {dashboard_note}",
+                f"mabrec is up: API {api_url}  docs {api_url}/docs  Ray dashboard {dashboard_note}"
+                f"  Ray metrics {metrics_url or 'off'}{admin_note}",
                 file=sys.stderr,
                 flush=True,
             )

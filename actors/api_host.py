@@ -26,6 +26,7 @@ from nats.errors import Error as NatsError
 
 from actors.live_backend import FailoverGateway, Gateway, LiveBackend
 from api.app import create_app
+from api.metrics import ApiMetrics
 from api.render import Rendered
 from system.bus import stream
 from system.bus.dataplane import ShardClient
@@ -53,6 +54,7 @@ class ApiHost:
         self.port = port
         self.gateway = gateway
         self.backend: LiveBackend | None = None
+        self.api_metrics: ApiMetrics | None = None  # the app's counters (the current HTTP server's)
         self._server: uvicorn.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -117,8 +119,9 @@ class ApiHost:
         shards = FailoverGateway(ShardClient(nc, settings.namespace), self.gateway)
         self.backend = LiveBackend(settings, rendered, slot_map, shards, publisher)
         self.backend.set_popularity(popularity)
+        self.api_metrics = ApiMetrics()
         config = uvicorn.Config(
-            create_app(self.backend, admin_token=settings.admin_token),
+            create_app(self.backend, self.api_metrics, admin_token=settings.admin_token),
             log_config=None,
             access_log=False,
             lifespan="on",
@@ -171,8 +174,21 @@ class ApiHost:
             "port": self.port,
             "pid": os.getpid(),
             "publisher": self.backend.publisher.status() if self.backend else None,
+            "fallback_slates": fallback_slates(self.api_metrics),
             "last_error": self._starting.last_error,
         }
+
+
+def fallback_slates(metrics: ApiMetrics | None) -> int:
+    """Slates answered from popularity so far, as the app counted them (`mabrec_recommendations`
+    by source, api/routes.py); read from another thread than the HTTP one: the counter locks."""
+    if metrics is None:
+        return 0
+    for family in metrics.slates.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total") and sample.labels.get("source") == "popularity-fallback":
+                return int(sample.value)
+    return 0
 
 
 class _Server(uvicorn.Server):

@@ -1,4 +1,5 @@
-"""Every Ray API call of mabrec lives here: init, actor options, spawn, lookup, calls, kill.
+"""Every Ray API call of mabrec lives here: init, actor options, spawn, lookup, calls, kill (and,
+in actors/ray_metrics.py, which only the actor wrappers below use, its Ray metrics).
 
 The shards, the event router and the API host are plain classes; this module turns them into
 named, detached Ray actors once, and exposes them to the rest of the system through small async
@@ -22,13 +23,16 @@ from ray.exceptions import ActorUnavailableError, RayActorError, RayError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.api_host import ApiHost
+from actors.ray_metrics import ApiMetricsExporter, RouterMetrics, ShardMetrics
 from actors.router import EventRouter
 from actors.shard import Shard
 from system.batching import Batchers
+from system.bus.dataplane import owned
 from system.core.errors import Moved, Restarting, TimedOut, Unavailable
 from system.core.health import ROUTER, api_key, shard_key
 from system.core.policy import Picks
 from system.core.policy_config import PolicyConfig
+from system.core.profile import UserProfile
 from system.core.settings import Settings
 from system.logs import setup_logging
 
@@ -42,22 +46,50 @@ SLATE_LINGER = 0.001
 SLATE_IN_FLIGHT = 2  # calls per shard at once: one computes while the next travels
 
 
+# The actors export their figures as Ray metrics (actors/ray_metrics.py): each starts its
+# exporter on the health check's call (from the actor's event loop), which also restarts it if it
+# died. The plain classes stay Ray-free.
+
+
 class ShardActor(Shard):
     def __init__(self, shard_id: int, settings: Settings, policy: PolicyConfig | None = None) -> None:
         setup_logging(settings.log_level, shard_key(shard_id))
         super().__init__(shard_id, settings, policy)
+        self.exporter = ShardMetrics(shard_id, self.status)
+
+    async def ensure_ready(self) -> dict[str, Any]:
+        self.exporter.ensure()
+        return await super().ensure_ready()
+
+    async def slates(self, requests: Sequence[tuple[str, int]]) -> list[Picks | None]:
+        """`Shard.slates`, timed (over NATS and over Ray alike: the data plane calls it too)."""
+        began = time.perf_counter()
+        picks = await super().slates(requests)
+        self.exporter.slates_took(time.perf_counter() - began)
+        return picks
 
 
 class RouterActor(EventRouter):
     def __init__(self, settings: Settings) -> None:
         setup_logging(settings.log_level, ROUTER)
         super().__init__(settings, ShardPositions(settings))
+        self.exporter = RouterMetrics(self.status)
+
+    def ensure_running(self) -> dict[str, Any]:
+        # A sync method of an async actor runs on the actor's event loop: the exporter's task can start.
+        self.exporter.ensure()
+        return super().ensure_running()
 
 
 class ApiActor(ApiHost):
     def __init__(self, settings: Settings, index: int, port: int) -> None:
         setup_logging(settings.log_level, api_key(index))
         super().__init__(settings, index, port, RayShardClient(settings))
+        self.exporter = ApiMetricsExporter(index, self.status)
+
+    async def ensure_serving(self) -> dict[str, Any]:
+        self.exporter.ensure()
+        return await super().ensure_serving()
 
 
 # The one place where the plain classes become actors.
@@ -87,14 +119,28 @@ def _options(name: str, **extra: Any) -> dict[str, Any]:
     }
 
 
-def connect(settings: Settings, address: str) -> str | None:
+def connect(settings: Settings, address: str, actor_logs: bool = False) -> str | None:
     """Join the Ray cluster at `address` as a driver in the system's namespace. Returns the
-    cluster's dashboard URL, if it runs one."""
+    cluster's dashboard URL, if it runs one. With `actor_logs`, the log lines of the actors this
+    driver creates (their stderr: tracebacks too) are printed on this process's stderr, each
+    prefixed by Ray with the actor's repr (the supervisor's one log stream)."""
     context = ray.init(
-        address=address, namespace=settings.namespace, logging_level=logging.WARNING, log_to_driver=False
+        address=address, namespace=settings.namespace, logging_level=logging.WARNING, log_to_driver=actor_logs
     )
     url = getattr(context, "dashboard_url", None)
     return f"http://{url}" if url and not url.startswith("http") else url or None
+
+
+def metrics_url() -> str | None:
+    """Ray's metrics export of this process's node (Prometheus text: Ray's figures and mabrec's,
+    actors/ray_metrics.py), as the cluster lists it; None if the node exports none."""
+    here = ray.get_runtime_context().get_node_id()
+    nodes: list[dict[str, Any]] = ray.nodes()  # type: ignore[no-untyped-call]
+    for node in nodes:
+        port = node.get("MetricsExportPort")
+        if node["NodeID"] == here and port and int(port) > 0:
+            return f"http://{node['NodeManagerAddress']}:{port}"
+    return None
 
 
 @ray.remote(num_cpus=0, max_retries=0)
@@ -218,11 +264,12 @@ class RayShardClient(Actors):
         picks: list[Picks | None] = await self.call(shard_key(shard), "slates", list(requests), timeout=SLATE_TIMEOUT)
         return picks
 
-    async def profile(self, shard: int, uxid: str) -> list[list[int]]:
-        rows: list[list[int]] | None = await self.call(shard_key(shard), "user_counts", uxid)
-        if rows is None:
-            raise Moved(f"the slot of {uxid!r} is not shard {shard}'s")
-        return rows
+    async def profile(self, shard: int, uxid: str) -> UserProfile:
+        return UserProfile.from_wire(owned(await self.call(shard_key(shard), "user_counts", uxid), shard, uxid))
+
+    async def erase(self, shard: int, uxid: str) -> dict[str, Any]:
+        erased: dict[str, Any] = owned(await self.call(shard_key(shard), "erase", uxid), shard, uxid)
+        return erased
 
 
 class Cluster(Actors):

@@ -9,6 +9,7 @@ import httpx
 import orjson
 
 from system.core.settings import Settings
+from system.local import admin_token
 from system.local.processes import pid_alive
 from system.local.runtime import Runtime
 
@@ -21,7 +22,13 @@ def show(settings: Settings, as_json: bool) -> int:
         return 1
     supervisor = "running" if pid_alive(runtime.supervisor_pid) else "DOWN (the API and actors go on without it)"
     try:
-        status = httpx.get(f"{runtime.api_url}/api/status", timeout=5).json()
+        answer = httpx.get(
+            f"{runtime.api_url}/api/status", headers=admin_token.headers(runtime.api_url, settings), timeout=5
+        )
+        if answer.status_code in (401, 403):
+            print(f"mabrec's API refused the admin token: {answer.json().get('detail')}", file=sys.stderr)
+            return 1
+        status = answer.json()
         ready = httpx.get(f"{runtime.api_url}/readyz", timeout=5).json()
     except httpx.HTTPError as exc:
         print(f"mabrec's API at {runtime.api_url} does not answer: {exc} (supervisor {supervisor})", file=sys.stderr)
@@ -40,6 +47,7 @@ def show(settings: Settings, as_json: bool) -> int:
     )
     print(f"  api        {runtime.api_url}  (docs {runtime.api_url}/docs)")
     print(f"  dashboard  {runtime.dashboard_url or 'off'}")
+    print(f"  metrics    {runtime.metrics_url or 'off'}  (Ray's export: Ray's and mabrec's figures)")
     print(f"  postgres   {runtime.database_url}")
     print(f"  nats       {runtime.nats_url}   stream last seq {status['stream_last_seq']}")
     print(f"  ray        {runtime.ray_address}")

@@ -121,3 +121,18 @@ def system(state_dir: Path, **env: str) -> RunningSystem:
     """`mabrec up` as the end-to-end tests run it: 2 shards, no dashboard, quick checkpoints."""
     defaults = {"MABREC_DASHBOARD": "0", "MABREC_SHARDS": "2", "MABREC_CHECKPOINT_INTERVAL": "0.2"}
     return RunningSystem(state_dir, defaults | env)
+
+
+@contextlib.contextmanager
+def own_system(
+    services: dict[str, str], tmp_path_factory: pytest.TempPathFactory, name: str, **env: str
+) -> Iterator[RunningSystem]:
+    """`system(...)` started on a database and a namespace of its own (the database dropped after)."""
+    database = make_database(services["database"])
+    try:
+        namespace = f"{name.replace('-', '')[:4]}{secrets.token_hex(4)}"
+        own = {"DATABASE_URL": database, "NATS_URL": services["nats"], "MABREC_NAMESPACE": namespace}
+        with system(tmp_path_factory.mktemp(name), **own, **env) as started:
+            yield started
+    finally:
+        drop_database(services["database"], database)

@@ -50,6 +50,8 @@ def test_the_compose_file_is_the_shape_this_test_runs() -> None:
     head = compose_command("mabrec")
     assert head[:2] == ["sh", "-c"] and "ray start --head --port=6379" in head[2] and "exec mabrec up" in head[2]
     assert compose_command("ray-worker")[:3] == ["ray", "start", "--address=mabrec:6379"]
+    # Every node exports its metrics on 8080, where Prometheus scrapes them (tests/test_observability.py).
+    assert "--metrics-export-port=8080" in head[2] and "--metrics-export-port=8080" in compose_command("ray-worker")
     env = compose_env("mabrec")
     assert env["RAY_ADDRESS"] == "127.0.0.1:6379" and env["RAY_AUTH_MODE"] == "token" and env["MABREC_MIN_NODES"] == "2"
     assert {"DATABASE_URL", "NATS_URL", "MABREC_ADMIN_TOKEN", "RAY_AUTH_TOKEN"} <= set(env)
@@ -65,6 +67,7 @@ class Cluster:
         self.services = services
         self.ray_tmp = Path(tempfile.mkdtemp(prefix="mbr-", dir="/tmp"))  # short: Ray's socket paths
         self.port, self.api_port, self.dashboard = free_port(), free_port(), free_port()
+        self.head_metrics, self.worker_metrics = free_port(), free_port()  # one machine: a port each
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith(("MABREC_", "RAY_"))},
             **compose_env("mabrec"),
@@ -79,6 +82,8 @@ class Cluster:
             "MABREC_STATE_DIR": str(tmp / "state"),
             "MABREC_CHECKPOINT_INTERVAL": "0.5",
             "RAY_TMPDIR": str(self.ray_tmp),
+            # Where the head writes Ray's Grafana dashboards (a volume in the compose file).
+            "RAY_METRICS_GRAFANA_DASHBOARD_OUTPUT_DIR": str(tmp / "ray-dashboards"),
             # Every process of this cluster inherits it: how stop() finds the ones Ray daemonized.
             "MABREC_TEST_CLUSTER": self.ray_tmp.name,
             "PATH": f"{BIN}:{os.environ['PATH']}",
@@ -94,9 +99,14 @@ class Cluster:
         script = script.replace(
             "--dashboard-host=0.0.0.0", f"--dashboard-host=127.0.0.1 --dashboard-port={self.dashboard}"
         )
+        script = script.replace("--metrics-export-port=8080", f"--metrics-export-port={self.head_metrics}")
+        (self.tmp / "ray-dashboards").mkdir(exist_ok=True)
         with open(self.tmp / "head.log", "wb") as log:
             self.head = subprocess.Popen(["sh", "-c", script], env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        worker = [a.replace("mabrec:6379", f"127.0.0.1:{self.port}") for a in compose_command("ray-worker")]
+        ours = {"mabrec:6379": f"127.0.0.1:{self.port}", "export-port=8080": f"export-port={self.worker_metrics}"}
+        worker = compose_command("ray-worker")
+        for theirs, mine in ours.items():
+            worker = [a.replace(theirs, mine) for a in worker]
         worker.insert(2, "--node-ip-address=127.0.0.1")
         wait_until(lambda: (self.ray_tmp / "ray").exists() or self.head_died(), 60, "the head's Ray")
         with open(self.tmp / "worker.log", "wb") as log:
@@ -110,7 +120,8 @@ class Cluster:
     @property
     def running(self) -> Any:
         """What tests/load.py needs of a running system."""
-        return SimpleNamespace(runtime=Runtime.load(self.tmp / "state"), env=self.env)
+        admin_headers = {"Authorization": f"Bearer {self.env['MABREC_ADMIN_TOKEN']}"}  # /api/status asks for it
+        return SimpleNamespace(runtime=Runtime.load(self.tmp / "state"), env=self.env, admin_headers=admin_headers)
 
     def worker_processes(self) -> list[psutil.Process]:
         assert self.worker is not None

@@ -31,6 +31,7 @@ class Infrastructure:
     settings: Settings  # with database_url, nats_url and ray_address filled in
     services: list[Service] = field(default_factory=list)
     dashboard_url: str | None = None
+    metrics_url: str | None = None  # the local Ray's metrics export, if this started (or adopted) it
 
     @classmethod
     def start(cls, settings: Settings, *, with_ray: bool = True) -> Infrastructure:
@@ -46,15 +47,17 @@ class Infrastructure:
                 infra.settings = replace(infra.settings, nats_url=nats.url)
             if with_ray and not settings.ray_address:
                 dashboard = previous.dashboard_url if previous else None
+                metrics = previous.metrics_url if previous else None
 
                 def start_ray() -> Service:
-                    nonlocal dashboard
-                    service, dashboard = servers.start_ray(settings.state_dir, settings.dashboard)
+                    nonlocal dashboard, metrics
+                    service, dashboard, metrics = servers.start_ray(settings.state_dir, settings.dashboard)
                     return service
 
                 ray = infra._adopt_or_start(previous, "ray", start_ray)
                 infra.settings = replace(infra.settings, ray_address=ray.url)
                 infra.dashboard_url = dashboard
+                infra.metrics_url = metrics
         except BaseException:
             infra.stop()
             raise

@@ -35,6 +35,9 @@ class Runtime:
     namespace: str
     dashboard_url: str | None
     services: list[Service]
+    # Ray's metrics export of the node the supervisor runs on (Prometheus text: Ray's and mabrec's
+    # own, actors/ray_metrics.py). Last, with a default: runtime files written before it load.
+    metrics_url: str | None = None
 
     def save(self, state_dir: Path) -> None:
         state_dir.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from system.core.settings import Settings
 from system.local.processes import LOOPBACK, free_port, spawn, wait_for_port
@@ -188,18 +188,28 @@ def ray_token(state_dir: Path) -> Path:
     return path
 
 
-def start_ray(state_dir: Path, dashboard: bool, num_cpus: int | None = None) -> tuple[Service, str | None]:
+class RayHead(NamedTuple):
+    service: Service
+    dashboard_url: str | None  # None without the dashboard
+    metrics_url: str  # the node's metrics export (Prometheus text): Ray's and mabrec's (actors/ray_metrics.py)
+
+
+def start_ray(state_dir: Path, dashboard: bool, num_cpus: int | None = None) -> RayHead:
     """A local Ray head on 127.0.0.1 (`ray start --head --block`): it outlives a crashed
-    supervisor, so detached actors keep their state while a new supervisor re-attaches."""
+    supervisor, so detached actors keep their state while a new supervisor re-attaches. Its
+    metrics export port binds 127.0.0.1 too: Ray binds it to the node's address when that is
+    loopback (--node-ip-address), to every interface otherwise. RAY_PROMETHEUS_HOST,
+    RAY_GRAFANA_HOST and RAY_GRAFANA_IFRAME_HOST, when set, reach the head's dashboard."""
     env = {**os.environ, **ray_environment(state_dir)}
     Path(env["RAY_TMPDIR"]).mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     exe = Path(sys.executable).parent / "ray"
     cmd = [
         str(exe), "start", "--head", "--block",
         "--node-ip-address", LOOPBACK,
         "--port", str(port),
         "--ray-client-server-port", str(free_port()),
+        "--metrics-export-port", str(metrics_port),
         "--num-cpus", str(num_cpus or os.cpu_count() or 1),
         "--disable-usage-stats",
         "--include-dashboard", "true" if dashboard else "false",
@@ -212,4 +222,4 @@ def start_ray(state_dir: Path, dashboard: bool, num_cpus: int | None = None) -> 
     log_file = state_dir.resolve() / "ray.log"
     proc = spawn(cmd, log_file, env=env)
     wait_for_port(port, 60.0, proc, log_file)
-    return Service("ray", proc.pid, f"{LOOPBACK}:{port}"), dashboard_url
+    return RayHead(Service("ray", proc.pid, f"{LOOPBACK}:{port}"), dashboard_url, f"http://{LOOPBACK}:{metrics_port}")
