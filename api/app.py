@@ -19,6 +19,7 @@ from swagger_ui_bundle import swagger_ui_path
 
 from api import admin, routes
 from api.backend import Backend
+from api.demo import DEMO_ASSETS, DEMO_STATIC, demo_page
 from api.errors import HANDLERS
 from api.metrics import ApiMetrics, MetricsMiddleware, StatusCollector
 from api.openapi import SWAGGER_ASSETS
@@ -48,8 +49,11 @@ def create_app(backend: Backend, metrics: ApiMetrics | None = None, admin_token:
             Route("/api/movies/{id}", routes.get_movie, methods=["GET"]),
             Route("/api/recommendations/movies", routes.get_recommendations, methods=["GET"]),
             Route("/api/events", routes.post_events, methods=["POST"]),
-            Route("/api/profile", routes.profile, methods=["GET"]),
-            Route("/api/status", routes.status, methods=["GET"]),
+            Route("/api/profile", admin.profile, methods=["GET"]),
+            Route("/api/users/{uxid}", admin.profile, methods=["GET"]),
+            Route("/api/users/{uxid}", admin.erase_user, methods=["DELETE"]),
+            Route("/api/status", admin.status, methods=["GET"]),
+            Route("/api/admin/erasures", admin.erasures, methods=["GET"]),
             Route("/api/admin/scale", admin.scale, methods=["POST"]),
             Route("/healthz", routes.healthz, methods=["GET"]),
             Route("/readyz", routes.readyz, methods=["GET"]),
@@ -57,6 +61,8 @@ def create_app(backend: Backend, metrics: ApiMetrics | None = None, admin_token:
             Route("/openapi.json", routes.openapi_json, methods=["GET"]),
             Route("/docs", routes.docs, methods=["GET"]),
             Mount(SWAGGER_ASSETS, StaticFiles(directory=swagger_ui_path), name="swagger-ui"),
+            Route("/demo", demo_page, methods=["GET"]),
+            Mount(DEMO_ASSETS, StaticFiles(directory=DEMO_STATIC), name="demo"),
         ],
         middleware=[Middleware(MetricsMiddleware, metrics=metrics)],
         exception_handlers=HANDLERS,
