@@ -19,7 +19,7 @@ run: $(STAMP)  ## run the whole system (embedded PostgreSQL and NATS unless DATA
 	$(BIN)/mabrec up
 
 test: $(STAMP)  ## the whole suite, against real PostgreSQL, NATS JetStream and Ray
-	$(BIN)/pytest
+	$(BIN)/pytest --basetemp=.pytest-tmp  # test dirs in the checkout: nothing left in /tmp
 
 test-fast: $(STAMP)  ## unit tests only (no services)
 	$(BIN)/pytest -m "not integration and not e2e"
@@ -37,4 +37,4 @@ simulate: $(STAMP)  ## the policy against the baselines on synthetic users (docs
 	$(BIN)/mabrec simulate
 
 clean:
-	rm -rf $(VENV) .mabrec .pytest_cache
+	rm -rf $(VENV) .mabrec .pytest_cache .pytest-tmp

@@ -13,12 +13,14 @@ SIGINT/SIGTERM stop everything cleanly: final checkpoints, NATS drained, embedde
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
 import random
 import signal
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
@@ -40,7 +42,7 @@ from system.db.pool import open_pool, short_lived_pool
 from system.db.state_store import StateStore
 from system.local import admin_token
 from system.local.infra import Infrastructure
-from system.local.processes import free_port, pid_alive
+from system.local.processes import free_port, pid_alive, port_taken, stop_children
 from system.local.runtime import Runtime
 from system.local.servers import ray_env, ray_token
 from system.resharding import Progress, move
@@ -323,112 +325,229 @@ async def prepare_database(settings: Settings) -> None:
             log.info("catalog loaded", extra={"file": str(path), "movies": result.movies, "facets": result.facets})
 
 
+STOP_GRACE = 12.0  # for final checkpoints and drains; past it (or at a second signal) the actors are killed
+STOP_DEADLINE = 30.0  # from the first signal to the process's exit, whatever hangs
+
+
 async def up(settings: Settings) -> int:
-    """Run the whole system until SIGINT/SIGTERM."""
+    """Run the whole system until SIGINT/SIGTERM. The first signal stops it gracefully (final
+    checkpoints) within STOP_DEADLINE whatever hangs; a second one skips the grace; a signal
+    while starting stops the start."""
     os.environ.update(ray_env(settings))  # Ray reads these when it is imported
     # The actors' log lines come with a prefix naming the actor: colored on a terminal only.
     os.environ.setdefault("RAY_COLOR_PREFIX", "1" if sys.stderr.isatty() else "0")
-    from actors import ray_api  # Ray is imported only by the commands that use it
-
-    began = time.monotonic()
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-
-    def handle_signals() -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stopping.set)
-
-    handle_signals()
-    configured_token = settings.admin_token is not None
     previous = Runtime.load(settings.state_dir)
     if previous and previous.supervisor_pid != os.getpid() and pid_alive(previous.supervisor_pid):
         log.error("another supervisor runs from this state directory", extra={"pid": previous.supervisor_pid})
         return 1
-    infra = await asyncio.to_thread(Infrastructure.start, settings)
-    settings = admin_token.ensure(infra.settings)
-    control: asyncio.Task[None] | None = None
+    held_by_us = previous is not None and urlsplit(previous.api_url).port == settings.port  # actors left running
+    if settings.port and not held_by_us and port_taken(settings.host, settings.port):
+        return _port_in_use(PortInUse.of(settings.host, settings.port))  # at once, before any server starts
+    run = Run(settings, asyncio.current_task())
+    loop = asyncio.get_running_loop()
+
+    def handle_signals() -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, run.signalled, sig)
+
+    handle_signals()
     try:
-        await prepare_database(settings)
-        pool = await open_pool(settings.database_url or "", name="supervisor")
-        nc = await stream.connect(settings.nats_url or "", f"{settings.namespace}-supervisor")
-        js = nc.jetstream()
-        await stream.ensure_streams(js, settings)
-        info = await js.stream_info(settings.stream)
-        assert info.created is not None  # JetStream reports it for every stream
-        state_store, catalog_store = StateStore(pool), CatalogStore(pool)
-        await state_store.check_event_log(settings.stream, info.created, info.state.last_seq)
-        # On the main thread, as Ray wants; the actors' logs join the supervisor's.
-        dashboard = ray_api.connect(settings, settings.ray_address or "", actor_logs=True)
-        handle_signals()  # ray.init installed its own SIGTERM handler: ours must win (checkpoints first)
-        await ray_api.wait_for_nodes(settings.min_nodes, timeout=120)
-        wanted = (await state_store.deployment()).desired_shards
-        if not settings.shards_given:  # as `mabrec scale` (or the first start) left it, else one per CPU
-            settings = dataclasses.replace(settings, shards=wanted or default_shards(ray_api.cluster_cpus()))
-        slot_map = await state_store.ensure_slot_map(settings.shards)
-        cluster = ray_api.Cluster(settings)
-        if slot_map.shards != settings.shards:
-            slot_map = await reshard_offline(cluster, state_store, slot_map, settings.shards)
-        port = settings.port or (urlsplit(previous.api_url).port if previous else None) or free_port()
-        cluster.spawn(settings.shards, settings.api_workers, port)
-        supervisor = Supervisor(
-            settings, cluster, catalog_store, state_store, js, slot_map, ray_dashboard=infra.dashboard_url or dashboard
+        return await run.main(handle_signals)
+    except asyncio.CancelledError:
+        if not run.stopping.is_set():
+            raise
+        log.info("stopped while starting")
+        return 0
+    except PortInUse as exc:
+        return _port_in_use(exc)
+
+
+class PortInUse(Exception):
+    @classmethod
+    def of(cls, host: str, port: int) -> PortInUse:
+        return cls(
+            f"port {port} on {host} is in use by another process: stop it, or set MABREC_PORT to a free port "
+            "(0: any free port)"
         )
 
-        def died(exc: BaseException | None) -> None:
-            log.error("the control loop died: stopping")
-            stopping.set()
 
-        control = start_task(supervisor.run(), "control loop", died)
-        while not supervisor.health.all_up and not stopping.is_set():
-            await asyncio.sleep(0.05)
-        api_port = next((a.status.get("port") for a in supervisor.health.apis if a.status.get("port")), port)
-        api_url = f"http://{settings.host}:{api_port}"
-        metrics_url = infra.metrics_url or ray_api.metrics_url()  # Ray's metrics export here: mabrec's figures too
-        Runtime(
-            supervisor_pid=os.getpid(),
-            api_url=api_url,
-            database_url=settings.database_url or "",
-            nats_url=settings.nats_url or "",
-            ray_address=settings.ray_address or "",
-            namespace=settings.namespace,
-            dashboard_url=supervisor.extra["ray_dashboard"],
-            services=infra.services,
-            metrics_url=metrics_url,
-        ).save(settings.state_dir)
-        if not stopping.is_set():
-            log.info(
-                "mabrec is ready",
-                extra={"api": api_url, "shards": settings.shards, "seconds": round(time.monotonic() - began, 2)},
-            )
-            dashboard_note = supervisor.extra["ray_dashboard"] or "off"
-            if infra.dashboard_url:  # the local Ray we started: its dashboard asks for the token
-                dashboard_note += f" (token in {ray_token(settings.state_dir)})"
-            admin_note = "" if configured_token else f"  admin token in {settings.state_dir / admin_token.FILE}"
-            print(
-                f"mabrec is up: API {api_url}  docs {api_url}/docs  Ray dashboard {dashboard_note}"
-                f"  Ray metrics {metrics_url or 'off'}{admin_note}",
-                file=sys.stderr,
-                flush=True,
-            )
-        await stopping.wait()
+def _port_in_use(exc: PortInUse) -> int:
+    log.error(str(exc))
+    print(f"mabrec up: {exc}", file=sys.stderr, flush=True)
+    return 1
 
+
+class Run:
+    """One `mabrec up`: its start, its serving, and its stop, with the signals that end them."""
+
+    def __init__(self, settings: Settings, task: asyncio.Task[Any] | None) -> None:
+        self.settings = settings
+        self.task = task
+        self.infra = Infrastructure(settings)
+        self.stopping = asyncio.Event()
+        self.hurry = asyncio.Event()
+        self.serving = False  # up and serving: from then on, a signal stops rather than cancels
+
+    def signalled(self, sig: int) -> None:
+        if self.stopping.is_set():
+            log.warning("second signal: stopping now, without waiting for final checkpoints")
+            self.hurry.set()
+            return
+        log.info("stopping", extra={"signal": signal.Signals(sig).name, "deadline_s": STOP_DEADLINE})
+        self.stopping.set()
+        self._watchdog().start()
+        if not self.serving and self.task is not None:
+            self.task.cancel()  # still starting: stop where it is (what it started is stopped below)
+
+    def _watchdog(self) -> threading.Timer:
+        """The bound on a stop, whatever hangs (an actor call, a drain, a task that will not be
+        cancelled): kill what this process started, by PID, and exit."""
+        state_dir = self.settings.state_dir
+
+        def expire() -> None:
+            log.error("the stop took longer than its deadline: killing what is left", extra={"s": STOP_DEADLINE})
+            self.infra.stop(timeout=2)
+            stop_children(2)
+            Runtime.remove(state_dir)
+            logging.shutdown()
+            os._exit(1)
+
+        timer = threading.Timer(STOP_DEADLINE, expire)
+        timer.daemon = True
+        return timer
+
+    async def main(self, handle_signals: Callable[[], None]) -> int:
+        from actors import ray_api  # Ray is imported only by the commands that use it
+
+        began = time.monotonic()
+        settings = self.settings
+        configured_token = settings.admin_token is not None
+        # In a thread (it waits for servers to listen); if a signal cancels the start meanwhile,
+        # the servers it started are stopped once it returns.
+        bringing_up = asyncio.ensure_future(asyncio.to_thread(self.infra.bring_up))
+        try:
+            await asyncio.shield(bringing_up)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await bringing_up
+            self.infra.stop()
+            raise
+        infra = self.infra
+        settings = admin_token.ensure(infra.settings)
+        control: asyncio.Task[None] | None = None
+        try:
+            await prepare_database(settings)
+            pool = await open_pool(settings.database_url or "", name="supervisor")
+            nc = await stream.connect(settings.nats_url or "", f"{settings.namespace}-supervisor")
+            js = nc.jetstream()
+            await stream.ensure_streams(js, settings)
+            info = await js.stream_info(settings.stream)
+            assert info.created is not None  # JetStream reports it for every stream
+            state_store, catalog_store = StateStore(pool), CatalogStore(pool)
+            await state_store.check_event_log(settings.stream, info.created, info.state.last_seq)
+            # On the main thread, as Ray wants; the actors' logs join the supervisor's.
+            dashboard = ray_api.connect(settings, settings.ray_address or "", actor_logs=True)
+            handle_signals()  # ray.init installed its own SIGTERM handler: ours must win (checkpoints first)
+            await ray_api.wait_for_nodes(settings.min_nodes, timeout=120)
+            wanted = (await state_store.deployment()).desired_shards
+            if not settings.shards_given:  # as `mabrec scale` (or the first start) left it, else one per CPU
+                settings = dataclasses.replace(settings, shards=wanted or default_shards(ray_api.cluster_cpus()))
+            slot_map = await state_store.ensure_slot_map(settings.shards)
+            cluster = ray_api.Cluster(settings)
+            if slot_map.shards != settings.shards:
+                slot_map = await reshard_offline(cluster, state_store, slot_map, settings.shards)
+            previous = Runtime.load(settings.state_dir)
+            port = settings.port or (urlsplit(previous.api_url).port if previous else None) or free_port()
+            if not cluster.exists(api_key(0)) and port_taken(settings.host, port):  # (ours, left running: fine)
+                raise PortInUse.of(settings.host, port)
+            cluster.spawn(settings.shards, settings.api_workers, port)
+            supervisor = Supervisor(
+                settings, cluster, catalog_store, state_store, js, slot_map,
+                ray_dashboard=infra.dashboard_url or dashboard,
+            )  # fmt: skip
+
+            def died(exc: BaseException | None) -> None:
+                log.error("the control loop died: stopping")
+                self.stopping.set()
+
+            control = start_task(supervisor.run(), "control loop", died)
+            while not supervisor.health.all_up and not self.stopping.is_set():
+                await asyncio.sleep(0.05)
+            self.serving = True
+            api_port = next((a.status.get("port") for a in supervisor.health.apis if a.status.get("port")), port)
+            api_url = f"http://{settings.host}:{api_port}"
+            metrics_url = infra.metrics_url or ray_api.metrics_url()  # Ray's metrics export here: mabrec's figures too
+            Runtime(
+                supervisor_pid=os.getpid(),
+                api_url=api_url,
+                database_url=settings.database_url or "",
+                nats_url=settings.nats_url or "",
+                ray_address=settings.ray_address or "",
+                namespace=settings.namespace,
+                dashboard_url=supervisor.extra["ray_dashboard"],
+                services=infra.services,
+                metrics_url=metrics_url,
+            ).save(settings.state_dir)
+            if not self.stopping.is_set():
+                log.info(
+                    "mabrec is ready",
+                    extra={"api": api_url, "shards": settings.shards, "seconds": round(time.monotonic() - began, 2)},
+                )
+                dashboard_note = supervisor.extra["ray_dashboard"] or "off"
+                if infra.dashboard_url:  # the local Ray we started: its dashboard asks for the token
+                    dashboard_note += f" (token in {ray_token(settings.state_dir)})"
+                admin_note = "" if configured_token else f"  admin token in {settings.state_dir / admin_token.FILE}"
+                print(
+                    f"mabrec is up: API {api_url}  docs {api_url}/docs  Ray dashboard {dashboard_note}"
+                    f"  Ray metrics {metrics_url or 'off'}{admin_note}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            await self.stopping.wait()
+            await self._stop(supervisor, control)
+            cluster.kill_all()
+            await _bounded(nc.drain(), "draining NATS")
+            await _bounded(pool.close(), "closing the PostgreSQL pool")
+            return 0
+        except (asyncio.CancelledError, PortInUse):
+            raise  # a signal while starting, a port taken: said by the caller
+        except BaseException:
+            log.exception("mabrec up failed; stopping what it started")
+            raise
+        finally:
+            if control is not None:
+                control.cancel()
+            ray_api.disconnect()  # before Ray's servers stop, or the driver waits on them
+            Runtime.remove(settings.state_dir)
+            infra.stop()  # blocking on purpose: the loop may be going down, the servers must not stay up
+
+    async def _stop(self, supervisor: Supervisor, control: asyncio.Task[None]) -> None:
+        """The graceful part: the control loop and any change under way stop (a move stops
+        cleanly, routing unpaused), then the actors (final checkpoints). At most STOP_GRACE
+        seconds, or until a second signal: then the actors are killed as they are."""
         log.info("shutting down")
-        await cancel_and_wait(control)
-        await cancel_and_wait(supervisor._changing)  # a move stops cleanly (routing unpaused)
-        await supervisor.stop_actors()
-        cluster.kill_all()
-        await nc.drain()
-        await pool.close()
-        return 0
-    except BaseException:
-        log.exception("mabrec up failed; stopping what it started")
-        raise
-    finally:
-        if control is not None:
-            control.cancel()
-        ray_api.disconnect()  # before Ray's servers stop, or the driver waits on them
-        Runtime.remove(settings.state_dir)
-        infra.stop()  # blocking on purpose: the loop may be going down, the servers must not stay up
+
+        async def graceful() -> None:
+            await cancel_and_wait(control)
+            await cancel_and_wait(supervisor._changing)
+            await supervisor.stop_actors()
+
+        stopping = asyncio.ensure_future(graceful())
+        hurried = asyncio.ensure_future(self.hurry.wait())
+        await asyncio.wait([stopping, hurried], timeout=STOP_GRACE, return_when=asyncio.FIRST_COMPLETED)
+        hurried.cancel()
+        if not stopping.done():
+            log.error("the graceful stop did not finish: killing the actors", extra={"grace_s": STOP_GRACE})
+            stopping.cancel()  # not waited for: the watchdog bounds whatever it still does
+        elif exc := stopping.exception():
+            log.error("the graceful stop failed: killing the actors", exc_info=exc)
+
+
+async def _bounded(job: Awaitable[None], what: str, seconds: float = 5.0) -> None:
+    try:
+        await asyncio.wait_for(job, seconds)
+    except Exception as exc:  # noqa: BLE001 - stopping anyway; said, and not waited for longer
+        log.warning(f"{what} failed while stopping", extra={"error": repr(exc)})
 
 
 async def reshard_offline(cluster: Any, store: StateStore, old: SlotMap, shards: int) -> SlotMap:

@@ -2,8 +2,9 @@
 
 The API runs inside detached actors rather than in the supervisor, so it keeps answering while
 the supervisor is down (crashed, restarting, being upgraded); several API actors can share the
-port (SO_REUSEPORT) to use more cores. Each owns its NATS publisher and its view of the catalog;
-the supervisor pushes it the health of the shards, the global popularity and catalog reloads.
+port (SO_REUSEPORT, MABREC_API_WORKERS > 1) to use more cores. Each owns its NATS publisher
+and its view of the catalog; the supervisor pushes it the health of the shards, the global
+popularity and catalog reloads.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from nats.errors import Error as NatsError
 
 from actors.live_backend import FailoverGateway, Gateway, LiveBackend
 from api.app import create_app
+from api.http_limits import BoundedHttpTools
 from api.metrics import ApiMetrics
 from api.render import Rendered
 from system.bus import stream
@@ -126,9 +128,12 @@ class ApiHost:
             access_log=False,
             lifespan="on",
             timeout_graceful_shutdown=5,
+            http=BoundedHttpTools,  # 431 past the header limits (api/http_limits.py)
         )
         self._server = _Server(config)
-        serving = asyncio.create_task(self._server.serve(sockets=[reusable_socket(settings.host, self.port)]))
+        serving = asyncio.create_task(
+            self._server.serve(sockets=[listening_socket(settings.host, self.port, settings.api_workers > 1)])
+        )
         while not self._server.started and not serving.done():
             await asyncio.sleep(0.01)
         if serving.done():
@@ -197,12 +202,15 @@ class _Server(uvicorn.Server):
         yield  # in an actor (and off the main thread), signals belong to Ray
 
 
-def reusable_socket(host: str, port: int) -> socket.socket:
-    """A listening socket that other API actors on this node can bind too (SO_REUSEPORT): the
-    kernel spreads connections over them."""
+def listening_socket(host: str, port: int, shared: bool) -> socket.socket:
+    """The API's listening socket. `shared` (several API actors): the others on this node bind
+    it too (SO_REUSEPORT) and the kernel spreads connections over them; Linux lets only
+    processes of the same user join, so run mabrec under a user of its own. A single API actor
+    binds it alone: another process asking for the port is refused, and gets none of its traffic."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart does not wait out TIME_WAIT
+    if shared:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
     sock.listen(2048)
     sock.setblocking(False)

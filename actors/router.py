@@ -183,16 +183,13 @@ class EventRouter:
             if routed > YIELD_EVERY:  # a batch of large messages: let other work in (a health check)
                 await asyncio.sleep(0)
                 routed = 0
-            events, errors = msg.decode()
-            routed += len(events) + len(errors)
-            for item, label, reason in errors:
-                await self._dead_letter(js, msg.seq, item, label, reason)
+            events, problems = msg.decode(self.known_movies)
+            routed += len(events) + len(problems)
+            if problems:  # the message counts not at all: dead-lettered whole, with the first reason
+                first = problems[0]
+                reason = f"{len(problems)} problem(s), none of its events counted; item {first.at}: {first.detail}"
+                await self._dead_letter(js, msg.seq, msg.data, first.label, reason)
             for event in events:
-                if not any(m in self.known_movies for m in event.movies):
-                    await self._dead_letter(
-                        js, msg.seq, event.to_json(), "unknown_movie", "no movie id is in the catalog"
-                    )
-                    continue
                 per_shard.setdefault(self.slot_map.shard_of(event.user), []).append((msg.seq, msg.second, event))
                 self.events += 1
         self.messages += len(batch)

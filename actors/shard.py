@@ -68,6 +68,11 @@ class ShardNotReady(Unavailable):
     """The shard is restoring (or could not reach PostgreSQL/NATS to restore yet)."""
 
 
+class PastStreamEnd(ValueError):
+    """A span that claims events the stream does not have yet: forged (or a bug). Applying it
+    would move `covered` past events still to come, and the shard would skip them."""
+
+
 class Shard:
     def __init__(
         self, shard_id: int, settings: Settings, policy: PolicyConfig | None = None, seed: int | None = None
@@ -100,6 +105,8 @@ class Shard:
         self.restore_seconds: float | None = None
         self.replayed = 0
         self.gaps = 0
+        self.refused_spans = 0  # spans past the stream's end, refused (PastStreamEnd)
+        self._stream_end = 0  # the stream's last sequence, as last asked
         self.loads = 0  # indexed reads of users who were not in memory
         self.users_loaded = 0
         self.reads_skipped = 0  # users not in memory known to have no checkpoint: started empty
@@ -343,6 +350,14 @@ class Shard:
             state = self.state
             if state is None:  # fenced while waiting for the lock
                 raise ShardNotReady(f"shard {self.shard_id} is not serving")
+            if max(prev_seq, last_seq) > self._stream_end:  # asked only when a span goes past the last answer
+                assert self._nc is not None
+                self._stream_end = (await self._nc.jetstream().stream_info(self.settings.stream)).state.last_seq
+                if max(prev_seq, last_seq) > self._stream_end:
+                    self.refused_spans += 1
+                    raise PastStreamEnd(
+                        f"span ({prev_seq}, {last_seq}] goes past the stream's last sequence {self._stream_end}"
+                    )
             if prev_seq > self.covered:
                 self.gaps += 1
                 await self._replay(state, self.covered, prev_seq)
@@ -372,7 +387,7 @@ class Shard:
             mine = [
                 (msg.second, e)
                 for msg in batch
-                for e in msg.decode()[0]
+                for e in msg.decode(state.catalog.id_set)[0]
                 if (slot := slot_of(e.user)) in slots and msg.seq > floor.get(slot, 0)
             ]
             self.replayed += await self._apply(state, mine, slots)
@@ -655,6 +670,7 @@ class Shard:
             "dirty_users": len(state.dirty) if state else 0,
             "replayed": self.replayed,
             "gaps": self.gaps,
+            "refused_spans": self.refused_spans,
             "lag_buckets": state.lag_counts.tolist() if state else [],
             "lag_seconds": state.lag_seconds if state else 0.0,
             "slate_calls": self.slate_calls,

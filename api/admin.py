@@ -14,7 +14,7 @@ from starlette.responses import Response
 from api.backend import Backend
 from api.responses import json_response
 from system.core.errors import BadRequest, Forbidden, Unauthorized
-from system.core.inputs import bounded, check_uxid
+from system.core.inputs import USER_ID_RULE, bounded, user_id, user_id_header
 from system.core.profile import describe
 
 MAX_SHARDS = 256
@@ -37,10 +37,17 @@ def _backend(request: Request) -> Backend:
 
 def _user(request: Request) -> str:
     """The user a route is about: the path's {uxid}, else the `uxid` header."""
-    uxid = request.path_params.get("uxid") or request.headers.get("uxid")
-    if uxid is None:
-        raise BadRequest("the uxid header is required: it identifies the user (1 to 128 printable characters)")
-    return check_uxid(uxid)
+    if "uxid" in request.path_params:  # percent-decoded as UTF-8 by Starlette
+        return user_id(request.path_params["uxid"], "the user id in the path")
+    header = request.headers.get("uxid")
+    if header is None:
+        raise BadRequest(f"the uxid header is required: it identifies the user ({USER_ID_RULE})")
+    return user_id_header(header)
+
+
+async def user(request: Request) -> Response:
+    """/api/users/{uxid}: one route for its methods, so a 405 lists them all in `Allow`."""
+    return await (erase_user(request) if request.method == "DELETE" else profile(request))
 
 
 async def profile(request: Request) -> Response:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from api.responses import json_response
@@ -32,9 +32,21 @@ async def http_error(request: Request, exc: Exception) -> Response:
     )
 
 
+async def client_disconnected(request: Request, exc: Exception) -> Response:
+    """The client went away mid-request (its body cut short): not the server's error. Nothing
+    reaches it; 499 (nginx's "client closed request") is what the access log and metrics see."""
+    log.info("client disconnected mid-request", extra={"path": request.url.path})
+    return json_response({"error": "client_disconnected", "detail": "the client closed the connection"}, 499)
+
+
 async def unexpected_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error", extra={"path": request.url.path})
     return json_response({"error": "internal_error", "detail": "an unexpected error occurred"}, 500)
 
 
-HANDLERS = {ServiceError: service_error, HTTPException: http_error, Exception: unexpected_error}
+HANDLERS = {
+    ServiceError: service_error,
+    HTTPException: http_error,
+    ClientDisconnect: client_disconnected,
+    Exception: unexpected_error,
+}

@@ -7,12 +7,29 @@ import html
 from functools import cache
 from typing import Any
 
+from system.core.events import MAX_BATCH, MAX_ENTITIES
+from system.core.inputs import (
+    MAX_MOVIE_ID,
+    MAX_USER_ID,
+    TS_MAX,
+    TS_MIN,
+    TS_RULE,
+    TS_YEARS_PATTERN,
+    USER_ID_PATTERN,
+    USER_ID_RULE,
+)
+
+# The rules of system/core/inputs.py, as JSON Schema says them. A header carries bytes: the
+# schema keeps to printable ASCII there; other characters go as their UTF-8 bytes.
+USER_ID = {"type": "string", "minLength": 1, "maxLength": MAX_USER_ID, "pattern": USER_ID_PATTERN}
 UXID = {
     "name": "uxid",
     "in": "header",
-    "description": "The user: 1 to 128 printable characters. Opaque to the service.",
-    "schema": {"type": "string", "minLength": 1, "maxLength": 128},
+    "description": f"The user: {USER_ID_RULE} (sent as UTF-8 bytes). Opaque to the service; the same "
+    "id as `user_id` in events.",
+    "schema": {"type": "string", "minLength": 1, "maxLength": MAX_USER_ID, "pattern": "^[!-~](?:[ -~]*[!-~])?$"},
 }
+MOVIE_ID = {"type": "integer", "minimum": 1, "maximum": MAX_MOVIE_ID}
 ERROR = {"$ref": "#/components/responses/Error"}
 # Admin routes: `Authorization: Bearer <MABREC_ADMIN_TOKEN>`; 401 without it or with another,
 # 403 when the deployment has no token (admin routes off).
@@ -51,14 +68,28 @@ def openapi() -> dict[str, Any]:
         "properties": {
             "event_type": {"type": "string", "enum": ["seen", "clicked"]},
             "entity_type": {"type": "string", "enum": ["movies"], "default": "movies"},
-            "entity_id": {"type": "integer", "minimum": 1},
-            "entity_ids": {"type": "array", "items": {"type": "integer", "minimum": 1}, "minItems": 1, "maxItems": 100},
-            "user_id": {"type": "string", "minLength": 1, "maxLength": 128},
-            "event_id": {"type": "string", "minLength": 1, "maxLength": 128},
-            "recommendation_id": {"type": "string", "maxLength": 128},
-            "ts": {"oneOf": [{"type": "number"}, {"type": "string", "format": "date-time"}]},
+            "entity_id": {**MOVIE_ID, "description": "A movie of the catalog (else the whole batch is refused)"},
+            "entity_ids": {
+                "type": "array",
+                "items": MOVIE_ID,
+                "minItems": 1,
+                "maxItems": MAX_ENTITIES,
+                "uniqueItems": True,
+            },
+            "user_id": {**USER_ID, "description": USER_ID_RULE},
+            "event_id": {"type": ["string", "null"], "minLength": 1, "maxLength": 128},
+            "recommendation_id": {"type": ["string", "null"], "minLength": 1, "maxLength": 128},
+            "ts": {
+                "description": f"{TS_RULE}; null: as if absent",
+                "oneOf": [
+                    {"type": "number", "minimum": TS_MIN, "exclusiveMaximum": TS_MAX},
+                    {"type": "string", "format": "date-time", "pattern": TS_YEARS_PATTERN},
+                    {"type": "null"},
+                ],
+            },
         },
         "required": ["event_type", "user_id"],
+        "oneOf": [{"required": ["entity_id"]}, {"required": ["entity_ids"]}],
     }
     return {
         "openapi": "3.1.0",
@@ -92,7 +123,13 @@ def openapi() -> dict[str, Any]:
                 "get": {
                     "summary": "One movie with its facets; with a uxid header, records a click",
                     "parameters": [
-                        {"name": "id", "in": "path", "required": True, "schema": {"type": "integer"}},
+                        {
+                            "name": "id",
+                            "in": "path",
+                            "required": True,
+                            "schema": MOVIE_ID,
+                            "description": "In plain digits",
+                        },
                         {**UXID, "required": False},
                         {
                             "name": "X-Recommendation-Id",
@@ -161,7 +198,8 @@ def openapi() -> dict[str, Any]:
                                         {
                                             "type": "array",
                                             "items": {"$ref": "#/components/schemas/Event"},
-                                            "maxItems": 1000,
+                                            "minItems": 1,
+                                            "maxItems": MAX_BATCH,
                                         },
                                     ]
                                 }
@@ -189,7 +227,15 @@ def openapi() -> dict[str, Any]:
                 }
             },
             "/api/users/{uxid}": {
-                "parameters": [{**UXID, "in": "path", "required": True}],
+                "parameters": [
+                    {
+                        "name": "uxid",
+                        "in": "path",
+                        "required": True,
+                        "description": f"The user: {USER_ID_RULE} (percent-encoded UTF-8)",
+                        "schema": USER_ID,
+                    }
+                ],
                 "get": {
                     "summary": "Admin: what the system learned about a user: posteriors, top facets, their last slate and why",
                     "security": ADMIN,

@@ -7,7 +7,6 @@ import hashlib
 import itertools
 import secrets
 import time
-from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -17,9 +16,9 @@ from starlette.responses import HTMLResponse, Response
 from api.backend import Backend
 from api.openapi import docs_html, openapi
 from api.responses import json_response, raw_json
-from system.core.errors import BadRequest, MalformedEvent, NotFound, PayloadTooLarge, Unavailable
-from system.core.events import CLICKED, KIND_NAMES, MAX_BATCH, SEEN, Event, parse_event
-from system.core.inputs import bounded, check_uxid
+from system.core.errors import BadRequest, NotFound, PayloadTooLarge, Unavailable
+from system.core.events import CLICKED, KIND_NAMES, MAX_BATCH, SEEN, Event, parse_batch
+from system.core.inputs import USER_ID_RULE, bounded, movie_id, user_id_header
 
 MAX_LIMIT = 100
 MAX_PER_PAGE = 100
@@ -33,7 +32,7 @@ def _backend(request: Request) -> Backend:
 
 def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> int:
     raw = request.query_params.get(name)
-    if raw is None or raw == "":
+    if raw is None:
         return default
     try:
         return bounded(raw, int, lo, hi)
@@ -45,9 +44,9 @@ def _uxid(request: Request, required: bool) -> str | None:
     value = request.headers.get("uxid")
     if value is None:
         if required:
-            raise BadRequest("the uxid header is required: it identifies the user (1 to 128 printable characters)")
+            raise BadRequest(f"the uxid header is required: it identifies the user ({USER_ID_RULE})")
         return None
-    return check_uxid(value)
+    return user_id_header(value)
 
 
 _ID_PREFIX = secrets.token_hex(6)  # per process: with a counter, unique ids without a syscall each
@@ -77,22 +76,18 @@ async def list_movies(request: Request) -> Response:
 
 
 async def get_movie(request: Request) -> Response:
-    raw = request.path_params["id"]
-    try:
-        movie_id = int(raw)
-    except ValueError:
-        raise BadRequest(f"the movie id must be an integer, got {raw!r}") from None
+    movie = movie_id(request.path_params["id"])
     backend = _backend(request)
     rendered = backend.catalog
-    index = int(rendered.catalog.movie_index([movie_id])[0]) if 0 < movie_id < 2**31 else -1
+    index = int(rendered.catalog.movie_index([movie])[0])
     if index < 0:
-        raise NotFound(f"no movie with id {movie_id}")
+        raise NotFound(f"no movie with id {movie}")
     uxid = _uxid(request, required=False)
     if uxid is not None:
         rid = request.headers.get("x-recommendation-id") or request.query_params.get("rid")
         if rid is not None and not 1 <= len(rid) <= 128:
             raise BadRequest("the recommendation id must be 1 to 128 characters")
-        _publish(request, [Event(uxid, CLICKED, (movie_id,), f"clk-{_new_id()}", rid, time.time())])
+        _publish(request, [Event(uxid, CLICKED, (movie,), f"clk-{_new_id()}", rid, time.time())])
     return raw_json(rendered.one(index))
 
 
@@ -129,23 +124,16 @@ async def post_events(request: Request) -> Response:
     items = data if isinstance(data, list) else [data]
     if not 1 <= len(items) <= MAX_BATCH:
         raise BadRequest(f"send 1 to {MAX_BATCH} events per request, got {len(items)}")
-    events, errors = [], []
-    for i, item in enumerate(items):
-        try:
-            event = parse_event(item)
-        except MalformedEvent as exc:
-            errors.append({"index": i, "detail": exc.detail})
-            continue
-        if event.event_id is None:
-            event = replace(event, event_id=_derived_id(idempotency_key, i, item))
-        events.append(event)
-    if errors:
-        # All or nothing: a client fixes its batch and re-sends it, without double counting.
+    events, problems = parse_batch(
+        items, _backend(request).catalog.catalog.id_set, lambda i, item: _derived_id(idempotency_key, i, item)
+    )
+    if problems:
+        # All or nothing, as on the stream: a client fixes its batch and re-sends it, without double counting.
         return json_response(
             {
                 "error": "malformed_event",
-                "detail": f"{len(errors)} of {len(items)} events are malformed; none was accepted",
-                "errors": errors[:100],
+                "detail": f"{len(problems)} of {len(items)} events are refused; none was accepted",
+                "errors": [{"index": p.at, "error": p.label, "detail": p.detail} for p in problems[:100]],
             },
             400,
         )

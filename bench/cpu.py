@@ -89,7 +89,7 @@ async def prepare_history(
     try:
         for u in range(users):
             for k in range(slates):
-                picks = ids[rng.integers(len(ids), size=10)].tolist()
+                picks = ids[rng.choice(len(ids), size=10, replace=False)].tolist()  # distinct
                 batch.append({"event_type": "seen", "user_id": f"{prefix}{u}", "entity_ids": picks})
                 if k % 10 == 0:
                     batch.append({"event_type": "clicked", "user_id": f"{prefix}{u}", "entity_ids": picks[:1]})

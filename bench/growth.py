@@ -53,7 +53,8 @@ async def flood(
     last = 0
     for start in range(first_user, first_user + users, per_message):
         end = min(start + per_message, first_user + users)
-        slates = ids[rng.integers(len(ids), size=(end - start, 10))].tolist()
+        # Ten distinct movies each (a slate never names one twice): from a random place, in a row.
+        slates = ids[(rng.integers(len(ids), size=(end - start, 1)) + np.arange(10)) % len(ids)].tolist()
         batch = [
             b'{"event_type":"seen","user_id":"grow-%d","event_id":"grow-%d","entity_ids":%s}' % (u, u, orjson.dumps(s))
             for u, s in zip(range(start, end), slates, strict=True)

@@ -78,7 +78,7 @@ async def run(
                 if rng.random() < 0.8:  # an impression of a slate of 10
                     event = {
                         "event_type": "seen",
-                        "entity_ids": ids[rng.integers(len(ids), size=10)].tolist(),
+                        "entity_ids": ids[rng.choice(len(ids), size=10, replace=False)].tolist(),  # distinct
                         "user_id": user,
                     }
                 else:

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -112,10 +112,17 @@ class RunningSystem:
     def tail(self, chars: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
 
-    def get(self, path: str, uxid: str | None = None, params: dict[str, Any] | None = None) -> httpx.Response:
+    def get(
+        self,
+        path: str,
+        uxid: str | None = None,
+        params: dict[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> httpx.Response:
+        """GET `path`, as `uxid` (sent as UTF-8 bytes, as the API reads the header) when given."""
         assert self.http is not None
-        headers = {"uxid": uxid} if uxid is not None else {}
-        return self.http.get(path, headers=headers, params=params)
+        sent = [(k.encode(), v.encode()) for k, v in {**(headers or {}), **({"uxid": uxid} if uxid else {})}.items()]
+        return self.http.get(path, headers=sent, params=params)
 
     def __enter__(self) -> RunningSystem:
         return self if self.proc is not None else self.start()

@@ -12,6 +12,7 @@ from system.core.settings import Settings
 from system.local import admin_token
 from system.local.processes import pid_alive
 from system.local.runtime import Runtime
+from system.local.secret_files import redacted
 
 
 def show(settings: Settings, as_json: bool) -> int:
@@ -48,8 +49,8 @@ def show(settings: Settings, as_json: bool) -> int:
     print(f"  api        {runtime.api_url}  (docs {runtime.api_url}/docs)")
     print(f"  dashboard  {runtime.dashboard_url or 'off'}")
     print(f"  metrics    {runtime.metrics_url or 'off'}  (Ray's export: Ray's and mabrec's figures)")
-    print(f"  postgres   {runtime.database_url}")
-    print(f"  nats       {runtime.nats_url}   stream last seq {status['stream_last_seq']}")
+    print(f"  postgres   {redacted(runtime.database_url)}")
+    print(f"  nats       {redacted(runtime.nats_url)}   stream last seq {status['stream_last_seq']}")
     print(f"  ray        {runtime.ray_address}")
     print(f"  catalog    version {status['catalog']['version']}, {status['catalog']['movies']} movies")
     router = status["router"]

@@ -149,7 +149,7 @@ async def verify(
                 )
             through = max([c for c, _ in live.values()] + list(snapshot.covered.values()) + [0])
             log: list[tuple[int, int, list[Event]]] = [
-                (m.seq, m.second, m.decode()[0])
+                (m.seq, m.second, m.decode(catalog.id_set)[0])
                 async for batch in stream.read_range(js, settings, first - 1, through)
                 for m in batch
             ]
@@ -161,7 +161,12 @@ async def verify(
                 first -= 1
             trimmed = first > 1
             log = sorted(
-                log + [(seq, second, decode(data)[0]) for seq, (second, data) in redacted.items() if seq >= first],
+                log
+                + [
+                    (seq, second, decode(data, None, catalog.id_set)[0])
+                    for seq, (second, data) in redacted.items()
+                    if seq >= first
+                ],
                 key=lambda entry: entry[0],
             )
             erased = await erasures.erasures(limit=1_000_000)

@@ -113,12 +113,39 @@ def test_a_batch_with_a_bad_event_is_refused_whole(client: TestClient, backend: 
     good = {"event_type": "clicked", "entity_id": 5, "user_id": "dave"}
     response = client.post("/api/events", json=[good, {"event_type": "seen", "user_id": "dave"}])
     assert response.status_code == 400 and response.json()["errors"] == [
-        {"index": 1, "detail": "entity_id (or entity_ids) is required"}
+        {"index": 1, "error": "invalid", "detail": "entity_id (or entity_ids) is required"}
     ]
     assert client.post("/api/events", content=b"[{").status_code == 400
     assert client.post("/api/events", json=[]).status_code == 400
     assert client.post("/api/events", content=b"x" * (2 << 20)).status_code == 413
+    # An unknown movie refuses the batch, as the stream would: nothing of it is half applied.
+    seen = {"event_type": "seen", "user_id": "dave"}
+    response = client.post("/api/events", json=[good, {**seen, "entity_ids": [1, 2, 99999999]}])
+    assert response.status_code == 400 and response.json()["errors"] == [
+        {"index": 1, "error": "unknown_movie", "detail": "no movie 99999999 in the catalog"}
+    ]
+    for bad in (
+        {"entity_ids": [1, 1, 1, 1]},  # once four impressions
+        {"entity_id": 2, "entity_ids": [3]},
+        {"entity_id": 2, "ts": 1e308},
+        {"entity_id": 2, "ts": "9999-01-01T00:00:00Z"},
+        {"entity_id": 2, "ts": -5},
+    ):
+        response = client.post("/api/events", json=[good, {**seen, **bad}])
+        assert response.status_code == 400 and response.json()["errors"][0]["index"] == 1, bad
     assert backend.published == [] and "dave" not in backend.state.users
+
+
+def test_a_user_id_is_utf8_text_in_the_header_as_in_events(client: TestClient, backend: FakeBackend) -> None:
+    for uxid in ("café", "🎬 fan"):
+        event = {"event_type": "clicked", "entity_id": 5, "user_id": uxid}
+        assert client.post("/api/events", json=event).status_code == 202
+        header = {b"uxid": uxid.encode()}  # what any client sends: the UTF-8 bytes
+        assert client.get("/api/recommendations/movies", headers=header).status_code == 200
+        profile = client.get("/api/profile", headers={**header, b"authorization": f"Bearer {TOKEN}".encode()}).json()
+        assert profile["uxid"] == uxid and profile["clicks"] == 1  # one user, whichever way they came
+    assert set(backend.state.users) >= {"café", "🎬 fan"} and "cafÃ©" not in backend.state.users
+    # (The raw bytes of a header, Latin-1 ones too, are tested on a real server: tests/test_http.py.)
 
 
 def test_events_refused_while_nats_is_away_ask_for_a_retry(client: TestClient, backend: FakeBackend) -> None:
@@ -135,8 +162,9 @@ def test_events_refused_while_nats_is_away_ask_for_a_retry(client: TestClient, b
     ("method", "path", "uxid", "params", "status", "says"),
     [
         ("GET", "/api/recommendations/movies", None, {}, 400, "uxid header is required"),
-        ("GET", "/api/recommendations/movies", "x" * 129, {}, 400, "uxid must be"),
-        ("GET", "/api/recommendations/movies", "tab\there", {}, 400, "uxid must be"),
+        ("GET", "/api/recommendations/movies", "x" * 129, {}, 400, "uxid header must be"),
+        ("GET", "/api/recommendations/movies", "tab\there", {}, 400, "uxid header must be"),
+        ("GET", "/api/recommendations/movies", "u", {"limit": ""}, 400, "limit must be"),
         ("GET", "/api/recommendations/movies", "u", {"limit": "0"}, 400, "limit must be"),
         ("GET", "/api/recommendations/movies", "u", {"limit": "many"}, 400, "limit must be"),
         ("GET", "/api/recommendations/movies", "u", {"limit": "101"}, 400, "limit must be"),
@@ -144,10 +172,16 @@ def test_events_refused_while_nats_is_away_ask_for_a_retry(client: TestClient, b
         ("GET", "/api/movies", None, {"per_page": "0"}, 400, "per_page must be"),
         ("GET", "/api/movies", None, {"per_page": "101"}, 400, "per_page must be"),
         ("GET", "/api/movies", None, {"page": "-1"}, 400, "page must be"),
-        ("GET", "/api/movies/abc", None, {}, 400, "must be an integer"),
-        ("GET", "/api/movies/1.5", None, {}, 400, "must be an integer"),
+        ("GET", "/api/movies", None, {"per_page": ""}, 400, "per_page must be"),
+        ("GET", "/api/movies/abc", None, {}, 400, "plain digits"),
+        ("GET", "/api/movies/1.5", None, {}, 400, "plain digits"),
+        ("GET", "/api/movies/1_0", "u", {}, 400, "plain digits"),  # once movie 10, and a click
+        ("GET", "/api/movies/+2", "u", {}, 400, "plain digits"),
+        ("GET", "/api/movies/0002", "u", {}, 400, "plain digits"),
+        ("GET", "/api/movies/%202", "u", {}, 400, "plain digits"),
+        ("GET", "/api/movies/%D9%A2", "u", {}, 400, "plain digits"),  # an Arabic-Indic 2
         ("GET", "/api/movies/99999999", None, {}, 404, "no movie with id"),
-        ("GET", "/api/movies/2", "", {}, 400, "uxid must be"),
+        ("GET", "/api/movies/2", "", {}, 400, "uxid header must be"),
         ("GET", "/api/profile", None, {}, 401, "Authorization: Bearer"),
         ("GET", "/api/nothing-here", None, {}, 404, "Not Found"),
         ("DELETE", "/api/movies/2", None, {}, 405, "Method Not Allowed"),
@@ -278,4 +312,4 @@ def test_erasing_a_user_forgets_them_and_their_id_starts_anew(client: TestClient
     assert client.get("/api/users/ivan", headers=ADMIN).json()["movies"] == []  # a new user
     assert client.get("/api/admin/erasures", headers=ADMIN).json()["erasures"][0]["erasure"] == erased.json()["erasure"]
     bad = client.delete("/api/users/a%07b", headers=ADMIN)
-    assert bad.status_code == 400 and "uxid" in bad.json()["detail"]
+    assert bad.status_code == 400 and "user id in the path" in bad.json()["detail"]

@@ -49,7 +49,7 @@ class Servers:
         stop_pid(self.pg.pid, signal.SIGINT)
 
     def start_nats(self) -> None:
-        self.nats = embedded.start_nats(self.state, self.nats_port)
+        self.nats = embedded.start_nats(self.state, "mabrec", self.nats_port)
 
     def stop_nats(self) -> None:
         assert self.nats is not None

@@ -82,6 +82,7 @@ class Cluster:
             "MABREC_STATE_DIR": str(tmp / "state"),
             "MABREC_CHECKPOINT_INTERVAL": "0.5",
             "RAY_TMPDIR": str(self.ray_tmp),
+            "TMPDIR": str(self.ray_tmp),  # its processes' temp files (pymp-*) go with it
             # Where the head writes Ray's Grafana dashboards (a volume in the compose file).
             "RAY_METRICS_GRAFANA_DASHBOARD_OUTPUT_DIR": str(tmp / "ray-dashboards"),
             # Every process of this cluster inherits it: how stop() finds the ones Ray daemonized.

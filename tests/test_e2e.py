@@ -346,7 +346,7 @@ async def ingest(nats_url: str, subject: str, events: int, per_message: int = 25
     acks = []
     for start in range(0, events, per_message):
         batch = [
-            {"event_type": "seen", "entity_ids": movies[rng.integers(len(movies), size=3)].tolist(),
+            {"event_type": "seen", "entity_ids": rng.choice(movies, 3, replace=False).tolist(),
              "user_id": f"long-{int(rng.integers(20_000))}", "event_id": f"long-{i}"}
             for i in range(start, min(start + per_message, events))
         ]  # fmt: skip

@@ -8,12 +8,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
+import orjson
 import pytest
 import pytest_asyncio
 from nats.js import JetStreamContext
 
 from actors.router import IDLE_ADVANCE
-from actors.shard import APPLY_CHUNK, Shard, ShardNotReady
+from actors.shard import APPLY_CHUNK, PastStreamEnd, Shard, ShardNotReady
 from system.bus import dataplane, stream
 from system.core import userstate
 from system.core.errors import Unavailable
@@ -54,12 +55,27 @@ async def test_malformed_events_are_dead_lettered_and_the_next_good_one_applies(
     await pipeline.publish(b"{oops")
     await pipeline.publish({"event_type": "liked", "entity_id": 2, "user_id": "u2"})
     await pipeline.publish({"event_type": "seen", "entity_id": 424242, "user_id": "u2"})
+    # All or nothing: a good event in a batch with an unknown movie does not count either.
+    await pipeline.publish(
+        [
+            {"event_type": "clicked", "entity_id": 4, "user_id": "u2"},
+            {"event_type": "seen", "entity_ids": [1, 2, 99999999], "user_id": "u2"},
+        ]
+    )
     seq = await pipeline.publish({"event_type": "clicked", "entity_id": 3, "user_id": "u2"})
     await pipeline.settle(seq, "u2")
-    assert posterior(pipeline.shard_of("u2"), "u2", 3) == (2, 1)
-    assert dict(pipeline.router.dead_letters) == {"not_json": 1, "invalid": 1, "unknown_movie": 1}
-    reasons = [((await dlq.next_msg(timeout=5)).headers or {}).get("Mabrec-Error") for _ in range(3)]
-    assert reasons == ["not_json", "invalid", "unknown_movie"]
+    shard = pipeline.shard_of("u2")
+    assert posterior(shard, "u2", 3) == (2, 1)
+    assert [posterior(shard, "u2", m) for m in (1, 2, 4)] == [(1, 1)] * 3
+    assert dict(pipeline.router.dead_letters) == {"not_json": 1, "invalid": 1, "unknown_movie": 2}
+    letters = [await dlq.next_msg(timeout=5) for _ in range(4)]
+    assert [(m.headers or {}).get("Mabrec-Error") for m in letters] == [
+        "not_json",
+        "invalid",
+        "unknown_movie",
+        "unknown_movie",
+    ]
+    assert orjson.loads(letters[3].data)[0]["entity_id"] == 4  # the whole message, for whoever fixes it
     assert pipeline.router.status()["running"]
 
 
@@ -78,6 +94,23 @@ async def test_a_shard_that_missed_a_call_replays_the_gap_from_the_stream(pipeli
         covered, second, [(first, 0, Event("gap-user", CLICKED, (5,))), (second, 0, Event("gap-user", CLICKED, (8,)))]
     )
     assert posterior(shard, "gap-user", 5) == (2, 1)
+
+
+async def test_a_span_past_the_end_of_the_stream_is_refused(pipeline: Pipeline) -> None:
+    """A forged span (NATS permissions keep producers off the shard subjects; this is the shard's
+    own check) would move `covered` past events still to come, and the shard would skip them."""
+    shard = pipeline.shard_of("forged-user")
+    end = await pipeline.publish({"event_type": "clicked", "entity_id": 5, "user_id": "forged-user"})
+    await pipeline.settle(end, "forged-user")
+    with pytest.raises(PastStreamEnd):
+        await shard.apply(end, end + 1000, [(end + 1, 0, Event("forged-user", CLICKED, (8,)))])
+    with pytest.raises(PastStreamEnd):
+        await shard.apply(end + 1000, end, [])
+    assert shard.covered == end and shard.status()["refused_spans"] == 2
+    assert posterior(shard, "forged-user", 8) == (1, 1)
+    nxt = await pipeline.publish({"event_type": "clicked", "entity_id": 8, "user_id": "forged-user"})
+    await pipeline.settle(nxt, "forged-user")
+    assert posterior(shard, "forged-user", 8) == (2, 1)  # the real next event is not skipped
 
 
 async def test_a_lost_last_span_is_repaired_by_the_heartbeat(
@@ -156,6 +189,8 @@ async def test_a_checkpoint_taken_during_a_long_span_holds_exactly_what_it_says_
     await shard.wait_ready()
     users = [u for u in (f"cut-{i}" for i in range(4_000)) if slot_map.shard_of(u) == 0]
     span = [(seq, 0, Event(users[seq % len(users)], CLICKED, (7,))) for seq in range(1, 4 * APPLY_CHUNK + 1)]
+    # The stream must reach as far as the span (a shard refuses spans past its end): empty messages.
+    await asyncio.gather(*(js.publish(settings.events_subject, b"[]") for _ in span))
     applying = asyncio.create_task(shard.apply(0, len(span), span))
     while shard.state is None or shard.state.applied == 0:
         await asyncio.sleep(0)  # until the first chunk is in: the span is half applied
@@ -219,8 +254,9 @@ async def test_a_user_without_a_checkpoint_starts_empty_without_a_read_and_one_w
     assert await reborn.user_counts(before) and posterior(reborn, before, 2) == (2, 1)
     assert reborn.loads == loads + 1  # read, from the checkpoint written before the restart
 
-    at = reborn.covered + 1  # this shard's own checkpoint of a user it started empty
-    await reborn.apply(at - 1, at, [(at, 0, Event(later, CLICKED, (3,)))])
+    # This shard's own checkpoint of a user it started empty (the router tells both incarnations).
+    at = await pipeline.publish({"event_type": "clicked", "entity_id": 3, "user_id": later})
+    await wait_for(lambda: reborn.covered >= at)
     assert reborn.reads_skipped == 2
     await reborn.checkpoint()
     reborn.state.resident_users = 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Container
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +23,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, S
 from nats.js.errors import NotFoundError
 
 from system.core.errors import Unavailable
-from system.core.events import Event, decode
+from system.core.events import Event, Problem, decode
 from system.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -88,9 +88,10 @@ class StreamMessage:
     second: int  # when JetStream stored it (epoch seconds): the de-duplication window's clock
     msg_id: str | None = None  # its Nats-Msg-Id header, if the publisher set one
 
-    def decode(self) -> tuple[list[Event], list[tuple[Any, str, str]]]:
-        """Its events (ids given to those without, from the Nats-Msg-Id), and what is malformed."""
-        return decode(self.data, self.msg_id)
+    def decode(self, known: Container[int] | None = None) -> tuple[list[Event], list[Problem]]:
+        """Its events (ids given to those without, from the Nats-Msg-Id), or none and why
+        (all or nothing; with `known`, the catalog's movie ids, an unknown movie refuses it too)."""
+        return decode(self.data, self.msg_id, known)
 
 
 class StreamCursor:

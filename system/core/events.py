@@ -4,7 +4,11 @@ Accepted JSON (one object per NATS message, or an array of such objects):
     {"event_type": "seen" | "clicked", "entity_type": "movies", "entity_id": 42, "user_id": "u1",
      "event_id": "...", "ts": 1764300000.0, "recommendation_id": "..."}
 `entity_ids` (a list) may replace `entity_id`: one impression event for a whole slate.
-`event_id`, `ts` and `recommendation_id` are optional.
+`event_id`, `ts` and `recommendation_id` are optional. Each field's rule is in
+system/core/inputs.py (a user id, a movie id, a timestamp), the one definition every path uses.
+
+A message (or an HTTP request) is all or nothing: if any of its events is malformed, names a
+movie id twice, or names a movie the catalog does not have, none of its events counts.
 
 Retries count once. An event whose `event_id` the user's events already carried within the
 de-duplication window (24 h by default, MABREC_DEDUP_WINDOW_HOURS) changes nothing. The
@@ -16,15 +20,15 @@ kept (system/core/limits.py); an event without an id is never a repeat.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Container
 from dataclasses import dataclass, replace
-from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import orjson
 
 from system.core.errors import BadRequest, MalformedEvent
-from system.core.inputs import check_uxid
+from system.core.inputs import movie_id_value, timestamp, user_id
 
 SEEN, CLICKED = 0, 1
 KINDS = {"seen": SEEN, "clicked": CLICKED}
@@ -85,9 +89,11 @@ def parse_event(obj: Any) -> Event:
     if obj.get("entity_type", "movies") != "movies":
         raise MalformedEvent(f"entity_type must be 'movies', got {obj.get('entity_type')!r}")
     try:
-        user = check_uxid(obj.get("user_id"), "user_id")
+        user = user_id(obj.get("user_id"))
     except BadRequest as exc:
         raise MalformedEvent(exc.detail) from None
+    if "entity_ids" in obj and "entity_id" in obj:
+        raise MalformedEvent("give entity_id or entity_ids, not both")
     if "entity_ids" in obj:
         movies = obj["entity_ids"]
         if not isinstance(movies, list) or not 1 <= len(movies) <= MAX_ENTITIES:
@@ -96,8 +102,11 @@ def parse_event(obj: Any) -> Event:
         movies = [obj["entity_id"]]
     else:
         raise MalformedEvent("entity_id (or entity_ids) is required")
-    if not all(type(m) is int and 0 < m < 2**31 for m in movies):
+    movies = [movie_id_value(m) for m in movies]
+    if None in movies:
         raise MalformedEvent("movie ids must be positive 32-bit integers")
+    if len(set(movies)) != len(movies):  # [1, 1, 1] is not three impressions
+        raise MalformedEvent("entity_ids must not repeat a movie id")
     return Event(
         user=user,
         kind=kind,
@@ -108,28 +117,52 @@ def parse_event(obj: Any) -> Event:
     )
 
 
-def decode(payload: bytes, msg_id: str | None = None) -> tuple[list[Event], list[tuple[Any, str, str]]]:
-    """All events of one message, and (item, error label, reason) for each malformed one. With
-    the message's `Nats-Msg-Id`, an event without an `event_id` gets one made of it and its
-    place in the message, so a publisher's re-send of the same message counts once too."""
-    try:
-        data = orjson.loads(payload)
-    except orjson.JSONDecodeError as exc:
-        return [], [(payload, "not_json", f"not JSON: {exc}")]
-    items = data if isinstance(data, list) else [data]
+class Problem(NamedTuple):
+    """Why a batch was refused: the item at `at` (-1: the whole batch), a short label
+    (the dead-letter counter's), and the reason in words."""
+
+    at: int
+    item: Any
+    label: str
+    detail: str
+
+
+def parse_batch(
+    items: list[Any], known: Container[int] | None = None, event_id: Callable[[int, Any], str | None] | None = None
+) -> tuple[list[Event], list[Problem]]:
+    """The events of a batch, all or nothing: with any problem (a malformed item, or with
+    `known`, a movie id the catalog lacks), no event and every problem. `event_id(index, item)`
+    names an event that came without an id."""
     if len(items) > MAX_BATCH:
-        return [], [(payload, "too_large", f"a message carries at most {MAX_BATCH} events, got {len(items)}")]
-    events, errors = [], []
+        return [], [Problem(-1, items, "too_large", f"a batch carries at most {MAX_BATCH} events, got {len(items)}")]
+    events, problems = [], []
     for i, item in enumerate(items):
         try:
             event = parse_event(item)
         except MalformedEvent as exc:
-            errors.append((item, "invalid", exc.detail))
+            problems.append(Problem(i, item, "invalid", exc.detail))
             continue
-        if event.event_id is None and msg_id:
-            event = replace(event, event_id=f"{msg_id}#{i}")
+        if known is not None and (unknown := [m for m in event.movies if m not in known]):
+            problems.append(Problem(i, item, "unknown_movie", f"no movie {unknown[0]} in the catalog"))
+            continue
+        if event.event_id is None and event_id is not None:
+            event = replace(event, event_id=event_id(i, item))
         events.append(event)
-    return events, errors
+    return ([], problems) if problems else (events, [])
+
+
+def decode(
+    payload: bytes, msg_id: str | None = None, known: Container[int] | None = None
+) -> tuple[list[Event], list[Problem]]:
+    """The events of one message, all or nothing (`parse_batch`). With the message's
+    `Nats-Msg-Id`, an event without an `event_id` gets one made of it and its place in the
+    message, so a publisher's re-send of the same message counts once too."""
+    try:
+        data = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        return [], [Problem(-1, payload, "not_json", f"not JSON: {exc}")]
+    items = data if isinstance(data, list) else [data]
+    return parse_batch(items, known, (lambda i, _: f"{msg_id}#{i}") if msg_id else None)
 
 
 def _optional_str(obj: dict[str, Any], key: str) -> str | None:
@@ -145,14 +178,10 @@ def _optional_ts(obj: dict[str, Any]) -> float | None:
     value = obj.get("ts")
     if value is None:
         return None
-    if isinstance(value, str):
-        try:
-            return datetime.fromisoformat(value).timestamp()
-        except ValueError:
-            pass
-    elif type(value) in (int, float):
-        return float(value)
-    raise MalformedEvent("ts must be a number (seconds since the epoch) or an ISO 8601 string")
+    try:
+        return timestamp(value)
+    except ValueError as exc:
+        raise MalformedEvent(str(exc)) from None
 
 
 def redact(payload: bytes, msg_id: str | None, uxid: str) -> bytes | None:
@@ -166,7 +195,7 @@ def redact(payload: bytes, msg_id: str | None, uxid: str) -> bytes | None:
     except orjson.JSONDecodeError:
         return b"[]" if uxid.encode() in payload else None
     items = data if isinstance(data, list) else [data]
-    if len(items) > MAX_BATCH:  # refused whole by `decode`: nothing in it counted
+    if parse_batch(items)[1]:  # refused whole by `decode`: nothing in it counted, nor may its remains
         return b"[]" if any(isinstance(i, dict) and i.get("user_id") == uxid for i in items) else None
     kept = []
     for i, item in enumerate(items):

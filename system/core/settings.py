@@ -21,8 +21,8 @@ FLAGS = {"shards": "MABREC_SHARDS", "host": "MABREC_HOST", "port": "MABREC_PORT"
 
 @dataclass(frozen=True)
 class Settings:
-    database_url: str | None = None
-    nats_url: str | None = None
+    database_url: str | None = field(default=None, repr=False)  # may hold a password
+    nats_url: str | None = field(default=None, repr=False)  # may hold a password
     ray_address: str | None = None
     shards: int = 0  # unset: as the last start or `mabrec scale` left it, else one per CPU (placement.py)
     shards_given: bool = False  # MABREC_SHARDS (or --shards) was set: it wins over what `mabrec scale` left

@@ -9,11 +9,11 @@ configured token is used as given and never written to disk.
 from __future__ import annotations
 
 import os
-import secrets
 from dataclasses import replace
 from pathlib import Path
 
 from system.core.settings import Settings
+from system.local import secret_files
 
 FILE = "admin-token"
 
@@ -25,16 +25,7 @@ def ensure(settings: Settings) -> Settings:
     """`settings` with an admin token: the configured one, else the state dir's (made if missing)."""
     if settings.admin_token:
         return settings
-    path = settings.state_dir / FILE
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        os.chmod(path, 0o600)  # a copy made readable by others is theirs no longer
-    else:
-        with os.fdopen(fd, "w") as out:
-            out.write(secrets.token_urlsafe(32) + "\n")
-    return replace(settings, admin_token=path.read_text().strip())
+    return replace(settings, admin_token=secret_files.ensure(settings.state_dir / FILE))
 
 
 def remember(api_url: str, token: str) -> None:

@@ -18,12 +18,14 @@ from psycopg import sql
 
 from system.core.settings import Settings
 from system.local import servers
-from system.local.processes import pid_alive, stop_pid
+from system.local.processes import pid_alive, stop_pids
 from system.local.runtime import Runtime, Service
+from system.local.secret_files import redacted
 
 log = logging.getLogger(__name__)
 
 EMBEDDED_DATABASE = "mabrec"
+STOP_SECONDS = 10.0  # for the embedded servers to stop, together, before they are killed
 
 
 @dataclass
@@ -36,15 +38,24 @@ class Infrastructure:
     @classmethod
     def start(cls, settings: Settings, *, with_ray: bool = True) -> Infrastructure:
         """Blocking (it waits for servers to listen): run it in a thread from async code."""
-        previous = Runtime.load(settings.state_dir)
         infra = cls(settings)
+        infra.bring_up(with_ray=with_ray)
+        return infra
+
+    def bring_up(self, *, with_ray: bool = True) -> None:
+        """Start (or adopt) the servers: `services` lists each as soon as it runs, so a stop
+        from another thread meanwhile finds them. Stops what it started if it fails."""
+        settings = self.settings
+        previous = Runtime.load(settings.state_dir)
         try:
             if not settings.database_url:
-                pg = infra._adopt_or_start(previous, "postgres", lambda: servers.start_postgres(settings.state_dir))
-                infra.settings = replace(infra.settings, database_url=_ensure_database(pg.url, EMBEDDED_DATABASE))
+                pg = self._adopt_or_start(previous, "postgres", lambda: servers.start_postgres(settings.state_dir))
+                self.settings = replace(self.settings, database_url=_ensure_database(pg.url, EMBEDDED_DATABASE))
             if not settings.nats_url:
-                nats = infra._adopt_or_start(previous, "nats", lambda: servers.start_nats(settings.state_dir))
-                infra.settings = replace(infra.settings, nats_url=nats.url)
+                nats = self._adopt_or_start(
+                    previous, "nats", lambda: servers.start_nats(settings.state_dir, settings.namespace)
+                )
+                self.settings = replace(self.settings, nats_url=nats.url)
             if with_ray and not settings.ray_address:
                 dashboard = previous.dashboard_url if previous else None
                 metrics = previous.metrics_url if previous else None
@@ -54,14 +65,13 @@ class Infrastructure:
                     service, dashboard, metrics = servers.start_ray(settings.state_dir, settings.dashboard)
                     return service
 
-                ray = infra._adopt_or_start(previous, "ray", start_ray)
-                infra.settings = replace(infra.settings, ray_address=ray.url)
-                infra.dashboard_url = dashboard
-                infra.metrics_url = metrics
+                ray = self._adopt_or_start(previous, "ray", start_ray)
+                self.settings = replace(self.settings, ray_address=ray.url)
+                self.dashboard_url = dashboard
+                self.metrics_url = metrics
         except BaseException:
-            infra.stop()
+            self.stop()
             raise
-        return infra
 
     @classmethod
     def for_database(cls, settings: Settings) -> tuple[Settings, Infrastructure | None]:
@@ -79,23 +89,26 @@ class Infrastructure:
         service = previous.service(name) if previous else None
         if service is not None:
             log.info(
-                "adopting running embedded server", extra={"service": name, "pid": service.pid, "url": service.url}
+                "adopting running embedded server",
+                extra={"service": name, "pid": service.pid, "url": redacted(service.url)},
             )
         else:
             service = start()
-            log.info("started embedded server", extra={"service": name, "pid": service.pid, "url": service.url})
+            log.info(
+                "started embedded server", extra={"service": name, "pid": service.pid, "url": redacted(service.url)}
+            )
         self.services.append(service)
         return service
 
-    def stop(self) -> None:
-        """Stop the embedded servers, last started first (Ray, then NATS, then PostgreSQL)."""
-        for service in reversed(self.services):
-            if service.owned and service.alive():
-                log.info("stopping embedded server", extra={"service": service.name, "pid": service.pid})
-                stop_pid(service.pid, signal.SIGTERM if service.name == "ray" else signal.SIGINT)
-                if service.name == "ray":  # its sockets and session logs, in a private temp dir
-                    shutil.rmtree(servers.ray_tmpdir(self.settings.state_dir), ignore_errors=True)
-        self.services = []
+    def stop(self, timeout: float = STOP_SECONDS) -> None:
+        """Stop the embedded servers together, signalled last started first (Ray, NATS, then
+        PostgreSQL: each stops cleanly on its own), within `timeout` (then killed)."""
+        services, self.services = [s for s in reversed(self.services) if s.owned and s.alive()], []
+        for service in services:
+            log.info("stopping embedded server", extra={"service": service.name, "pid": service.pid})
+        stop_pids([(s.pid, signal.SIGTERM if s.name == "ray" else signal.SIGINT) for s in services], timeout)
+        if any(s.name == "ray" for s in services):  # its sockets and session logs, in a private temp dir
+            shutil.rmtree(servers.ray_tmpdir(self.settings.state_dir), ignore_errors=True)
 
 
 def _ensure_database(server_url: str, name: str) -> str:

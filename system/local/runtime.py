@@ -9,6 +9,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from system.local import secret_files
 from system.local.processes import pid_alive
 
 
@@ -42,9 +43,7 @@ class Runtime:
     def save(self, state_dir: Path) -> None:
         state_dir.mkdir(parents=True, exist_ok=True)
         path = state_dir / "runtime.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2))
-        tmp.replace(path)
+        secret_files.write_private(path, json.dumps(asdict(self), indent=2))  # it holds the servers' passwords
 
     @classmethod
     def load(cls, state_dir: Path) -> Runtime | None:

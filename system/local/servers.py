@@ -6,12 +6,13 @@ in the terminal reaches only the supervisor, which checkpoints before it stops t
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
+import json
 import os
 import secrets
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from system.core.settings import Settings
+from system.local import secret_files
 from system.local.processes import LOOPBACK, free_port, spawn, wait_for_port
 from system.local.runtime import Service
 
@@ -36,34 +38,43 @@ def postgres_bin() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "pginstall" / "bin"
 
 
+PG_PASSWORD_FILE = "postgres-password"  # the superuser's generated password (mode 0600)
+
+
 def start_postgres(state_dir: Path, port: int | None = None) -> Service:
+    """PostgreSQL on 127.0.0.1 only (no unix socket), its superuser behind a generated password
+    checked with SCRAM: no other local user logs in without it, for replication neither."""
     POSTGRES_BIN_PATH = postgres_bin()
     data = (state_dir / "postgres").resolve()
     user = _postgres_os_user(data, POSTGRES_BIN_PATH)
     # Drop every root credential, groups included: root's group would get the group bits of
     # directories like pytest's 0701 temp dirs, and be refused where "others" may pass.
     as_user: dict[str, Any] = {"user": user, "group": user, "extra_groups": []} if user else {}
+    secret_made = not (state_dir / PG_PASSWORD_FILE).exists()
+    password = secret_files.ensure(state_dir / PG_PASSWORD_FILE)
+    # A data dir from before passwords: trusted once more, until the password is set below.
+    set_password = secret_made and (data / "PG_VERSION").exists()
     if not (data / "PG_VERSION").exists():
         data.mkdir(parents=True, exist_ok=True)
         if user:
             shutil.chown(data, user, user)
-        init = subprocess.run(
-            [
-                str(POSTGRES_BIN_PATH / "initdb"),
-                "-D",
-                str(data),
-                "--auth=trust",
-                "-U",
-                "postgres",
-                "--encoding=UTF8",
-                "--no-instructions",
-            ],
-            capture_output=True,
-            text=True,
-            **as_user,
-        )
+        pwfile = data.parent / f".pg-init-{secrets.token_hex(4)}"  # readable by the server's user, briefly
+        secret_files.write_private(pwfile, password + "\n")
+        if user:
+            shutil.chown(pwfile, user, user)
+        try:
+            init = subprocess.run(
+                [
+                    str(POSTGRES_BIN_PATH / "initdb"), "-D", str(data), "-U", "postgres",
+                    "--auth=scram-sha-256", f"--pwfile={pwfile}", "--encoding=UTF8", "--no-instructions",
+                ],
+                capture_output=True, text=True, **as_user,
+            )  # fmt: skip
+        finally:
+            pwfile.unlink()
         if init.returncode:
             raise RuntimeError(f"initdb failed for {data}: {init.stderr.strip()}")
+    _write_hba(data, "trust" if set_password else "scram-sha-256", user)
     port = port or free_port()
     cmd = [
         str(POSTGRES_BIN_PATH / "postgres"),
@@ -78,17 +89,40 @@ def start_postgres(state_dir: Path, port: int | None = None) -> Service:
         shutil.chown(log_file, user, user)
     proc = spawn(cmd, log_file, **as_user)
     wait_for_port(port, 30.0, proc, log_file)
-    _wait_pg_ready(port, proc)
-    return Service("postgres", proc.pid, f"postgresql://postgres@{LOOPBACK}:{port}/postgres")
+    url = f"postgresql://postgres:{password}@{LOOPBACK}:{port}/postgres"
+    _wait_pg_ready(url, proc)
+    if set_password:
+        import psycopg
+        from psycopg import sql
+
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(sql.SQL("ALTER ROLE postgres PASSWORD {}").format(sql.Literal(password)))
+        _write_hba(data, "scram-sha-256", user)
+        os.kill(proc.pid, signal.SIGHUP)  # reload: from now on, the password
+        _wait_pg_ready(url, proc)
+    return Service("postgres", proc.pid, url)
 
 
-def _wait_pg_ready(port: int, proc: subprocess.Popen[bytes]) -> None:
+def _write_hba(data: Path, method: str, user: str | None) -> None:
+    path = data / "pg_hba.conf"
+    path.write_text(
+        "# Written by mabrec at each start: TCP from 127.0.0.1 only (no unix socket), with the\n"
+        "# superuser's generated password (SCRAM), replication included.\n"
+        f"host all all 127.0.0.1/32 {method}\n"
+        f"host replication all 127.0.0.1/32 {method}\n"
+    )
+    path.chmod(0o600)
+    if user:
+        shutil.chown(path, user, user)
+
+
+def _wait_pg_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
     import psycopg
 
     deadline = time.monotonic() + 30
     while True:
         try:
-            psycopg.connect(f"postgresql://postgres@{LOOPBACK}:{port}/postgres", connect_timeout=2).close()
+            psycopg.connect(url, connect_timeout=2).close()
             return
         except psycopg.OperationalError:
             if time.monotonic() > deadline or proc.poll() is not None:
@@ -126,7 +160,28 @@ def _postgres_os_user(data: Path, bin_path: Path) -> str | None:
 # --- NATS ----------------------------------------------------------------------------------------
 
 
-def start_nats(state_dir: Path, port: int | None = None) -> Service:
+# The embedded server's users: mabrec's own processes, and producers of feedback events, who may
+# publish on the events subjects only (and read the replies JetStream acknowledges them with).
+NATS_USER, PRODUCER_USER = "mabrec", "producer"
+PRODUCER_URL_FILE = "nats-producer-url"  # the producers' URL, password included (mode 0600)
+
+
+def nats_config(namespace: str, password: str, producer_password: str) -> str:
+    """The server's authorization: a forged message on a shard's subject (`<ns>.shard.<i>.*`) or
+    a read of the event log is refused to everyone but mabrec's own user."""
+    events = [f"{namespace}.events", f"{namespace}.events.>"]
+    users = [
+        {"user": NATS_USER, "password": password},
+        {
+            "user": PRODUCER_USER,
+            "password": producer_password,
+            "permissions": {"publish": {"allow": events}, "subscribe": {"allow": ["_INBOX.>"]}},
+        },
+    ]
+    return f"authorization: {{ users: {json.dumps(users)} }}\n"  # JSON is valid NATS config
+
+
+def start_nats(state_dir: Path, namespace: str, port: int | None = None) -> Service:
     exe = Path(sys.executable).parent / "nats-server"
     if not exe.exists():
         found = shutil.which("nats-server")
@@ -135,11 +190,21 @@ def start_nats(state_dir: Path, port: int | None = None) -> Service:
         exe = Path(found)
     store = (state_dir / "nats").resolve()
     store.mkdir(parents=True, exist_ok=True)
+    password = secret_files.ensure(store / "mabrec-password")
+    producer_password = secret_files.ensure(store / "producer-password")
+    config = store / "nats.conf"
+    secret_files.write_private(config, nats_config(namespace, password, producer_password))
     port = port or free_port()
-    cmd = [str(exe), "-a", LOOPBACK, "-p", str(port), "-js", "-sd", str(store), "-l", str(store / "server.log")]
+    cmd = [
+        str(exe), "-c", str(config),
+        "-a", LOOPBACK, "-p", str(port), "-js", "-sd", str(store), "-l", str(store / "server.log"),
+    ]  # fmt: skip
     proc = spawn(cmd, store / "stdout.log")
     wait_for_port(port, 15.0, proc, store / "server.log")
-    return Service("nats", proc.pid, f"nats://{LOOPBACK}:{port}")
+    secret_files.write_private(
+        state_dir / PRODUCER_URL_FILE, f"nats://{PRODUCER_USER}:{producer_password}@{LOOPBACK}:{port}\n"
+    )
+    return Service("nats", proc.pid, f"nats://{NATS_USER}:{password}@{LOOPBACK}:{port}")
 
 
 # --- Ray -----------------------------------------------------------------------------------------
@@ -177,14 +242,7 @@ def ray_tmpdir(state_dir: Path) -> Path:
 def ray_token(state_dir: Path) -> Path:
     """The state dir's Ray token file (readable by its owner only), created if missing."""
     path = (state_dir / "ray_auth_token").resolve()
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".ray_auth_token.")  # mode 0600
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(32))
-        with contextlib.suppress(FileExistsError):  # another command made it first: keep theirs
-            os.link(tmp, path)  # whole or not at all
-        os.unlink(tmp)
+    secret_files.ensure(path)
     return path
 
 
@@ -201,6 +259,9 @@ def start_ray(state_dir: Path, dashboard: bool, num_cpus: int | None = None) -> 
     loopback (--node-ip-address), to every interface otherwise. RAY_PROMETHEUS_HOST,
     RAY_GRAFANA_HOST and RAY_GRAFANA_IFRAME_HOST, when set, reach the head's dashboard."""
     env = {**os.environ, **ray_environment(state_dir)}
+    # Its processes' temp files too (the dashboard's multiprocessing leaves a pymp-* dir behind
+    # when Ray stops): all in the private temp dir, which goes when the supervisor stops Ray.
+    env["TMPDIR"] = env["RAY_TMPDIR"]
     Path(env["RAY_TMPDIR"]).mkdir(parents=True, exist_ok=True)
     port, metrics_port = free_port(), free_port()
     exe = Path(sys.executable).parent / "ray"

@@ -75,10 +75,16 @@ function showTokenState() {
 
 // --- the API -----------------------------------------------------------------------------
 
+// A header value is bytes, and fetch takes them as a string of code points up to 255: the
+// uxid's UTF-8 bytes, one per code point (the API reads a uxid header as UTF-8).
+function headerBytes(text) {
+  return Array.from(new TextEncoder().encode(text), (byte) => String.fromCharCode(byte)).join("");
+}
+
 async function api(path, headers = {}) {
   let response;
   try {
-    response = await fetch(path, { headers: { uxid: state.uxid, ...headers }, cache: "no-store" });
+    response = await fetch(path, { headers: { uxid: headerBytes(state.uxid), ...headers }, cache: "no-store" });
   } catch (error) {
     throw new ApiError(0, "the API did not answer (" + error.message + ")");
   }
@@ -253,8 +259,9 @@ function setBusy(busy) {
 
 async function chooseUser(uxid) {
   uxid = uxid.trim();
-  if (uxid.length < 1 || uxid.length > 128 || !/^[\x20-\x7e]+$/.test(uxid)) {
-    setStatus("A uxid here is 1 to 128 printable ASCII characters.", "error");
+  const characters = Array.from(uxid).length; // code points, as the API counts them
+  if (characters < 1 || characters > 128 || /[\p{C}\p{Zl}\p{Zp}]/u.test(uxid)) {
+    setStatus("A uxid is 1 to 128 printable characters.", "error");
     el("uxid").focus();
     return;
   }
