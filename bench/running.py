@@ -25,7 +25,7 @@ class RunningSystem:
     """`mabrec up` with this state dir and these variables (and none of the caller's MABREC_*,
     DATABASE_URL, NATS_URL or RAY_*: unset, the servers are embedded), on a free port."""
 
-    def __init__(self, state_dir: Path, env: dict[str, str]) -> None:
+    def __init__(self, state_dir: Path, env: dict[str, str], *, session: bool = False) -> None:
         self.state_dir = state_dir
         self.env = {
             **{
@@ -41,12 +41,15 @@ class RunningSystem:
         self.admin_headers: dict[str, str] = {}
         self.log = state_dir / "supervisor.log"
         self.started_in = 0.0
+        self.session = session  # its own process group, as a terminal's foreground job (`interrupt`)
 
     def start(self, timeout: float = 90.0) -> RunningSystem:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         began = time.monotonic()
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([MABREC, "up"], env=self.env, stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                [MABREC, "up"], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=self.session
+            )
         try:
             return self._wait_ready(began, timeout)
         except BaseException:  # not ready, or the caller was stopped meanwhile: nothing left behind
@@ -95,6 +98,20 @@ class RunningSystem:
             self.http.close()
             self.http = None
         return code
+
+    def interrupt(self, timeout: float = 90.0) -> int:
+        """Ctrl-C as a terminal sends it: SIGINT to the whole process group (`session=True`)."""
+        assert self.proc is not None and self.session
+        os.killpg(self.proc.pid, signal.SIGINT)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+        finally:
+            if self.http:
+                self.http.close()
+                self.http = None
 
     def kill(self) -> None:
         """SIGKILL the supervisor, then stop what it had started (by the PIDs it recorded)."""

@@ -148,28 +148,31 @@ async def verify(
                     f" #{min(snapshot.covered.values())}: events between them were lost to retention"
                 )
             through = max([c for c, _ in live.values()] + list(snapshot.covered.values()) + [0])
-            log: list[tuple[int, int, list[Event]]] = [
-                (m.seq, m.second, m.decode(catalog.id_set)[0])
+            # Erasures whose log scrub is under way (read first: one that ends meanwhile is
+            # still here): their user's events through the erasure are leaving the log, and
+            # count no more, wherever the scrub has got to.
+            erasures = ErasureStore(pool)
+            scrubbing = {uxid: upto for _, uxid, upto in await erasures.pending()}
+            messages: dict[int, tuple[int, list[Event]]] = {
+                m.seq: (m.second, m.decode(catalog.id_set)[0])
                 async for batch in stream.read_range(js, settings, first - 1, through)
                 for m in batch
-            ]
+            }
             # Messages that named an erased user: deleted from the stream, recounted from their
-            # redacted copies (system/erasure.py).
-            erasures = ErasureStore(pool)
+            # redacted copies (system/erasure.py); a copy wins over a message read before the
+            # scrub deleted it.
             redacted = {seq: (second, data) for seq, second, data in await erasures.redacted(0, through)}
             while first - 1 in redacted:  # the stream's first messages were erased, not trimmed
                 first -= 1
             trimmed = first > 1
-            log = sorted(
-                log
-                + [
-                    (seq, second, decode(data, None, catalog.id_set)[0])
-                    for seq, (second, data) in redacted.items()
-                    if seq >= first
-                ],
-                key=lambda entry: entry[0],
-            )
-            erased = await erasures.erasures(limit=1_000_000)
+            for seq, (second, data) in redacted.items():
+                if seq >= first:
+                    messages[seq] = (second, decode(data, None, catalog.id_set)[0])
+            log = [
+                (seq, second, [e for e in events if not seq <= scrubbing.get(e.user, 0)])
+                for seq, (second, events) in sorted(messages.items())
+            ]
+            erased = await erasures.count()
     finally:
         await nc.close()
 
@@ -216,7 +219,7 @@ async def verify(
         mismatched,
         lagging,
         time.monotonic() - began,
-        len(erased),
+        erased,
         len(redacted),
     )
 

@@ -35,11 +35,11 @@ def test_report_writes_every_figure(tmp_path: Path) -> None:
         "1,000 slates/s and a click per 10 slates (open loop), 2 runs",
         "ingestion at 20,000 events/s",
         "a click in the user's state",
-        "memory, 100,000 users",
+        "memory, 20,000 users",
         "`mabrec up` to ready",
-        "50,000 distinct users, each touched once",
+        "20,000 distinct users, each touched once",
         "a slate for a user not in memory",
-        "after 50,000 events in the log",
+        "after 20,000 events in the log",
         "policy, one slate in-process, by the user's state rows",
     ):
         assert row in text
@@ -51,7 +51,7 @@ def test_report_writes_every_figure(tmp_path: Path) -> None:
     assert report["policy"]["openblas_unset"]["cold_us_per_slate"] > 0 and "kernel" in report["policy"]["blas"]
     assert report["policy"]["rows9000_rows"] > 5_000 and report["policy"]["rows9000_us_per_slate"] > 0
     growth = report["growth"]
-    assert growth["memory_after"]["users_in_postgres"] >= 50_000
+    assert growth["memory_after"]["users_in_postgres"] >= 20_000
     assert growth["slate_evicted"]["users_loaded"] > 0  # they were not in memory
     assert growth["slate_evicted"]["errors"] == 0 and growth["slate_resident"]["errors"] == 0
     restart = report["restart"]

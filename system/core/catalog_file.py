@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -19,6 +20,7 @@ import orjson
 
 from system.core.catalog import Movie
 from system.core.errors import BadRequest
+from system.core.inputs import movie_id, movie_id_value
 
 # The catalog mabrec ships and loads on first start (data/README.md).
 SHIPPED = Path(__file__).resolve().parents[2] / "data" / "catalog.csv.gz"
@@ -83,13 +85,20 @@ def _movie(row: dict[str, Any], line: int, *, split_lists: bool) -> Movie:
         if value is None or value == "":
             return None
         try:
-            return cast(value)
-        except (TypeError, ValueError):
+            parsed = cast(value)
+        except (TypeError, ValueError, OverflowError):
             raise fail(f"{key} must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not math.isfinite(parsed):
+            raise fail(f"{key} must be a number, got {value!r}")
+        return parsed
 
-    movie_id = number("id", int)
-    if movie_id is None or not 0 < movie_id < 2**31:
-        raise fail(f"id must be a positive 32-bit integer, got {row.get('id')!r}")
+    raw_id = row.get("id")  # a string in CSV; a number (or a string) in JSONL: the one rule either way
+    try:
+        movie = movie_id(raw_id) if isinstance(raw_id, str) else movie_id_value(raw_id)
+    except BadRequest:
+        movie = None
+    if movie is None:
+        raise fail(f"id must be a positive 32-bit integer in plain digits, got {raw_id!r}")
     name = str(row.get("title") or row.get("name") or "").strip()
     if not name:
         raise fail("title (or name) is required")
@@ -112,7 +121,7 @@ def _movie(row: dict[str, Any], line: int, *, split_lists: bool) -> Movie:
     if duration is None:
         duration = number("duration", int)
     return Movie(
-        id=movie_id,
+        id=movie,
         name=name,
         description=str(row.get("description") or ""),
         rating=number("rating", float),

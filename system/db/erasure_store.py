@@ -104,6 +104,12 @@ class ErasureStore:
                 (messages, dead_letters, erasure),
             )
 
+    async def count(self) -> int:
+        """How many erasures there have been."""
+        async with self.pool.connection() as conn:
+            row = await (await conn.execute("SELECT count(*) FROM erasures")).fetchone()
+        return int(row[0]) if row else 0
+
     async def erasures(self, limit: int = 100) -> list[Erasure]:
         """The latest erasures, newest first (never whom they were for)."""
         async with self.pool.connection() as conn:

@@ -263,6 +263,7 @@ def start_ray(state_dir: Path, dashboard: bool, num_cpus: int | None = None) -> 
     # when Ray stops): all in the private temp dir, which goes when the supervisor stops Ray.
     env["TMPDIR"] = env["RAY_TMPDIR"]
     Path(env["RAY_TMPDIR"]).mkdir(parents=True, exist_ok=True)
+    Path(env["RAY_TMPDIR"]).chmod(0o700)  # private: Ray's sockets, session logs and files are its owner's
     port, metrics_port = free_port(), free_port()
     exe = Path(sys.executable).parent / "ray"
     cmd = [
