@@ -325,7 +325,7 @@ async def prepare_database(settings: Settings) -> None:
             log.info("catalog loaded", extra={"file": str(path), "movies": result.movies, "facets": result.facets})
 
 
-STOP_GRACE = 12.0  # for final checkpoints and drains; past it (or at a second signal) the actors are killed
+STOP_GRACE = 10.0  # for final checkpoints and drains; past it (or at a second signal) the actors are killed
 STOP_DEADLINE = 30.0  # from the first signal to the process's exit, whatever hangs
 
 

@@ -45,7 +45,8 @@ class BoundedHttpTools(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._in_head = True  # reading a request's head (a new connection's first request too)
-        self._head_bytes = 0
+        self._head_bytes = 0  # bytes read while in the head (the part not parsed yet included)
+        self._parsed = 0  # of the head, as parsed
         self._refused = False
 
     def data_received(self, data: bytes) -> None:
@@ -61,7 +62,12 @@ class BoundedHttpTools(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._in_head, self._head_bytes = True, 0
+        self._in_head, self._head_bytes, self._parsed = True, 0, 0
+
+    def on_url(self, url: bytes) -> None:
+        if not self._refused:
+            super().on_url(url)
+            self._count(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._refused:
@@ -69,6 +75,14 @@ class BoundedHttpTools(HttpToolsProtocol):
         super().on_header(name, value)
         if len(self.headers) > MAX_HEADERS:
             self._refuse("too many headers")
+        else:
+            self._count(len(name) + len(value) + 4)  # ": " and CRLF
+
+    def _count(self, size: int) -> None:
+        """The head as parsed: a whole one that came in one read is measured too."""
+        self._parsed += size
+        if self._parsed > MAX_HEAD_BYTES:
+            self._refuse("head too large")
 
     def on_headers_complete(self) -> None:
         self._in_head = False

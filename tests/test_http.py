@@ -123,6 +123,13 @@ def test_a_huge_header_is_refused_at_the_limit_without_being_read(server: Server
     assert psutil.Process().memory_info().rss - rss < 64 * 2**20
 
 
+def test_a_whole_request_with_a_large_header_is_refused_too(server: Server) -> None:
+    """The request in one piece (one read on the server): its head is measured as parsed."""
+    status, _, body = server.exchange(get("/healthz", b"X-Big: " + b"a" * 100_000))
+    assert status == 431 and orjson.loads(body)["error"] == "header_fields_too_large"
+    assert server.exchange(get("/healthz", b"X-Fine: " + b"a" * 16_000))[0] == 200
+
+
 def test_too_many_headers_are_refused(server: Server) -> None:
     many = [f"X-H{i}: {i}".encode() for i in range(MAX_HEADERS + 1)]
     status, _, body = server.exchange(get("/api/movies", *many))

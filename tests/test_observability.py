@@ -3,7 +3,7 @@ Prometheus rules use only metrics that exist (mabrec's Ray metrics, actors/ray_m
 exports them, and the API's /metrics, api/metrics.py); the compose file runs Prometheus and
 Grafana on those files, loopback-only, scraping what the Ray nodes and the API export; and the
 exporters turn an actor's status into gauges and counter increments, across restarts.
-(tests/test_ray_metrics.py reads the real export of a running system.)"""
+(tests/test_e2e.py reads the real export of a running system.)"""
 
 from __future__ import annotations
 
