@@ -393,7 +393,13 @@ class Run:
             log.warning("second signal: stopping now, without waiting for final checkpoints")
             self.hurry.set()
             return
-        log.info("stopping", extra={"signal": signal.Signals(sig).name, "deadline_s": STOP_DEADLINE})
+        self.stop(signal.Signals(sig).name)
+
+    def stop(self, why: str) -> None:
+        """Stop (once), within STOP_DEADLINE."""
+        if self.stopping.is_set():
+            return
+        log.info("stopping", extra={"why": why, "deadline_s": STOP_DEADLINE})
         self.stopping.set()
         self._watchdog().start()
         if not self.serving and self.task is not None:
@@ -468,7 +474,7 @@ class Run:
 
             def died(exc: BaseException | None) -> None:
                 log.error("the control loop died: stopping")
-                self.stopping.set()
+                self.stop("the control loop died")
 
             control = start_task(supervisor.run(), "control loop", died)
             while not supervisor.health.all_up and not self.stopping.is_set():
