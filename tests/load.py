@@ -22,8 +22,8 @@ from system.bus import stream
 from system.core.catalog_file import SHIPPED, read_movies
 from tests.conftest import RECOVERY
 
-EVENTS = 10_000
-RATE = 1_500  # events per second: ~7 s of steady stream
+EVENTS = 6_000
+RATE = 1_500  # events per second: ~4 s of steady stream
 USERS = 400
 MOVIES = [m.id for m in read_movies(SHIPPED)][::400]  # 25 movies of the shipped catalog
 
