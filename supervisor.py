@@ -13,7 +13,6 @@ SIGINT/SIGTERM stop everything cleanly: final checkpoints, NATS drained, embedde
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import os
@@ -343,7 +342,7 @@ async def up(settings: Settings) -> int:
     held_by_us = previous is not None and urlsplit(previous.api_url).port == settings.port  # actors left running
     if settings.port and not held_by_us and port_taken(settings.host, settings.port):
         return _port_in_use(PortInUse.of(settings.host, settings.port))  # at once, before any server starts
-    run = Run(settings, asyncio.current_task())
+    run = Run(settings, asyncio.current_task(), previous)
     loop = asyncio.get_running_loop()
 
     def handle_signals() -> None:
@@ -380,9 +379,10 @@ def _port_in_use(exc: PortInUse) -> int:
 class Run:
     """One `mabrec up`: its start, its serving, and its stop, with the signals that end them."""
 
-    def __init__(self, settings: Settings, task: asyncio.Task[Any] | None) -> None:
+    def __init__(self, settings: Settings, task: asyncio.Task[Any] | None, previous: Runtime | None) -> None:
         self.settings = settings
         self.task = task
+        self.previous = previous  # the runtime file of the last `mabrec up` from this state dir, if any
         self.infra = Infrastructure(settings)
         self.stopping = asyncio.Event()
         self.hurry = asyncio.Event()
@@ -434,8 +434,10 @@ class Run:
         try:
             await asyncio.shield(bringing_up)
         except asyncio.CancelledError:
-            with contextlib.suppress(Exception):
+            try:
                 await bringing_up
+            except Exception as exc:  # noqa: BLE001 - stopping anyway; it stopped what it had started
+                log.warning("starting the servers failed while the start was cancelled", extra={"error": repr(exc)})
             self.infra.stop()
             raise
         infra = self.infra
@@ -462,7 +464,7 @@ class Run:
             cluster = ray_api.Cluster(settings)
             if slot_map.shards != settings.shards:
                 slot_map = await reshard_offline(cluster, state_store, slot_map, settings.shards)
-            previous = Runtime.load(settings.state_dir)
+            previous = self.previous
             port = settings.port or (urlsplit(previous.api_url).port if previous else None) or free_port()
             if not cluster.exists(api_key(0)) and port_taken(settings.host, port):  # (ours, left running: fine)
                 raise PortInUse.of(settings.host, port)

@@ -350,10 +350,11 @@ class Shard:
             state = self.state
             if state is None:  # fenced while waiting for the lock
                 raise ShardNotReady(f"shard {self.shard_id} is not serving")
-            if max(prev_seq, last_seq) > self._stream_end:  # asked only when a span goes past the last answer
+            reach = max(prev_seq, last_seq)
+            if reach > self._stream_end:  # asked only when a span goes past the last answer
                 assert self._nc is not None
                 self._stream_end = (await self._nc.jetstream().stream_info(self.settings.stream)).state.last_seq
-                if max(prev_seq, last_seq) > self._stream_end:
+                if reach > self._stream_end:
                     self.refused_spans += 1
                     raise PastStreamEnd(
                         f"span ({prev_seq}, {last_seq}] goes past the stream's last sequence {self._stream_end}"

@@ -12,11 +12,11 @@ from typing import Any, TypeVar
 from system.core.errors import BadRequest
 
 # A user id: 1 to 128 characters (code points, not bytes) of UTF-8 text, printable: none of the
-# control or separator characters (the plain space aside; UTF-8 and JSON carry no lone surrogate), nor the invisible
-# formatting characters of the Basic Multilingual Plane (soft hyphen, zero-width space, direction
-# marks, BOM...; the zero-width joiners stay: emoji sequences and some scripts need them), and
-# no space at either end: an HTTP header cannot carry one there, and the same person must be the
-# same id on every path. A regular expression both in Python and in JSON Schema (api/openapi.py).
+# control or separator characters (the plain space aside; UTF-8 and JSON carry no lone
+# surrogate), nor the invisible formatting characters of the Basic Multilingual Plane (soft
+# hyphen, zero-width space, direction marks, BOM...; the zero-width joiners stay: emoji sequences
+# and some scripts need them), and no space at either end: an HTTP header cannot carry one there,
+# and the same person must be the same id on every path. A regular expression both in Python and in JSON Schema (api/openapi.py).
 MAX_USER_ID = 128
 NOT_PRINTABLE = (
     "\\u0000-\\u001f\\u007f-\\u00a0\\u00ad\\u0600-\\u0605\\u061c\\u06dd\\u070f\\u0890-\\u0891\\u08e2\\u1680\\u180e"

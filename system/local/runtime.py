@@ -41,9 +41,8 @@ class Runtime:
     metrics_url: str | None = None
 
     def save(self, state_dir: Path) -> None:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        path = state_dir / "runtime.json"
-        secret_files.write_private(path, json.dumps(asdict(self), indent=2))  # it holds the servers' passwords
+        # It holds the servers' passwords: owner only.
+        secret_files.write_private(state_dir / "runtime.json", json.dumps(asdict(self), indent=2))
 
     @classmethod
     def load(cls, state_dir: Path) -> Runtime | None:

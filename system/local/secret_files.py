@@ -15,12 +15,8 @@ def ensure(path: Path) -> str:
     """The secret in `path`, made (random, URL-safe) if missing: written whole or not at all,
     and when two processes race, both end up with the first one's."""
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as out:
-            out.write(secrets.token_urlsafe(32) + "\n")
-        with contextlib.suppress(FileExistsError):
+        tmp = _written_aside(path, secrets.token_urlsafe(32) + "\n")
+        with contextlib.suppress(FileExistsError):  # another process made it first: theirs stays
             os.link(tmp, path)
         os.unlink(tmp)
     os.chmod(path, 0o600)  # a copy made readable by others is theirs no longer
@@ -29,12 +25,17 @@ def ensure(path: Path) -> str:
 
 def write_private(path: Path, text: str) -> None:
     """Write `text` to `path` (mode 0600 from its first byte), replacing it whole."""
+    _written_aside(path, text).replace(path)
+
+
+def _written_aside(path: Path, text: str) -> Path:
+    """`text` in a new file of mode 0600 beside `path` (its directory made if missing)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as out:
         out.write(text)
-    tmp.replace(path)
+    return tmp
 
 
 def redacted(url: str) -> str:
