@@ -13,9 +13,9 @@ import numpy as np
 
 from api.render import Rendered
 from system.bus.dataplane import ShardClient
-from system.bus.publisher import Publisher
+from system.bus.publisher import Publisher, TooLarge
 from system.core import userstate
-from system.core.errors import Moved, Unavailable
+from system.core.errors import Moved, PayloadTooLarge, Unavailable
 from system.core.events import Event
 from system.core.policy import Model, Picks, draw_slate
 from system.core.popularity import Popularity
@@ -154,7 +154,10 @@ class LiveBackend:
         return self.publisher.submit_many(self.subject, [e.encode() for e in events])
 
     async def publish_durably(self, events: Sequence[Event], timeout: float) -> int:
-        return await self.publisher.publish(self.subject, [e.encode() for e in events], timeout)
+        try:
+            return await self.publisher.publish(self.subject, [e.encode() for e in events], timeout)
+        except TooLarge as exc:  # one request is one message of the log: all of it, or none
+            raise PayloadTooLarge(f"{exc}: send them in smaller batches") from None
 
     @property
     def subject(self) -> str:

@@ -45,8 +45,9 @@ class Backend(Protocol):
         ...
 
     async def publish_durably(self, events: Sequence[Event], timeout: float) -> int:
-        """Return once the events are in the event stream, with the stream sequence they reach;
-        Unavailable if that cannot happen in time."""
+        """Return once every one of the events is in the event stream, all in one message (the
+        log holds all of them or none), with that message's stream sequence; Unavailable if that
+        cannot happen in time, PayloadTooLarge if they do not fit in one message."""
         ...
 
     async def set_desired_shards(self, shards: int) -> None:

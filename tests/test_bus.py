@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from typing import cast
 
 import orjson
 import pytest
@@ -10,12 +12,18 @@ from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
 
+from actors.live_backend import Gateway, LiveBackend
+from api.render import Rendered
 from system.bus import publisher as publisher_module
 from system.bus import stream
-from system.bus.publisher import Publisher
-from system.core.errors import Unavailable
-from system.core.events import decode
+from system.bus.publisher import MAX_EVENTS, Publisher, TooLarge
+from system.core.catalog import Catalog
+from system.core.catalog_file import read_movies
+from system.core.errors import PayloadTooLarge, Unavailable
+from system.core.events import SEEN, Event, decode
 from system.core.settings import Settings
+from system.core.sharding import SlotMap
+from tests.conftest import SMALL_CSV
 
 pytestmark = pytest.mark.integration
 
@@ -50,13 +58,63 @@ async def test_publisher_packs_what_gathers_into_few_messages(js: JetStreamConte
     publisher = Publisher(nc, per_message=100)
     subject = f"{settings.events_subject}.api"
     events = [orjson.dumps({"event_type": "seen", "entity_id": 1, "user_id": f"u{i}"}) for i in range(300)]
-    assert publisher.submit_many(subject, events)  # all queued before the publisher runs
+    assert all(publisher.submit_many(subject, [e]) for e in events)  # all queued before the publisher runs
     publisher.start()
     assert await publisher.publish(subject, [events[0]], timeout=5) == 4  # once stored, with its sequence
     assert publisher.published == 301 and publisher.messages == 4  # 100 + 100 + 100 + 1
     decoded = [decode(m.data) async for batch in stream.read_range(js, settings, 0, 10) for m in batch]
     assert [len(events) for events, errors in decoded] == [100, 100, 100, 1]
     assert [e.user for events, _ in decoded for e in events][:3] == ["u0", "u1", "u2"]
+    await publisher.drain()
+    await nc.close()
+
+
+async def test_what_one_call_hands_over_is_stored_in_one_message_or_refused_whole(
+    js: JetStreamContext, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A JetStream that refuses one message (over the stream's size limit) of what used to be a
+    multi-message batch: the caller hears that its events were refused (no 202 over HTTP), and
+    none of them is in the log; other callers' events, packed around it, are stored. (Before,
+    600 events left as 500 + 100 and the caller heard only of the last message, which was stored.)"""
+    monkeypatch.setattr(publisher_module, "MAX_ATTEMPTS", 1)
+    config = (await js.stream_info(settings.stream)).config
+    config.max_msg_size = 8_000
+    await js.update_stream(config)
+    nc = await stream.connect(settings.nats_url or "", "test-publisher")
+    publisher = Publisher(nc, per_message=500)
+    subject = f"{settings.events_subject}.api"
+
+    def events(tag: str, n: int) -> list[bytes]:
+        return [orjson.dumps({"event_type": "seen", "entity_id": 1, "user_id": f"{tag}{i}"}) for i in range(n)]
+
+    small_before, big, small_after = events("a", 10), events("b", 600), events("c", 10)
+    waits = [
+        asyncio.ensure_future(publisher.publish(subject, batch, timeout=10))
+        for batch in (small_before, big, small_after)
+    ]
+    await asyncio.sleep(0)  # all three queued before the publisher runs: they would share messages
+    publisher.start()
+    stored, refused, stored_too = await asyncio.gather(*waits, return_exceptions=True)
+    assert isinstance(refused, Unavailable) and "refused" in str(refused)
+    assert isinstance(stored, int) and isinstance(stored_too, int)
+    users = [
+        e.user
+        for batch in [m async for b in stream.read_range(js, settings, 0, 100) for m in b]
+        for e in decode(batch.data)[0]
+    ]
+    assert sorted(users) == sorted([f"a{i}" for i in range(10)] + [f"c{i}" for i in range(10)])
+    assert publisher.dropped == 600 and publisher.published == 20
+    # What cannot go in one message at all is refused at once, before it is queued.
+    with pytest.raises(TooLarge):
+        publisher.submit_many(subject, events("d", MAX_EVENTS + 1))
+    with pytest.raises(TooLarge):
+        await publisher.publish(subject, [b"x" * (publisher.max_bytes + 1)], timeout=1)
+    # ... which the API answers with a 413 (POST /api/events: a request is one message).
+    catalog = Catalog.from_movies(list(read_movies(SMALL_CSV)))
+    backend = LiveBackend(settings, Rendered(catalog), SlotMap.even(1), cast(Gateway, None), publisher)
+    long_ids = [Event("😀" * 128, SEEN, (1,), f"{i:0>128}", "r" * 128, None) for i in range(MAX_EVENTS)]
+    with pytest.raises(PayloadTooLarge, match="smaller batches"):
+        await backend.publish_durably(long_ids, timeout=1)
     await publisher.drain()
     await nc.close()
 

@@ -22,6 +22,7 @@ from nats.errors import (
 from nats.errors import TimeoutError as NatsTimeout
 
 from system.core.errors import Unavailable
+from system.core.events import MAX_BATCH
 from system.tasks import cancel_and_wait, start_task
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,18 @@ TRANSIENT = (
 )
 # Any other error is retried this many times, then the message's events are dropped and counted.
 MAX_ATTEMPTS = 5
+# Seconds before a loop that died of a bug starts again: doubled at each death in a row.
+RESTART_PAUSE, RESTART_PAUSE_MAX = 0.1, 10.0
+
+
+@dataclass(slots=True)
+class _Unit:
+    """One caller's events: stored together, in one message, or not at all."""
+
+    subject: str
+    payloads: Sequence[bytes]
+    size: int  # bytes, as a JSON array
+    done: asyncio.Future[int] | None
 
 
 @dataclass
@@ -47,8 +60,17 @@ class _Message:
     subject: str
     payload: bytes
     msg_id: str
+    units: int
     events: int
     attempts: int = 0
+
+
+class TooLarge(ValueError):
+    """Events that cannot go in one message: the caller sends fewer at a time."""
+
+
+# The most events one message carries: what a reader of the stream takes in one message.
+MAX_EVENTS = MAX_BATCH
 
 
 class Publisher:
@@ -56,23 +78,27 @@ class Publisher:
     buffer is full (NATS has been unreachable for a while). `publish` also waits until JetStream
     has the events: a caller that answers "accepted" only then loses nothing if this process dies.
 
-    A background task drains the buffer: what has gathered while the previous message was being
-    acknowledged (or, after a quiet spell, within `linger` seconds) leaves as one message, a JSON
-    array of up to `per_message` events and at most half the server's payload limit. Events
-    leave the buffer once JetStream acknowledged their message; a message is re-sent as it was,
-    with the same Nats-Msg-Id, so a re-send after a lost acknowledgement is stored once.
+    What one call hands over is a unit: it goes into one JetStream message whole (a unit too large
+    for one message is refused: `TooLarge`), so the log holds all of its events or none, and the
+    caller hears of the fate of every one of them. A background task drains the buffer: the units
+    that gathered while the previous message was being acknowledged (or, after a quiet spell,
+    within `linger` seconds) leave as one message, a JSON array of at most MAX_EVENTS events and
+    half the server's payload limit. A message is re-sent as it was, with the same Nats-Msg-Id, so
+    a re-send after a lost acknowledgement is stored once.
     """
 
     def __init__(self, nc: NATS, max_buffer: int = 100_000, per_message: int = 500, linger: float = 0.005) -> None:
         self.nc = nc
         self.js = nc.jetstream()
-        self.max_buffer = max_buffer
-        self.per_message = per_message
+        self.max_buffer = max_buffer  # events
+        self.per_message = min(per_message, MAX_EVENTS)  # events gathered into one message (a unit may have more)
         self.linger = linger
-        self._buffer: deque[tuple[str, bytes, asyncio.Future[int] | None]] = deque()
+        self._buffer: deque[_Unit] = deque()
+        self._events = 0  # in the buffer
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._message: _Message | None = None
+        self._restarts = 0
         self.published = 0
         self.messages = 0
         self.rejected = 0
@@ -85,10 +111,14 @@ class Publisher:
             self._task = start_task(self._run(), "publisher", self._died)
 
     def _died(self, exc: BaseException | None) -> None:
-        """A bug, not NATS (its errors are handled in the loop): logged already; carry on."""
+        """A bug, not NATS (its errors are handled in the loop): logged already. Started again
+        after a pause that grows with each death, so a bug that kills it at once does not spin."""
         self.last_error = repr(exc)
         self._task = None
-        self.start()
+        pause = min(RESTART_PAUSE * 2**self._restarts, RESTART_PAUSE_MAX)
+        self._restarts += 1
+        log.error("publisher loop died; restarting it", extra={"pause": pause, "restarts": self._restarts})
+        asyncio.get_running_loop().call_later(pause, self.start)
 
     @property
     def connected(self) -> bool:
@@ -96,16 +126,31 @@ class Publisher:
 
     @property
     def pending(self) -> int:
-        return len(self._buffer)
+        """Events waiting to be stored."""
+        return self._events
+
+    @property
+    def max_bytes(self) -> int:
+        """The largest message this publisher sends (half the server's payload limit)."""
+        return max(self.nc.max_payload // 2, 1)
+
+    def check(self, payloads: Sequence[bytes]) -> int:
+        """The size of `payloads` as one message; TooLarge if they do not fit in one."""
+        size = sum(len(p) for p in payloads) + len(payloads) + 1
+        if len(payloads) > MAX_EVENTS:
+            raise TooLarge(f"at most {MAX_EVENTS} events go together, got {len(payloads)}")
+        if size > self.max_bytes:
+            raise TooLarge(f"the events take {size} bytes encoded; at most {self.max_bytes} go together")
+        return size
 
     def submit_many(self, subject: str, payloads: Sequence[bytes]) -> bool:
-        """Queue encoded events; all or none (False when the buffer has no room)."""
+        """Queue encoded events, to be stored together; False when the buffer has no room."""
         return self._enqueue(subject, payloads, None)
 
     async def publish(self, subject: str, payloads: Sequence[bytes], timeout: float) -> int:
-        """Queue and wait until JetStream stored every event; Unavailable if it cannot in time.
-        Returns the stream sequence of the message holding the last of them: once a shard has
-        applied the stream that far, it has applied these events."""
+        """Queue and wait until JetStream stored every event (all in one message); Unavailable
+        if it cannot in time, or refused them. Returns the stream sequence of their message:
+        once a shard has applied the stream that far, it has applied these events."""
         done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         if not self._enqueue(subject, payloads, done):
             raise Unavailable("the event buffer is full (NATS is unreachable); retry later")
@@ -117,30 +162,34 @@ class Publisher:
             ) from None
 
     def _enqueue(self, subject: str, payloads: Sequence[bytes], done: asyncio.Future[int] | None) -> bool:
-        if len(self._buffer) + len(payloads) > self.max_buffer:
+        size = self.check(payloads)
+        if self._events + len(payloads) > self.max_buffer:
             self.rejected += len(payloads)
             return False
-        last = len(payloads) - 1
-        for i, payload in enumerate(payloads):
-            self._buffer.append((subject, payload, done if i == last else None))
+        self._buffer.append(_Unit(subject, payloads, size, done))
+        self._events += len(payloads)
         self._wakeup.set()
         return True
 
     def _next_message(self) -> _Message:
-        """The head of the buffer as one message: one subject, a bounded size."""
-        subject = self._buffer[0][0]
-        room = max(self.nc.max_payload // 2, 1)
-        payloads: list[bytes] = []
+        """Whole units from the head of the buffer as one message: one subject, a bounded size."""
+        first = self._buffer[0]
+        parts: list[bytes] = []
+        units = events = 0
         size = 2
-        for item_subject, payload, _ in self._buffer:
-            if item_subject != subject or len(payloads) == self.per_message:
+        for unit in self._buffer:
+            if units and (
+                unit.subject != first.subject
+                or events + len(unit.payloads) > self.per_message
+                or size + unit.size > self.max_bytes
+            ):
                 break
-            if payloads and size + len(payload) + 1 > room:
-                break
-            payloads.append(payload)
-            size += len(payload) + 1
-        body = payloads[0] if len(payloads) == 1 else b"[" + b",".join(payloads) + b"]"
-        return _Message(subject, body, secrets.token_hex(12), len(payloads))
+            parts.extend(unit.payloads)
+            units += 1
+            events += len(unit.payloads)
+            size += unit.size
+        body = parts[0] if len(parts) == 1 else b"[" + b",".join(parts) + b"]"
+        return _Message(first.subject, body, secrets.token_hex(12), units, events)
 
     async def _run(self) -> None:
         backoff = 0.1
@@ -148,7 +197,7 @@ class Publisher:
             if not self._buffer:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-                if self.linger and len(self._buffer) < self.per_message:
+                if self.linger and self._events < self.per_message:
                     await asyncio.sleep(self.linger)  # let a few more events join this message
             message = self._message = self._message or self._next_message()
             try:
@@ -168,6 +217,7 @@ class Publisher:
                 backoff = min(backoff * 2, 2.0)
                 continue
             backoff = 0.1
+            self._restarts = 0
             self._settle(message, ack.seq, None)
 
     def _failed(self, message: _Message, exc: Exception, *, permanent: bool) -> None:
@@ -176,14 +226,16 @@ class Publisher:
         self.last_error = repr(exc)
         log.warning(
             "publish failed; will retry" if not permanent or message.attempts < MAX_ATTEMPTS else "publish refused",
-            extra={"error": repr(exc), "attempt": message.attempts, "pending": len(self._buffer)},
+            extra={"error": repr(exc), "attempt": message.attempts, "pending": self._events},
         )
 
     def _settle(self, message: _Message, seq: int, error: Exception | None) -> None:
-        """The message left the buffer: stored at `seq` (error None) or dropped for good."""
+        """The message left the buffer: stored at `seq` (error None) or dropped for good; every
+        unit in it hears which."""
         self._message = None
-        for _ in range(message.events):
-            done = self._buffer.popleft()[2]
+        self._events -= message.events
+        for _ in range(message.units):
+            done = self._buffer.popleft().done
             if done is not None and not done.done():
                 if error is None:
                     done.set_result(seq)
@@ -214,6 +266,6 @@ class Publisher:
         while self._buffer and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         if self._buffer:
-            log.warning("publisher stopped with events unpublished", extra={"pending": len(self._buffer)})
+            log.warning("publisher stopped with events unpublished", extra={"pending": self._events})
         task, self._task = self._task, None
         await cancel_and_wait(task)
