@@ -77,6 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=30.0, help="seconds to wait for shards to catch up (default 30)"
     )
 
+    p_nats = sub.add_parser(
+        "nats-config",
+        help="print the nats-server configuration: mabrec's users, their rights, JetStream's disk sync",
+        description="The users and rights of system/core/access.py for MABREC_NAMESPACE, each password "
+        "taken by the server from its environment (MABREC_NATS_PASSWORD, NATS_API_PASSWORD, NATS_SHARD_PASSWORD, "
+        "NATS_ROUTER_PASSWORD, NATS_PRODUCER_PASSWORD). docker-compose.yml writes it for its NATS this way.",
+    )
+    p_nats.add_argument("--output", type=Path, help="write it to this file (default: standard output)")
+
     p_sim = sub.add_parser(
         "simulate", help="compare the policy with baselines on synthetic users (see docs/simulation)"
     )
@@ -118,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_memory.add_argument("--movies", type=int, default=20, help="touched movies per user (default 20)")
     p_memory.add_argument("--shards", type=int, default=4)
     bench_sub.add_parser("policy", help="microseconds per slate, in-process")
+    p_durability = bench_sub.add_parser(
+        "durability", help="JetStream ingestion with each disk sync (always, 1 s, NATS's default), own servers"
+    )
+    p_durability.add_argument("--duration", type=float, default=5.0, help="seconds per measure (default 5)")
     p_cpu = bench_sub.add_parser(
         "cpu", help="CPU per slate of every process (shards, API, router, NATS, PostgreSQL, ...) at a steady rate"
     )
@@ -250,6 +263,17 @@ async def _verify(settings: Settings, as_json: bool, timeout: float) -> int:
     return 0 if report.ok else 1
 
 
+def nats_config(settings: Settings, args: argparse.Namespace) -> int:
+    from system.core import access
+
+    text = access.server_config(settings, access.variable)
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        args.output.write_text(text)
+    return 0
+
+
 def simulate(settings: Settings, args: argparse.Namespace) -> int:
     from sim.command import simulate
 
@@ -270,6 +294,7 @@ COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "user": user,
     "catalog": catalog,
     "verify": verify,
+    "nats-config": nats_config,
     "simulate": simulate,
     "bench": bench,
 }

@@ -33,6 +33,7 @@ from api.render import Rendered
 from system.bus import stream
 from system.bus.dataplane import ShardClient
 from system.bus.publisher import Publisher
+from system.core import access
 from system.core.errors import Unavailable
 from system.core.popularity import Popularity
 from system.core.settings import Settings
@@ -115,7 +116,9 @@ class ApiHost:
         self, rendered: Rendered, slot_map: SlotMap, popularity: Popularity, started: concurrent.futures.Future[None]
     ) -> None:
         settings = self.settings
-        nc = await stream.connect(settings.nats_url or "", f"{settings.namespace}-api-{self.index}")
+        nc = await stream.connect(
+            settings.nats_url_for(access.API), f"{settings.namespace}-api-{self.index}", access.API
+        )
         publisher = Publisher(nc)
         publisher.start()
         shards = FailoverGateway(ShardClient(nc, settings.namespace), self.gateway)

@@ -22,6 +22,7 @@ import orjson
 from nats.aio.client import Client as NATS
 
 from system.bus import dataplane, stream
+from system.core import access
 from system.core.events import Event
 from system.core.settings import Settings
 from system.core.sharding import SlotMap
@@ -129,7 +130,9 @@ class EventRouter:
             await self.reload()
         assert self.slot_map is not None
         if self._nc is None:
-            self._nc = await stream.connect(settings.nats_url or "", f"{settings.namespace}-router")
+            self._nc = await stream.connect(
+                settings.nats_url_for(access.ROUTER), f"{settings.namespace}-router", access.ROUTER
+            )
         js = self._nc.jetstream()
         start = await self._start_position()
         self.position = start - 1

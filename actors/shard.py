@@ -34,7 +34,7 @@ from nats.js import JetStreamContext
 from psycopg_pool import AsyncConnectionPool
 
 from system.bus import dataplane, stream
-from system.core import userstate
+from system.core import access, userstate
 from system.core.errors import Unavailable
 from system.core.events import Event
 from system.core.policy import Picks
@@ -158,7 +158,9 @@ class Shard:
         if self._pool is None:
             self._pool = await open_pool(settings.database_url or "", max_size=2, name=f"shard-{self.shard_id}")
         if self._nc is None:
-            self._nc = await stream.connect(settings.nats_url or "", f"{settings.namespace}-shard-{self.shard_id}")
+            self._nc = await stream.connect(
+                settings.nats_url_for(access.SHARD), f"{settings.namespace}-shard-{self.shard_id}", access.SHARD
+            )
         store = StateStore(self._pool)
         catalog = await CatalogStore(self._pool).read()
         # Take the slots: from here on an older owner's checkpoints are refused, so the users'

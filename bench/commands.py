@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 import orjson
 import uvloop
 
-from bench import cpu, ingest, loadtest, memory, policy, probes, report
+from bench import cpu, durability, ingest, loadtest, memory, policy, probes, report
 from system.core.catalog_file import SHIPPED, read_movies
 from system.core.errors import BadRequest
 from system.core.settings import Settings
@@ -56,6 +56,10 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         return 0
     if what == "policy":
         out: Any = policy.run()
+    elif what == "durability":
+        runs = uvloop.run(durability.run_all(seconds=args.duration))
+        print("\n".join(durability.markdown(runs)))
+        return 0
     elif what == "memory":
         out = memory.run(users=args.users, movies=args.movies, shards=args.shards)
     elif what == "growth":

@@ -23,7 +23,7 @@ import numpy as np
 import psutil
 import uvloop
 
-from bench import cpu, growth, ingest, loadtest, memory, policy, probes, wrk
+from bench import cpu, durability, growth, ingest, loadtest, memory, policy, probes, wrk
 from bench.running import RunningSystem
 from system.core.catalog_file import SHIPPED, read_movies
 from system.core.limits import RESIDENT_USERS
@@ -103,6 +103,8 @@ def run(
         "machine": machine(),
         "settings": {"shards": shards, "dashboard": dashboard, "measured_seconds": seconds, "runs": runs},
     }
+    step("JetStream's disk sync: always, 1 s, NATS's default")
+    results["durability"] = uvloop.run(durability.run_all(seconds=1.0 if quick else 5.0))
     step("policy micro-benchmark (OpenBLAS as set, and unset)")
     results["policy"] = policy.run_both(rounds=500 if quick else 2000)
     with running_system(shards, dashboard) as (runtime, startup):
@@ -277,6 +279,8 @@ def markdown(r: dict[str, Any]) -> str:
         lines.append(f"| {name} | {row['rate_per_s']:,.0f} | {row['p50_ms']} | {row['p99_ms']} | {row['errors']} |")
     lines += shards_markdown(r)
     lines += growth_markdown(r)
+    if "durability" in r:
+        lines += ["", *durability.markdown(r["durability"])]
     lines += [
         "",
         "## What limits it",

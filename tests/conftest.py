@@ -50,7 +50,7 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
         started.append(servers.start_postgres(state))
         urls["database"] = started[-1].url
     if not urls["nats"]:
-        started.append(servers.start_nats(state, "mabrec"))
+        started.append(servers.start_nats(state, Settings()))
         urls["nats"] = started[-1].url
     yield urls
     for service in reversed(started):

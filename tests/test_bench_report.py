@@ -41,6 +41,7 @@ def test_report_writes_every_figure(tmp_path: Path) -> None:
         "a slate for a user not in memory",
         "after 20,000 events in the log",
         "policy, one slate in-process, by the user's state rows",
+        "| always |",  # JetStream's disk sync, by setting
     ):
         assert row in text
     report = json.loads(out.with_suffix(".json").read_text())

@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from bench.running import RunningSystem, wait_until
+from system.core.settings import Settings
 from system.local import servers as embedded
 from system.local.processes import free_port, stop_pid
 from system.local.runtime import Service
@@ -49,7 +50,7 @@ class Servers:
         stop_pid(self.pg.pid, signal.SIGINT)
 
     def start_nats(self) -> None:
-        self.nats = embedded.start_nats(self.state, "mabrec", self.nats_port)
+        self.nats = embedded.start_nats(self.state, Settings(), self.nats_port)
 
     def stop_nats(self) -> None:
         assert self.nats is not None

@@ -55,6 +55,7 @@ def test_the_compose_file_is_the_shape_this_test_runs() -> None:
     env = compose_env("mabrec")
     assert env["RAY_ADDRESS"] == "127.0.0.1:6379" and env["RAY_AUTH_MODE"] == "token" and env["MABREC_MIN_NODES"] == "2"
     assert {"DATABASE_URL", "NATS_URL", "MABREC_ADMIN_TOKEN", "RAY_AUTH_TOKEN"} <= set(env)
+    assert {"NATS_API_URL", "NATS_SHARD_URL", "NATS_ROUTER_URL"} <= set(env)  # each role its own NATS user
     assert all(p.startswith("127.0.0.1:") for s in COMPOSE["services"].values() for p in s.get("ports", []))
 
 
@@ -74,7 +75,8 @@ class Cluster:
             "RAY_AUTH_TOKEN": secrets.token_hex(32),
             "MABREC_ADMIN_TOKEN": secrets.token_hex(16),
             "DATABASE_URL": self.database,
-            "NATS_URL": services["nats"],
+            # The test's NATS for every role (the compose NATS's users and rights: tests/test_embedded.py).
+            **{key: services["nats"] for key in ("NATS_URL", "NATS_API_URL", "NATS_SHARD_URL", "NATS_ROUTER_URL")},
             "RAY_ADDRESS": f"127.0.0.1:{self.port}",
             "MABREC_HOST": "127.0.0.1",
             "MABREC_PORT": str(self.api_port),

@@ -392,6 +392,19 @@ def test_embedded_servers_when_no_urls_are_configured(tmp_path: Path) -> None:
         assert password and urlsplit(runtime.nats_url).password
         assert password not in running.log.read_text()  # never logged
         assert asyncio.run(forged_span_refused((state / PRODUCER_URL_FILE).read_text().strip(), "mabrec"))
+        # Each process logs in as its role, with the least it needs (system/core/access.py).
+        nats = next(s for s in runtime.services if s.name == "nats")
+        assert nats.monitor_url and nats.monitor_url.startswith("http://127.0.0.1:")
+        connz = httpx.get(f"{nats.monitor_url}/connz", params={"auth": "true", "limit": 1000}, timeout=10).json()
+        logins = {c.get("name", ""): c.get("authorized_user") for c in connz["connections"]}
+        assert {logins[f"mabrec-shard-{i}"] for i in range(os.cpu_count() or 1)} == {"shard"}, logins
+        assert (logins["mabrec-router"], logins["mabrec-api-0"], logins["mabrec-supervisor"]) == (
+            "router",
+            "api",
+            "mabrec",
+        )
+        jetstream = httpx.get(f"{nats.monitor_url}/varz", timeout=10).json()["jetstream"]["config"]
+        assert jetstream["sync_always"] is True  # an acknowledged event is on disk (README, "Durability")
         pids = [s.pid for s in runtime.services]
         ray_tmp = ray_tmpdir(state)
         assert ray_tmp.is_dir() and stat.S_IMODE(ray_tmp.stat().st_mode) == 0o700

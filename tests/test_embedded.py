@@ -8,19 +8,35 @@ import os
 import secrets
 import signal
 import stat
+import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import nats
 import psycopg
 import pytest
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 
 from system.bus import dataplane, stream
+from system.bus.publisher import Publisher
+from system.core import access
+from system.core.events import CLICKED, Event
 from system.core.settings import Settings
 from system.local.processes import free_port, spawn, stop_pid, wait_for_port
 from system.local.runtime import Service
-from system.local.servers import PG_PASSWORD_FILE, PRODUCER_URL_FILE, ray_environment, start_nats, start_postgres
+from system.local.servers import (
+    PG_PASSWORD_FILE,
+    PRODUCER_URL_FILE,
+    nats_passwords,
+    ray_environment,
+    start_nats,
+    start_postgres,
+)
+from tests.pipeline import start_pipeline, stop_pipeline, wait_for
+from tests.test_deployment import COMPOSE, compose_command
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,35 +58,55 @@ def test_the_ray_token_is_made_once_per_state_dir_and_kept_private(tmp_path: Pat
 # --- the embedded NATS and PostgreSQL: nobody in without the generated secrets ------------------
 
 
-def compose_nats(tmp_path: Path) -> tuple[Service, str]:
-    """nats-server as docker-compose.yml runs it (deploy/nats/nats.conf, passwords from the
-    environment), on loopback: the mabrec user's URL, and the producer's."""
-    passwords = {"MABREC_NATS_PASSWORD": secrets.token_urlsafe(16), "NATS_PRODUCER_PASSWORD": secrets.token_urlsafe(16)}
+def nats_server(shape: str, tmp_path: Path, namespace: str) -> tuple[Service, dict[str, str]]:
+    """nats-server as `mabrec up` embeds it, or as docker-compose.yml runs it (the configuration
+    `mabrec nats-config` writes, the passwords in the server's environment), on loopback: the
+    server, and each user's URL."""
+    if shape == "embedded":
+        server = start_nats(tmp_path, Settings(namespace=namespace))
+        return server, access.role_urls(server.url, nats_passwords(tmp_path))
+    passwords = {user: secrets.token_urlsafe(16) for user in access.USERS}
+    config = tmp_path / "nats.conf"
+    writer = compose_command("nats-config")  # compose's own command, its output where the test wants it
+    writer = [str(Path(sys.executable).parent / writer[0]), *writer[1:]]
+    writer[writer.index("/etc/nats/nats.conf")] = str(config)
+    written = subprocess.run(
+        writer, env={**os.environ, "MABREC_NAMESPACE": namespace}, capture_output=True, text=True, check=True
+    )
+    assert written.stdout == "" and "$NATS_SHARD_PASSWORD" in config.read_text()  # no secret in the file
     port = free_port()
     command = [
-        str(Path(sys.executable).parent / "nats-server"), "-c", str(ROOT / "deploy" / "nats" / "nats.conf"),
-        "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(tmp_path / "data"),
+        str(Path(sys.executable).parent / "nats-server"), *compose_command("nats"),
+        "-a", "127.0.0.1", "-p", str(port), "-sd", str(tmp_path / "data"),
     ]  # fmt: skip
-    proc = spawn(command, tmp_path / "nats.log", env={**os.environ, **passwords})
+    command[command.index("/etc/nats/nats.conf")] = str(config)
+    monitor = free_port()
+    command[command.index("-m") + 1] = str(monitor)
+    env = {access.PASSWORD_VARIABLES[user]: password for user, password in passwords.items()}
+    assert set(env) <= set(COMPOSE["services"]["nats"]["environment"])
+    proc = spawn(command, tmp_path / "nats.log", env={**os.environ, **env})
     wait_for_port(port, 15, proc, tmp_path / "nats.log")
-    url = f"nats://mabrec:{passwords['MABREC_NATS_PASSWORD']}@127.0.0.1:{port}"
-    return Service("nats", proc.pid, url), f"nats://producer:{passwords['NATS_PRODUCER_PASSWORD']}@127.0.0.1:{port}"
+    urls = access.role_urls(f"nats://127.0.0.1:{port}", passwords)
+    return Service("nats", proc.pid, urls[access.MABREC], f"http://127.0.0.1:{monitor}"), urls
 
 
 @pytest.mark.integration
 @pytest.mark.parametrize("shape", ["embedded", "compose"])
 async def test_nats_refuses_a_producer_on_the_shard_subjects_and_the_event_log(tmp_path: Path, shape: str) -> None:
-    namespace = "hard" if shape == "embedded" else "mabrec"  # compose runs the default namespace
+    namespace = f"hard{secrets.token_hex(3)}"  # any namespace: both configurations are written for it
+    server, urls = nats_server(shape, tmp_path, namespace)
     if shape == "embedded":
-        nats_server = start_nats(tmp_path, namespace)
-        producer_url = (tmp_path / PRODUCER_URL_FILE).read_text().strip()
+        assert (tmp_path / PRODUCER_URL_FILE).read_text().strip() == urls[access.PRODUCER]
         assert stat.S_IMODE((tmp_path / PRODUCER_URL_FILE).stat().st_mode) == 0o600
         assert stat.S_IMODE((tmp_path / "nats" / "nats.conf").stat().st_mode) == 0o600
-    else:
-        nats_server, producer_url = compose_nats(tmp_path)
     try:
+        # An acknowledged event is on disk: JetStream syncs every write (README, "Durability").
+        assert server.monitor_url is not None
+        async with httpx.AsyncClient(timeout=10) as http:
+            varz = (await http.get(f"{server.monitor_url}/varz")).json()
+        assert varz["jetstream"]["config"]["sync_always"] is True
         # No credentials, no connection (spoken as NATS's protocol is, to see the server's own word).
-        host, port = nats_server.url.split("@")[1].split(":")
+        host, port = server.url.split("@")[1].split(":")
         reader, writer = await asyncio.open_connection(host, int(port))
         assert (await reader.readline()).startswith(b"INFO ")
         writer.write(b'CONNECT {"verbose": false, "pedantic": false}\r\nPING\r\n')
@@ -78,7 +114,7 @@ async def test_nats_refuses_a_producer_on_the_shard_subjects_and_the_event_log(t
         writer.close()
         await writer.wait_closed()
         settings = Settings(namespace=namespace)
-        mabrec = await stream.connect(nats_server.url, "mabrec-test")
+        mabrec = await stream.connect(server.url, "mabrec-test")
         await stream.ensure_streams(mabrec.jetstream(), settings)
         apply = dataplane.apply_subject(namespace, 0)
         received = await mabrec.subscribe(apply)
@@ -91,7 +127,9 @@ async def test_nats_refuses_a_producer_on_the_shard_subjects_and_the_event_log(t
             refused.append(str(exc))
             violation.set()
 
-        producer = await nats.connect(producer_url, error_cb=on_error, max_reconnect_attempts=0)
+        producer = await nats.connect(
+            urls[access.PRODUCER], error_cb=on_error, max_reconnect_attempts=0, inbox_prefix="_INBOX_producer"
+        )
         # What producers are for: feedback events, acknowledged by JetStream.
         ack = await producer.jetstream().publish(settings.events_subject, b'{"event_type": "seen"}')
         assert ack.stream == settings.stream and ack.seq == 1
@@ -110,7 +148,103 @@ async def test_nats_refuses_a_producer_on_the_shard_subjects_and_the_event_log(t
         await producer.close()
         await mabrec.close()
     finally:
-        stop_pid(nats_server.pid, signal.SIGTERM)
+        stop_pid(server.pid, signal.SIGTERM)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("shape", ["embedded", "compose"])
+async def test_no_user_overhears_another_while_slates_clicks_profiles_and_an_erasure_flow(
+    tmp_path: Path, shape: str, services: dict[str, str], database_url: str
+) -> None:
+    """Each of mabrec's processes logs in as its role (shards, router, API) and a producer as
+    itself. An eavesdropper of every user but mabrec's own subscribes to every subject its rights
+    allow, wildcards included, while the shards serve slates and profiles, apply clicks, and
+    erase a user: each hears only what is addressed to it (a shard its requests and spans) and
+    the replies to its own user's requests; a subscription beyond its rights is refused."""
+    namespace = f"ovh{secrets.token_hex(3)}"
+    server, urls = nats_server(shape, tmp_path, namespace)
+    settings = Settings(
+        database_url=database_url,
+        nats_url=urls[access.MABREC],
+        nats_api_url=urls[access.API],
+        nats_shard_url=urls[access.SHARD],
+        nats_router_url=urls[access.ROUTER],
+        namespace=namespace,
+        shards=2,
+        checkpoint_interval=0.2,
+    )
+    rights = access.permissions(settings)
+    heard: dict[str, list[str]] = {user: [] for user in rights if user != access.MABREC}
+    refused: dict[str, list[str]] = {user: [] for user in heard}
+    listeners: list[NATS] = []
+    try:
+        mabrec = await stream.connect(server.url, "mabrec-test")
+        js = mabrec.jetstream()
+        await stream.ensure_streams(js, settings)
+        for user in heard:
+
+            async def on_error(exc: Exception, user: str = user) -> None:
+                refused[user].append(str(exc))
+
+            nc = await nats.connect(
+                urls[user], error_cb=on_error, max_reconnect_attempts=0, inbox_prefix=access.inbox_prefix(user)
+            )
+            listeners.append(nc)
+            others = [f"{access.inbox_prefix(u)}.>" for u in access.USERS if u != user]
+            for pattern in [*(rights[user].subscribe or ()), "_INBOX.>", ">", *others]:
+
+                async def overheard(msg: Msg, user: str = user, pattern: str = pattern) -> None:
+                    heard[user].append(pattern)  # (a JetStream delivery keeps its own subject)
+
+                await nc.subscribe(pattern, cb=overheard)
+            await nc.flush()
+        pipeline = await start_pipeline(settings, js)
+        try:
+            api = await stream.connect(settings.nats_url_for(access.API), "test-api", access.API)
+            client = dataplane.ShardClient(api, namespace)
+            publisher = Publisher(api)
+            publisher.start()
+            users = [f"listener-{i}" for i in range(8)]
+            clicks = [Event(u, CLICKED, (2 + i,), f"c-{i}", None, None) for i, u in enumerate(users)]
+            last = await publisher.publish(f"{settings.events_subject}.api", [e.encode() for e in clicks], 10)
+            producer = listeners[list(heard).index(access.PRODUCER)]
+            own_acks = 3
+            for i in range(own_acks):
+                await producer.jetstream().publish(
+                    settings.events_subject, Event(users[0], CLICKED, (9,), f"p-{i}", None, None).encode()
+                )
+            await pipeline.settle(last + own_acks)
+            for uxid in users:
+                await client.slate(pipeline.slot_map.shard_of(uxid), uxid, 5)
+                profile = await client.profile(pipeline.slot_map.shard_of(uxid), uxid)
+                assert any(row[0] == 2 + users.index(uxid) for row in profile.rows)
+            gone = users[-1]
+            shard = pipeline.shard_of(gone)
+            await client.erase(pipeline.slot_map.shard_of(gone), gone)
+            await wait_for(lambda: shard._scrubber.done == 1, 30)  # read and scrubbed the log as `shard`
+            await publisher.drain()
+            await api.close()
+        finally:
+            await stop_pipeline(pipeline)
+        for nc in listeners:
+            await nc.flush()
+        await mabrec.close()
+    finally:
+        for nc in listeners:
+            await nc.close()
+        stop_pid(server.pid, signal.SIGTERM)
+    for user, patterns in heard.items():
+        # What a user may listen to: its own inbox, and for a shard the shards' own subjects.
+        mine = {f"{access.inbox_prefix(user)}.>"} | (
+            {f"{namespace}.shard.*.rpc", f"{namespace}.shard.*.apply"} if user == access.SHARD else set()
+        )
+        assert set(rights[user].subscribe or ()) == mine, user
+        assert patterns, f"{user} heard nothing: the traffic did not reach its subjects"
+        assert set(patterns) <= mine, (user, set(patterns) - mine)
+        # Every subscription past its rights refused (the other users' inboxes, all inboxes, all).
+        assert sum("permissions violation" in r.lower() for r in refused[user]) == len(access.USERS) + 1, refused[user]
+    # The producer: the acknowledgements of its own publishes, nothing else.
+    assert len(heard[access.PRODUCER]) == own_acks, heard[access.PRODUCER]
 
 
 @pytest.mark.integration

@@ -30,10 +30,15 @@ def test_reads_and_casts_environment() -> None:
             "MABREC_LOG_LEVEL": "debug",
             "MABREC_NAMESPACE": "prod_eu",
             "MABREC_DASHBOARD": "off",
+            "MABREC_NATS_SYNC": "500ms",
+            "NATS_API_URL": "nats://api:pw@bus:4222",
         }
     )
     assert (s.shards, s.port, s.checkpoint_interval, s.log_level, s.dashboard) == (8, 9000, 0.5, "DEBUG", False)
     assert s.stream == "PROD_EU_EVENTS" and s.events_subject == "prod_eu.events"
+    assert s.nats_sync == "500ms" and Settings.from_env({}).nats_sync == "always"
+    # Each role's own NATS login where one is given; the mabrec user's otherwise.
+    assert (s.nats_url_for("api"), s.nats_url_for("shard")) == ("nats://api:pw@bus:4222", "nats://bus:4222")
 
 
 def test_policy_settings_reach_the_policy() -> None:
@@ -65,6 +70,9 @@ def test_cli_overrides_win_over_environment() -> None:
         ({"MABREC_DASHBOARD": "maybe"}, "MABREC_DASHBOARD"),
         ({"MABREC_EXPLORATION": "0"}, "MABREC_EXPLORATION"),
         ({"MABREC_FORGET_HALF_LIFE": "-1"}, "MABREC_FORGET_HALF_LIFE"),
+        ({"MABREC_NATS_SYNC": "never"}, "MABREC_NATS_SYNC"),
+        ({"MABREC_NATS_SYNC": "0s"}, "MABREC_NATS_SYNC"),
+        ({"NATS_SHARD_URL": "shard:pw@bus"}, "NATS_SHARD_URL"),
     ],
 )
 def test_invalid_values_fail_fast_naming_the_variable(env: dict[str, str], named: str) -> None:

@@ -22,6 +22,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
+from system.core import access
 from system.core.errors import Unavailable
 from system.core.events import Event, Problem, decode
 from system.core.settings import Settings
@@ -33,8 +34,10 @@ DEADLETTER_MAX_AGE = 7 * 24 * 3600.0
 CONSUMER_CHECK_SECONDS = 3.0
 
 
-async def connect(url: str, name: str) -> NATS:
-    """A connection that reconnects forever: a NATS restart is an outage, not a crash."""
+async def connect(url: str, name: str, user: str = access.MABREC) -> NATS:
+    """A connection that reconnects forever: a NATS restart is an outage, not a crash. `user` is
+    the NATS user `url` logs in as (system/core/access.py): the replies to its requests come on
+    that user's own inbox prefix, where no other user may listen."""
 
     async def on_error(exc: Exception) -> None:
         log.warning("nats error", extra={"error": repr(exc), "client": name})
@@ -46,6 +49,7 @@ async def connect(url: str, name: str) -> NATS:
         reconnect_time_wait=0.5,
         connect_timeout=5,
         error_cb=on_error,
+        inbox_prefix=access.inbox_prefix(user),
     )
 
 

@@ -23,6 +23,11 @@ FLAGS = {"shards": "MABREC_SHARDS", "host": "MABREC_HOST", "port": "MABREC_PORT"
 class Settings:
     database_url: str | None = field(default=None, repr=False)  # may hold a password
     nats_url: str | None = field(default=None, repr=False)  # may hold a password
+    # The NATS URLs the API, shard and router actors log in with (system/core/access.py); each
+    # unset one is `nats_url`. The embedded server fills them in with users of their own.
+    nats_api_url: str | None = field(default=None, repr=False)
+    nats_shard_url: str | None = field(default=None, repr=False)
+    nats_router_url: str | None = field(default=None, repr=False)
     ray_address: str | None = None
     shards: int = 0  # unset: as the last start or `mabrec scale` left it, else one per CPU (placement.py)
     shards_given: bool = False  # MABREC_SHARDS (or --shards) was set: it wins over what `mabrec scale` left
@@ -40,6 +45,9 @@ class Settings:
     resident_users: int = RESIDENT_USERS  # per shard: past it, idle users leave memory (once checkpointed)
     dedup_window_hours: float = DEDUP_WINDOW_HOURS  # a retried event id counts once within this window
     admin_token: str | None = field(default=None, repr=False)  # the admin routes' bearer token; None: off
+    # How often NATS JetStream forces the event log to disk (its `sync_interval`, in the server
+    # configurations mabrec writes): "always" (an acknowledged event is on disk) or a duration.
+    nats_sync: str = "always"
     exploration: float = PolicyConfig.exploration  # the spread of every Thompson draw
     forget_half_life: float = PolicyConfig.forget_half_life  # how fast old clicks fade; 0: never
 
@@ -63,6 +71,9 @@ class Settings:
         return cls(
             database_url=_url(env, "DATABASE_URL", ("postgresql://", "postgres://")),
             nats_url=_url(env, "NATS_URL", ("nats://", "tls://")),
+            nats_api_url=_url(env, "NATS_API_URL", ("nats://", "tls://")),
+            nats_shard_url=_url(env, "NATS_SHARD_URL", ("nats://", "tls://")),
+            nats_router_url=_url(env, "NATS_ROUTER_URL", ("nats://", "tls://")),
             ray_address=env.get("RAY_ADDRESS") or None,
             shards=_number(env, "MABREC_SHARDS", int, d.shards, 1, 256),
             shards_given=bool(env.get("MABREC_SHARDS", "").strip()),
@@ -84,7 +95,14 @@ class Settings:
             exploration=_number(env, "MABREC_EXPLORATION", float, d.exploration, 0.05, 20.0),
             forget_half_life=_number(env, "MABREC_FORGET_HALF_LIFE", float, d.forget_half_life, 0.0, 1000.0),
             admin_token=_secret(env, "MABREC_ADMIN_TOKEN"),
+            nats_sync=_sync_interval(env, "MABREC_NATS_SYNC", d.nats_sync),
         )
+
+    def nats_url_for(self, user: str) -> str:
+        """The URL the processes of a role (system/core/access.py: "api", "shard", "router")
+        connect to NATS with; `nats_url` (the mabrec user's) for the others."""
+        own = {"api": self.nats_api_url, "shard": self.nats_shard_url, "router": self.nats_router_url}.get(user)
+        return own or self.nats_url or ""
 
     def policy(self) -> PolicyConfig:
         """The bandit policy's settings: its tuned defaults, with what operators may change."""
@@ -155,6 +173,15 @@ def _choice(env: Mapping[str, str], key: str, default: str, choices: tuple[str, 
         return default
     if raw not in choices:
         raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {raw!r}")
+    return raw
+
+
+def _sync_interval(env: Mapping[str, str], key: str, default: str) -> str:
+    raw = env.get(key, "").strip().lower()
+    if not raw:
+        return default
+    if not re.fullmatch(r"always|[1-9][0-9]{0,5}(ms|s|m|h)", raw):
+        raise ConfigError(f"{key} must be `always` or a duration such as 100ms, 1s or 2m, got {raw!r}")
     return raw
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 import psycopg
 from psycopg import sql
 
+from system.core import access
 from system.core.settings import Settings
 from system.local import servers
 from system.local.processes import pid_alive, stop_pids
@@ -52,10 +53,15 @@ class Infrastructure:
                 pg = self._adopt_or_start(previous, "postgres", lambda: servers.start_postgres(settings.state_dir))
                 self.settings = replace(self.settings, database_url=_ensure_database(pg.url, EMBEDDED_DATABASE))
             if not settings.nats_url:
-                nats = self._adopt_or_start(
-                    previous, "nats", lambda: servers.start_nats(settings.state_dir, settings.namespace)
+                nats = self._adopt_or_start(previous, "nats", lambda: servers.start_nats(settings.state_dir, settings))
+                roles = servers.nats_role_urls(settings.state_dir, nats.url)
+                self.settings = replace(
+                    self.settings,
+                    nats_url=nats.url,
+                    nats_api_url=roles[access.API],
+                    nats_shard_url=roles[access.SHARD],
+                    nats_router_url=roles[access.ROUTER],
                 )
-                self.settings = replace(self.settings, nats_url=nats.url)
             if with_ray and not settings.ray_address:
                 dashboard = previous.dashboard_url if previous else None
                 metrics = previous.metrics_url if previous else None

@@ -18,6 +18,7 @@ class Service:
     name: str
     pid: int
     url: str
+    monitor_url: str | None = None  # its monitoring endpoint, if it has one (NATS: /varz, /jsz, /healthz)
     owned: bool = True  # started by this supervisor (stopped on exit) or adopted
 
     def alive(self) -> bool:

