@@ -17,7 +17,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -25,7 +25,7 @@ import uvicorn
 import uvloop
 from nats.errors import Error as NatsError
 
-from actors.live_backend import FailoverGateway, Gateway, LiveBackend
+from actors.live_backend import FailoverGateway, Gateway, LiveBackend, Serving
 from api.app import create_app
 from api.http_limits import BoundedHttpTools
 from api.metrics import ApiMetrics
@@ -48,7 +48,13 @@ log = logging.getLogger(__name__)
 
 class ApiHost:
     """Serves HTTP on a thread of its own with a uvloop event loop: faster than the actor's
-    loop, and Ray's calls into the actor (health pushes, reloads) never queue behind requests."""
+    loop, and Ray's calls into the actor (health pushes, reloads) never queue behind requests.
+
+    One writer: the HTTP loop owns the backend. Ray's calls (on the actor's own thread) build
+    what changes there (a catalog rendered, a model under new popularity: costly, off the request
+    path) and hand the result to the HTTP loop (`call_soon_threadsafe`), which swaps it in between
+    two requests. The updates are built one at a time from the host's own copy of the inputs, so
+    a popularity push and a catalog reload never undo each other."""
 
     def __init__(self, settings: Settings, index: int, port: int, gateway: Gateway) -> None:
         # Cheap and I/O-free: Ray re-runs this on a restart; `ensure_serving` does the work.
@@ -62,6 +68,8 @@ class ApiHost:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._starting = Background(self._start, f"api-{index} start", forever=False)
+        self.latest: Serving | None = None  # the catalog and model last handed to the HTTP loop
+        self._updating = asyncio.Lock()
 
     def __repr__(self) -> str:  # what Ray shows: the dashboard's Repr column, log line prefixes
         return f"ApiHost({self.index}, http://{self.settings.host}:{self.port})"
@@ -79,13 +87,17 @@ class ApiHost:
     async def _start(self) -> None:
         settings = self.settings
         async with short_lived_pool(settings.database_url or "", f"api-{self.index}") as pool:
-            rendered = await asyncio.to_thread(Rendered, await CatalogStore(pool).read())
+            catalog = await CatalogStore(pool).read()
             slot_map = await StateStore(pool).slot_map()
             popularity = await StateStore(pool).popularity()  # the fallback's ranking, until the first push
+        async with self._updating:
+            serving = self.latest = await asyncio.to_thread(
+                Serving.build, Rendered(catalog), popularity, settings.policy()
+            )
         started: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._thread = threading.Thread(
             target=self._run_http,
-            args=(rendered, slot_map, popularity, started),
+            args=(serving, slot_map, started),
             name=f"http-{self.index}",
             daemon=True,
         )
@@ -95,16 +107,10 @@ class ApiHost:
             "api serving", extra={"host": settings.host, "port": self.port, "index": self.index, "pid": os.getpid()}
         )
 
-    def _run_http(
-        self,
-        rendered: Rendered,
-        slot_map: SlotMap,
-        popularity: Popularity,
-        started: concurrent.futures.Future[None],
-    ) -> None:
+    def _run_http(self, serving: Serving, slot_map: SlotMap, started: concurrent.futures.Future[None]) -> None:
         loop = self._loop = uvloop.new_event_loop()
         try:
-            loop.run_until_complete(self._serve(rendered, slot_map, popularity, started))
+            loop.run_until_complete(self._serve(serving, slot_map, started))
         except BaseException as exc:
             if not started.done():
                 started.set_exception(exc)
@@ -112,9 +118,7 @@ class ApiHost:
         finally:
             loop.close()
 
-    async def _serve(
-        self, rendered: Rendered, slot_map: SlotMap, popularity: Popularity, started: concurrent.futures.Future[None]
-    ) -> None:
+    async def _serve(self, first: Serving, slot_map: SlotMap, started: concurrent.futures.Future[None]) -> None:
         settings = self.settings
         nc = await stream.connect(
             settings.nats_url_for(access.API), f"{settings.namespace}-api-{self.index}", access.API
@@ -122,8 +126,7 @@ class ApiHost:
         publisher = Publisher(nc)
         publisher.start()
         shards = FailoverGateway(ShardClient(nc, settings.namespace), self.gateway)
-        self.backend = LiveBackend(settings, rendered, slot_map, shards, publisher)
-        self.backend.set_popularity(popularity)
+        self.backend = LiveBackend(settings, self.latest or first, slot_map, shards, publisher)
         self.api_metrics = ApiMetrics()
         config = uvicorn.Config(
             create_app(self.backend, self.api_metrics, admin_token=settings.admin_token),
@@ -151,22 +154,39 @@ class ApiHost:
         except (NatsError, TimeoutError) as exc:  # what was buffered is lost; the publisher drained first
             log.warning("nats drain failed", extra={"error": repr(exc)})
 
+    def _hand(self, update: Callable[..., None], *args: Any) -> None:
+        """Run `update(*args)` on the HTTP loop, between two of its requests."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(update, *args)
+
     async def set_health(self, snapshot: dict[str, Any]) -> None:
         if self.backend is not None:
-            self.backend.set_health(snapshot)
+            self._hand(self.backend.set_health, snapshot)
 
     async def set_popularity(self, keys: np.ndarray, clicks: np.ndarray, impressions: np.ndarray) -> None:
-        if self.backend is not None:
-            self.backend.set_popularity(Popularity(keys, clicks, impressions))
+        async with self._updating:
+            latest, backend = self.latest, self.backend
+            if latest is None or backend is None:
+                return  # starting: it reads popularity itself
+            popularity = Popularity(keys, clicks, impressions)
+            self.latest = await asyncio.to_thread(Serving.build, latest.rendered, popularity, self.settings.policy())
+            self._hand(backend.use, self.latest)
 
     async def reload_catalog(self) -> int:
-        if self.backend is None:
-            raise Unavailable("the API is starting")
-        async with short_lived_pool(self.settings.database_url or "", f"api-{self.index}") as pool:
-            store = CatalogStore(pool)
-            if await store.version() != self.backend.catalog.catalog.version:
-                self.backend.set_catalog(await asyncio.to_thread(Rendered, await store.read()))
-        return self.backend.catalog.catalog.version
+        async with self._updating:
+            latest, backend = self.latest, self.backend
+            if latest is None or backend is None:
+                raise Unavailable("the API is starting")
+            async with short_lived_pool(self.settings.database_url or "", f"api-{self.index}") as pool:
+                store = CatalogStore(pool)
+                if await store.version() != latest.rendered.catalog.version:
+                    rendered = await asyncio.to_thread(Rendered, await store.read())
+                    latest = self.latest = await asyncio.to_thread(
+                        Serving.build, rendered, latest.popularity, self.settings.policy()
+                    )
+                    self._hand(backend.use, latest)
+            return latest.rendered.catalog.version
 
     async def stop(self) -> None:
         """Stop taking requests, flush what was submitted to NATS, close (bounded: 15 s)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
@@ -18,6 +19,7 @@ from system.core import userstate
 from system.core.errors import Moved, PayloadTooLarge, Unavailable
 from system.core.events import Event
 from system.core.policy import Model, Picks, draw_slate
+from system.core.policy_config import PolicyConfig
 from system.core.popularity import Popularity
 from system.core.profile import UserProfile
 from system.core.settings import Settings
@@ -67,37 +69,48 @@ class FailoverGateway:
         return await self.ray.erase(shard, uxid)
 
 
+@dataclass(frozen=True)
+class Serving:
+    """What the API renders and ranks with: a catalog, rendered, and the policy's model of it
+    under a global popularity. One object, swapped whole: a response never mixes two catalogs."""
+
+    rendered: Rendered
+    popularity: Popularity
+    model: Model
+
+    @classmethod
+    def build(cls, rendered: Rendered, popularity: Popularity, policy: PolicyConfig) -> Serving:
+        """Costly (the model): off the request path."""
+        return cls(rendered, popularity, Model(rendered.catalog, policy, *popularity.dense(rendered.catalog)))
+
+
 class LiveBackend:
-    """The API's backend (see api/backend.py): shards through the gateway, NATS through the publisher."""
+    """The API's backend (see api/backend.py): shards through the gateway, NATS through the
+    publisher. Used from the HTTP server's event loop only: its owner (actors/api_host.py) hands
+    it every update (health, a catalog, popularity) on that loop."""
 
     def __init__(
-        self, settings: Settings, rendered: Rendered, slot_map: SlotMap, gateway: Gateway, publisher: Publisher
+        self, settings: Settings, serving: Serving, slot_map: SlotMap, gateway: Gateway, publisher: Publisher
     ) -> None:
         self.settings = settings
+        self.serving = serving
         self.slot_map = slot_map
         self.gateway = gateway
         self.publisher = publisher
-        self.policy = settings.policy()
         self.rng = np.random.default_rng()
         self.health: dict[str, Any] = {"shards": [], "router": {}, "at": 0.0}
         self.down_until: dict[int, float] = {}
         self._owners: list[int] | None = None
         self.moved_retries = 0  # requests asked again because their slot was moving
         self.started = time.time()
-        self.popularity = Popularity.empty()
-        self.set_catalog(rendered)
 
     @property
     def catalog(self) -> Rendered:
-        return self._rendered
+        return self.serving.rendered
 
-    def set_catalog(self, rendered: Rendered) -> None:
-        self._rendered = rendered
-        self.model = Model(rendered.catalog, self.policy, *self.popularity.dense(rendered.catalog))
-
-    def set_popularity(self, popularity: Popularity) -> None:
-        self.popularity = popularity
-        self.model = Model(self._rendered.catalog, self.policy, *popularity.dense(self._rendered.catalog))
+    def use(self, serving: Serving) -> None:
+        """From now on, this catalog and model (built elsewhere, swapped here at once)."""
+        self.serving = serving
 
     def set_health(self, snapshot: dict[str, Any]) -> None:
         self.health = {**snapshot, "at": time.time()}
@@ -146,9 +159,9 @@ class LiveBackend:
                 raise
 
     def fallback(self, limit: int) -> Picks:
-        empty = self.model.view(userstate.empty())
-        slate = draw_slate(self.model, empty, limit, self.rng)
-        return self.catalog.catalog.movie_ids[slate.movies].tolist(), ["popular"] * len(slate.movies)
+        serving = self.serving
+        slate = draw_slate(serving.model, serving.model.view(userstate.empty()), limit, self.rng)
+        return serving.rendered.catalog.movie_ids[slate.movies].tolist(), ["popular"] * len(slate.movies)
 
     def publish(self, events: Sequence[Event]) -> bool:
         return self.publisher.submit_many(self.subject, [e.encode() for e in events])
@@ -170,7 +183,7 @@ class LiveBackend:
     def readiness(self) -> dict[str, Any]:
         shards = {str(s["shard"]): bool(s.get("ready")) for s in self.health.get("shards", [])}
         router = bool(self.health.get("router", {}).get("running"))
-        catalog = len(self._rendered.catalog) > 0
+        catalog = len(self.catalog.catalog) > 0
         ready = bool(shards) and all(shards.values()) and router and catalog and self.publisher.connected
         return {
             "ready": ready,
@@ -184,7 +197,7 @@ class LiveBackend:
         return {
             "uptime": round(time.time() - self.started, 1),
             "namespace": self.settings.namespace,
-            "catalog": {"version": self._rendered.catalog.version, "movies": len(self._rendered.catalog)},
+            "catalog": {"version": self.catalog.catalog.version, "movies": len(self.catalog.catalog)},
             "shards": self.health.get("shards", []),
             "router": self.health.get("router", {}),
             "apis": self.health.get("apis", []),

@@ -12,7 +12,7 @@ from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
 
-from actors.live_backend import Gateway, LiveBackend
+from actors.live_backend import Gateway, LiveBackend, Serving
 from api.render import Rendered
 from system.bus import publisher as publisher_module
 from system.bus import stream
@@ -21,6 +21,7 @@ from system.core.catalog import Catalog
 from system.core.catalog_file import read_movies
 from system.core.errors import PayloadTooLarge, Unavailable
 from system.core.events import SEEN, Event, decode
+from system.core.popularity import Popularity
 from system.core.settings import Settings
 from system.core.sharding import SlotMap
 from tests.conftest import SMALL_CSV
@@ -111,7 +112,8 @@ async def test_what_one_call_hands_over_is_stored_in_one_message_or_refused_whol
         await publisher.publish(subject, [b"x" * (publisher.max_bytes + 1)], timeout=1)
     # ... which the API answers with a 413 (POST /api/events: a request is one message).
     catalog = Catalog.from_movies(list(read_movies(SMALL_CSV)))
-    backend = LiveBackend(settings, Rendered(catalog), SlotMap.even(1), cast(Gateway, None), publisher)
+    serving = Serving.build(Rendered(catalog), Popularity.empty(), settings.policy())
+    backend = LiveBackend(settings, serving, SlotMap.even(1), cast(Gateway, None), publisher)
     long_ids = [Event("😀" * 128, SEEN, (1,), f"{i:0>128}", "r" * 128, None) for i in range(MAX_EVENTS)]
     with pytest.raises(PayloadTooLarge, match="smaller batches"):
         await backend.publish_durably(long_ids, timeout=1)

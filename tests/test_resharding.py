@@ -16,7 +16,7 @@ import pytest
 import pytest_asyncio
 from nats.js import JetStreamContext
 
-from actors.live_backend import LiveBackend
+from actors.live_backend import LiveBackend, Serving
 from actors.router import EventRouter
 from actors.shard import Shard
 from api.render import Rendered
@@ -26,6 +26,7 @@ from system.bus.dataplane import ShardClient
 from system.bus.publisher import Publisher
 from system.core.errors import Unavailable
 from system.core.health import ROUTER
+from system.core.popularity import Popularity
 from system.core.settings import Settings
 from system.db.catalog_store import CatalogStore
 from system.db.pool import open_pool
@@ -150,8 +151,8 @@ async def fleet(settings: Settings, js: JetStreamContext) -> AsyncIterator[tuple
     nc = await stream.connect(settings.nats_url or "", "test-api")
     publisher = Publisher(nc)
     publisher.start()
-    rendered = Rendered(await catalog_store.read())
-    backend = LiveBackend(settings, rendered, slot_map, ShardClient(nc, settings.namespace), publisher)
+    serving = Serving.build(Rendered(await catalog_store.read()), Popularity.empty(), settings.policy())
+    backend = LiveBackend(settings, serving, slot_map, ShardClient(nc, settings.namespace), publisher)
     actors = LocalFleet(settings, holder, router, Api(backend))
     supervisor = Supervisor(settings, actors, catalog_store, state_store, js, slot_map)
     await supervisor.step()
