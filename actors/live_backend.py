@@ -16,7 +16,7 @@ from api.render import Rendered
 from system.bus.dataplane import ShardClient
 from system.bus.publisher import Publisher, TooLarge
 from system.core import userstate
-from system.core.errors import Moved, PayloadTooLarge, Unavailable
+from system.core.errors import Moved, NotThisOne, PayloadTooLarge, Unavailable
 from system.core.events import Event
 from system.core.policy import Model, Picks, draw_slate
 from system.core.policy_config import PolicyConfig
@@ -148,6 +148,8 @@ class LiveBackend:
                 raise Unavailable(f"shard {shard} is down")  # answer from popularity at once
             try:
                 return await call(shard)
+            except NotThisOne:
+                raise  # that request only: the shard serves the others
             except Moved:
                 if time.monotonic() > deadline:
                     raise Unavailable(f"the slot of {uxid!r} was moving for over {MOVE_WAIT} s") from None

@@ -25,10 +25,10 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from actors.api_host import ApiHost
 from actors.ray_metrics import ApiMetricsExporter, RouterMetrics, ShardMetrics
 from actors.router import EventRouter
-from actors.shard import Shard
+from actors.shard import Answer, Shard
 from system.batching import Batchers
-from system.bus.dataplane import owned
-from system.core.errors import Moved, Restarting, TimedOut, Unavailable
+from system.bus.dataplane import owned, picked
+from system.core.errors import Restarting, TimedOut, Unavailable
 from system.core.health import ROUTER, api_key, shard_key
 from system.core.policy import Picks
 from system.core.policy_config import PolicyConfig
@@ -61,7 +61,7 @@ class ShardActor(Shard):
         self.exporter.ensure()
         return await super().ensure_ready()
 
-    async def slates(self, requests: Sequence[tuple[str, int]]) -> list[Picks | None]:
+    async def slates(self, requests: Sequence[tuple[str, int]]) -> list[Answer]:
         """`Shard.slates`, timed (over NATS and over Ray alike: the data plane calls it too)."""
         began = time.perf_counter()
         picks = await super().slates(requests)
@@ -250,19 +250,16 @@ class RayShardClient(Actors):
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
-        self.batchers: Batchers[int, tuple[str, int], Picks | None] = Batchers(
+        self.batchers: Batchers[int, tuple[str, int], Answer] = Batchers(
             self._slates, linger=SLATE_LINGER, max_in_flight=SLATE_IN_FLIGHT
         )
 
     async def slate(self, shard: int, uxid: str, limit: int) -> Picks:
-        picks = await self.batchers.submit(shard, (uxid, limit))
-        if picks is None:
-            raise Moved(f"the slot of {uxid!r} is not shard {shard}'s")
-        return picks
+        return picked(await self.batchers.submit(shard, (uxid, limit)), shard, uxid)
 
-    async def _slates(self, shard: int, requests: Sequence[tuple[str, int]]) -> list[Picks | None]:
-        picks: list[Picks | None] = await self.call(shard_key(shard), "slates", list(requests), timeout=SLATE_TIMEOUT)
-        return picks
+    async def _slates(self, shard: int, requests: Sequence[tuple[str, int]]) -> list[Answer]:
+        answers: list[Answer] = await self.call(shard_key(shard), "slates", list(requests), timeout=SLATE_TIMEOUT)
+        return answers
 
     async def profile(self, shard: int, uxid: str) -> UserProfile:
         return UserProfile.from_wire(owned(await self.call(shard_key(shard), "user_counts", uxid), shard, uxid))

@@ -62,6 +62,17 @@ INDEX_CHUNK = 16
 INDEX_RETRY_MAX = 30.0
 # Users whose last slate a shard remembers, for the admin profile's "why": the most recent.
 LAST_SLATES = 10_000
+# How long a batch of slates waits for its users' checkpoints to be read (well within the API's
+# 2 s): past it, those users' requests fail alone (the API answers them from popularity) and the
+# rest of the batch is answered; the reads go on for their next request.
+SLATE_READ_WAIT = 0.5
+# Requests answered at once (each in a task of its own, so a slow one holds up no other); past
+# it, the next waits its turn in the subscription.
+ANSWERING_MAX = 32
+
+# A shard's answer for one slate request: the picks, None if the user's slot is not this shard's,
+# or {"error": why} if that request alone failed.
+Answer = Picks | None | dict[str, str]
 
 
 class ShardNotReady(Unavailable):
@@ -92,6 +103,12 @@ class Shard:
         # Whatever changes the users in memory (applying events, loading users) takes this lock:
         # a load then cannot interleave with an apply, nor bring back an older state.
         self._apply_lock = asyncio.Lock()
+        self._reading: dict[str, asyncio.Future[None]] = {}  # users whose checkpoint is being read
+        # Bumped whenever users may leave this shard's hands or their stored state change outside
+        # a read (a release, an erasure): a read that overlapped it reads again.
+        self._generation = 0
+        self._taking: frozenset[int] = frozenset()  # slots an acquire is catching up, not yet owned
+        self._answering: set[asyncio.Task[None]] = set()  # requests being answered
         self._checkpoint_lock = asyncio.Lock()
         self._restoring = Background(self._restore, f"shard-{shard_id} restore", forever=False)
         self._subscriptions: list[Any] = []
@@ -156,7 +173,9 @@ class Shard:
         began = time.monotonic()
         settings = self.settings
         if self._pool is None:
-            self._pool = await open_pool(settings.database_url or "", max_size=2, name=f"shard-{self.shard_id}")
+            # Checkpoints, the index and reads of users each take a connection: a read that hangs
+            # must not leave a checkpoint without one.
+            self._pool = await open_pool(settings.database_url or "", max_size=4, name=f"shard-{self.shard_id}")
         if self._nc is None:
             self._nc = await stream.connect(
                 settings.nats_url_for(access.SHARD), f"{settings.namespace}-shard-{self.shard_id}", access.SHARD
@@ -177,6 +196,7 @@ class Shard:
         state.set_popularity(popularity)
         self.epochs = {slot: claim.epoch for slot, claim in claims.items()}
         self._slot_set = frozenset(claims)
+        self._generation += 1  # reads for an earlier state admit nothing
         slot_covered = {slot: claim.covered for slot, claim in claims.items()}
         end = await stream.last_seq(self._nc.jetstream(), settings.stream)
         covered = min(slot_covered.values(), default=end)  # no slot (a new shard): nothing to replay
@@ -259,6 +279,17 @@ class Shard:
             log.warning("event span not applied", extra={"shard": self.shard_id, "error": repr(exc)})
 
     async def _on_rpc(self, msg: Msg) -> None:
+        """nats-py hands a subscription's messages over one at a time: each request is answered in
+        a task of its own, so one that waits (on a user's checkpoint) holds up no other."""
+        if len(self._answering) >= ANSWERING_MAX:
+            await self._answer(msg)  # enough at once: this one waits its turn
+            return
+        task = asyncio.create_task(self._answer(msg), name=f"shard-{self.shard_id} answer")
+        self._answering.add(task)
+        task.add_done_callback(self._answering.discard)
+
+    async def _answer(self, msg: Msg) -> None:
+        """Answer one request; never raises (its failure is the reply, and logged)."""
         try:
             op, args = dataplane.decode_call(msg.data)
             if op == dataplane.SLATES:
@@ -283,6 +314,8 @@ class Shard:
             return self.status()
         self._stopped = True
         await self._unlisten()
+        for answering in list(self._answering):  # callers of an unanswered request time out and fall back
+            await cancel_and_wait(answering)
         checkpointer, self._checkpointer = self._checkpointer, None
         await cancel_and_wait(checkpointer)
         indexer, self._indexer = self._indexer, None
@@ -309,36 +342,78 @@ class Shard:
 
     # --- users in memory ----------------------------------------------------------------------
 
-    async def _load(self, state: ShardState, uxids: Iterable[str], slots: frozenset[int] | None = None) -> None:
-        """Make these users resident: those not in memory come from their checkpoints, in one
-        indexed read. The caller holds the apply lock."""
-        # Only users of slots this shard owns now: a request that checked its slot, then waited
-        # for the lock while a release gave the slot away, must not bring a copy back that
-        # would outlive the release and be taken for the user if the slot returns.
-        owned = self._slot_set if slots is None else slots  # an acquire's catch-up: the slots it takes
-        missing = [u for u in state.missing(uxids) if slot_of(u) in owned]
-        if not missing:
-            return
-        # Users known to have no checkpoint (new ones, mostly) start empty without a read.
-        ask = [u for u, maybe in zip(missing, state.checkpointed.may_have(missing), strict=True) if maybe]
-        self.reads_skipped += len(missing) - len(ask)
-        rows: list[tuple[str, bytes, bytes]] = []
-        if ask:
-            assert self._pool is not None
-            rows = await StateStore(self._pool).load_users(ask)
-            self.loads += 1
-            self.users_loaded += len(rows)
-        state.admit(missing, rows)
-
-    async def _resident(self, uxids: Sequence[str]) -> ShardState:
-        """The state, with these users resident (loaded first if they are not)."""
-        state = self.state
+    async def _resident(
+        self,
+        uxids: Iterable[str],
+        slots: frozenset[int] | None = None,
+        wait: float | None = None,
+        state: ShardState | None = None,
+    ) -> ShardState:
+        """The state, with these users resident: those not in memory come from their checkpoints.
+        Users the index knows have no checkpoint (new ones, mostly) start empty at once; the
+        others are read, one read in flight per user however many ask (a slate, a profile, an
+        apply), and no lock is held meanwhile: what waits on PostgreSQL is only what needs it.
+        Only users of slots this shard owns (or, with `slots`, an acquire's catch-up: those it
+        takes) are brought in. With `wait`, gives up waiting after that many seconds (the reads
+        go on; those users are not resident yet); without, a failed read raises. `state`: the
+        one a restore is replaying into, before it serves."""
+        state = state or self.state
         if state is None:
             raise ShardNotReady(f"shard {self.shard_id} is restoring")
-        if state.missing(uxids):
-            async with self._apply_lock:
-                await self._load(state, uxids)
+        owned = self._slot_set if slots is None else slots
+        missing = [u for u in state.missing(uxids) if slot_of(u) in owned]
+        if not missing:
+            return state
+        maybe = state.checkpointed.may_have(missing)
+        fresh = [u for u, read in zip(missing, maybe, strict=True) if not read]
+        state.admit(fresh, [])  # no await since `missing`: nothing came in meanwhile
+        self.reads_skipped += len(fresh)
+        ask = [u for u, read in zip(missing, maybe, strict=True) if read]
+        if not ask:
+            return state
+        if unread := [u for u in ask if u not in self._reading]:
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            for uxid in unread:
+                self._reading[uxid] = done
+            start_task(self._read(state, unread, done), f"shard-{self.shard_id} read", forever=False)
+        pending = {self._reading[u] for u in ask if u in self._reading}
+        if pending:
+            finished, _ = await asyncio.wait(pending, timeout=wait)
+            if wait is None:
+                for future in finished:
+                    future.result()  # a failed read: the caller fails (an apply retries the span)
         return state
+
+    async def _read(self, state: ShardState, users: list[str], done: asyncio.Future[None]) -> None:
+        """Read these users' checkpoints and admit them, unless the state changed hands meanwhile
+        (a release, an erasure, a restore: `_generation`), in which case what is still ours is
+        read again: a read that started before a checkpoint or an erasure must not bring an older
+        state back. `done` tells the waiters (its exception, if the read failed)."""
+        registered = list(users)
+        try:
+            while users:
+                generation = self._generation
+                assert self._pool is not None
+                rows = await StateStore(self._pool).load_users(users)
+                self.loads += 1
+                owned = self._slot_set | self._taking
+                users = [u for u in users if u not in state.users and slot_of(u) in owned]
+                if generation == self._generation:
+                    state.admit(users, [r for r in rows if r[0] in set(users)])
+                    self.users_loaded += len(rows)
+                    break
+            done.set_result(None)
+        except Exception as exc:  # noqa: BLE001 - PostgreSQL away: the waiters hear it, the next ask reads again
+            log.warning(
+                "reading users failed", extra={"shard": self.shard_id, "users": len(registered), "error": repr(exc)}
+            )
+            self.last_error = repr(exc)
+            done.set_exception(exc)
+            done.exception()  # retrieved: a waiter may have stopped waiting
+        finally:
+            for uxid in registered:
+                if self._reading.get(uxid) is done:
+                    del self._reading[uxid]
 
     # --- events -----------------------------------------------------------------------------
 
@@ -426,6 +501,7 @@ class Shard:
             state.release(leaving)
             self.epochs = {s: e for s, e in self.epochs.items() if s not in leaving}
             self._slot_set = frozenset(self.epochs)
+            self._generation += 1
             log.info("released slots", extra={"shard": self.shard_id, "slots": len(leaving), "at": self.covered})
             return self.covered
 
@@ -447,7 +523,11 @@ class Shard:
             covered = {slot: claim.covered for slot, claim in claims.items()}
             behind = min(covered.values(), default=self.covered)
             if behind < self.covered:
-                await self._replay(state, behind, self.covered, covered, only=frozenset(claims))
+                self._taking = frozenset(claims)
+                try:
+                    await self._replay(state, behind, self.covered, covered, only=frozenset(claims))
+                finally:
+                    self._taking = frozenset()
             self.epochs |= {slot: claim.epoch for slot, claim in claims.items()}
             self._slot_set = frozenset(self.epochs)
             self._index_wanted.set()  # their users' checkpoints are read now that the slots are taken
@@ -463,29 +543,40 @@ class Shard:
         applied = 0
         for start in range(0, len(events), APPLY_CHUNK):
             chunk = events[start : start + APPLY_CHUNK]
-            await self._load(state, (e.user for _, e in chunk), slots)
+            await self._resident([e.user for _, e in chunk], slots, state=state)
             applied += state.apply([e for _, e in chunk], [second for second, _ in chunk])
             await asyncio.sleep(0)
         return applied
 
     # --- serving ----------------------------------------------------------------------------
 
-    async def slates(self, requests: Sequence[tuple[str, int]]) -> list[Picks | None]:
+    async def slates(self, requests: Sequence[tuple[str, int]]) -> list[Answer]:
         """A batch of (uxid, limit) -> per request, movie ids best first and why each is there;
-        None for a user whose slot is not (or no longer) this shard's: the caller asks again."""
-        mine = [slot_of(uxid) in self._slot_set for uxid, _ in requests]
-        state = await self._resident([uxid for (uxid, _), ok in zip(requests, mine, strict=True) if ok])
-        mine = [slot_of(uxid) in self._slot_set for uxid, _ in requests]  # a release may have run meanwhile
+        None for a user whose slot is not (or no longer) this shard's (the caller asks again);
+        `{"error": why}` for one that failed alone: its user's state could not be read within
+        SLATE_READ_WAIT (the read goes on, for their next request), or their slate raised."""
+        state = await self._resident((uxid for uxid, _ in requests), wait=SLATE_READ_WAIT)
         self.slate_calls += 1
-        self.slates_served += sum(mine)
-        picks = [state.slate(uxid, limit) if ok else None for (uxid, limit), ok in zip(requests, mine, strict=True)]
-        self._remember_slates(requests, picks)
-        return picks
+        answers: list[Answer] = []
+        for uxid, limit in requests:
+            if slot_of(uxid) not in self._slot_set:  # a release may have run meanwhile
+                answers.append(None)
+            elif uxid not in state.users:
+                answers.append({"error": f"the state of {uxid!r} is still being read"})
+            else:
+                try:
+                    answers.append(state.slate(uxid, limit))
+                except Exception as exc:  # noqa: BLE001 - that request fails, not its batch
+                    log.exception("a slate failed", extra={"shard": self.shard_id})
+                    answers.append({"error": repr(exc)})
+        self.slates_served += sum(isinstance(a, tuple) for a in answers)
+        self._remember_slates(requests, answers)
+        return answers
 
-    def _remember_slates(self, requests: Sequence[tuple[str, int]], picks: Sequence[Picks | None]) -> None:
+    def _remember_slates(self, requests: Sequence[tuple[str, int]], answers: Sequence[Answer]) -> None:
         now, last = time.time(), self.last_slates
-        for (uxid, _), slate in zip(requests, picks, strict=True):
-            if slate is not None:
+        for (uxid, _), slate in zip(requests, answers, strict=True):
+            if isinstance(slate, tuple):
                 last.pop(uxid, None)
                 last[uxid] = (now, *slate)
         while len(last) > LAST_SLATES:
@@ -500,6 +591,8 @@ class Shard:
         state = await self._resident([uxid])
         if slot_of(uxid) not in self._slot_set:  # released while it loaded
             return None
+        if uxid not in state.users:  # erased meanwhile: a new user
+            return {"rows": [], "last_slate": None}
         last = self.last_slates.get(uxid)
         return {"rows": state.counts_of(uxid).tolist(), "last_slate": list(last) if last else None}
 
@@ -522,6 +615,7 @@ class Shard:
                 await self._fence(exc.detail)
                 raise
             was_resident = state.erase(uxid, saved)
+            self._generation += 1  # a read of theirs under way must not bring the erased state back
             self.last_slates.pop(uxid, None)
         self.erased += 1
         self._scrubber.start(erasure, uxid, through)

@@ -105,7 +105,7 @@ async def test_memory_stays_within_the_budget_and_verify_stays_exact(small_budge
         assert answer is not None and [tuple(r) for r in answer["rows"]] == expected[uxid].rows(), uxid
         clicked = {key for key, clicks, *_ in expected[uxid].rows() if key > 0 and clicks}
         [picks] = await shard.slates([(uxid, 10)])
-        assert picks is not None
+        assert isinstance(picks, tuple)
         slate, _ = picks
         assert not clicked & set(slate), uxid
     assert sum(s.users_loaded for s in pipeline.shards.values()) - loaded_before >= len(evicted)

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+import psycopg
 import pytest
 import pytest_asyncio
 from nats.js import JetStreamContext
@@ -17,7 +18,7 @@ from actors.router import IDLE_ADVANCE
 from actors.shard import APPLY_CHUNK, PastStreamEnd, Shard, ShardNotReady
 from system.bus import dataplane, stream
 from system.core import userstate
-from system.core.errors import Unavailable
+from system.core.errors import NotThisOne, Unavailable
 from system.core.events import CLICKED, Event
 from system.core.settings import Settings
 from system.core.shard_state import SEEN_IDS
@@ -249,7 +250,7 @@ async def test_a_user_without_a_checkpoint_starts_empty_without_a_read_and_one_w
     assert reborn.state is not None and before not in reborn.state.users
     loads = reborn.loads
 
-    assert (await reborn.slates([(new, 5)]))[0] is not None
+    assert isinstance((await reborn.slates([(new, 5)]))[0], tuple)
     assert (reborn.reads_skipped, reborn.loads) == (1, loads)  # no read
     assert await reborn.user_counts(before) and posterior(reborn, before, 2) == (2, 1)
     assert reborn.loads == loads + 1  # read, from the checkpoint written before the restart
@@ -309,7 +310,8 @@ async def test_slates_learn_from_events(pipeline: Pipeline) -> None:
     shard = pipeline.shard_of("nolan-fan")
     # 100 slates each: fewer, and the spread of the draws says more than what was learned.
     answers = await shard.slates([("nolan-fan", 5)] * 100 + [("cold", 5)] * 100)
-    slates = [picks[0] for picks in answers if picks is not None]
+    slates = [picks[0] for picks in answers if isinstance(picks, tuple)]
+    assert len(slates) == 200
     assert all(len(s) == 5 and len(set(s)) == 5 for s in slates)
     fan = sum(32 in s for s in slates[:100])  # The Prestige: the one Nolan movie left
     cold = sum(32 in s for s in slates[100:])  # the baseline: a user with no history, same shard
@@ -335,3 +337,72 @@ async def test_the_api_reaches_shards_over_nats_request_reply(pipeline: Pipeline
         await client.slate(shard, "rpc-user", 5)
     assert asyncio.get_running_loop().time() - began < 1.0
     await nc.close()
+
+
+async def restarted(pipeline: Pipeline, index: int) -> Shard:
+    """Shard `index` stopped (a final checkpoint) and replaced by a new one, its slots indexed:
+    its users are in PostgreSQL only, and it knows which of them have a checkpoint."""
+    await pipeline.shards[index].stop()
+    shard = pipeline.shards[index] = Shard(index, pipeline.settings, seed=index)
+    await shard.wait_ready()
+    await wait_for(lambda: shard.status()["slots_indexed"] == shard.status()["slots"])
+    return shard
+
+
+async def test_a_user_whose_state_cannot_be_read_holds_up_nobody_else(pipeline: Pipeline) -> None:
+    """A PostgreSQL read held open (the checkpoint table locked by another session): the slate of
+    the user whose checkpoint must be read fails alone after SLATE_READ_WAIT (the API answers it
+    from popularity, and does not take the shard for down), while users in memory and new users
+    get their personal slates over NATS all along; once the lock goes, that user is read and
+    served. (Before, the read held the shard's apply lock and its one-at-a-time subscription:
+    every other slate of the shard waited, then timed out.)"""
+    index = pipeline.slot_map.shard_of("slow")
+    resident = next(u for u in (f"resident-{i}" for i in range(100)) if pipeline.slot_map.shard_of(u) == index)
+    users = {"slow": 3, resident: 12}
+    seq = 0
+    for uxid, movie in users.items():
+        seq = await pipeline.publish({"event_type": "clicked", "entity_id": movie, "user_id": uxid})
+    await pipeline.settle(seq)
+    shard = await restarted(pipeline, index)
+    nc = await stream.connect(pipeline.settings.nats_url or "", "test-api")
+    client = dataplane.ShardClient(nc, pipeline.settings.namespace)
+    await client.slate(index, resident, 5)  # read before the lock: in memory from here on
+    assert shard.state is not None and resident in shard.state.users and "slow" not in shard.state.users
+    async with await psycopg.AsyncConnection.connect(pipeline.settings.database_url or "") as locker:
+        async with locker.transaction():
+            await locker.execute("LOCK TABLE user_state IN ACCESS EXCLUSIVE MODE")
+            slow = asyncio.create_task(client.slate(index, "slow", 5))
+            others = [resident, *(f"new-{i}" for i in range(40) if pipeline.slot_map.shard_of(f"new-{i}") == index)]
+            for uxid in others * 3:  # one after another: each its own request to the shard
+                ids, reasons = await client.slate(index, uxid, 5)
+                assert len(ids) == 5
+            assert not slow.done() or isinstance(slow.exception(), NotThisOne)
+            with pytest.raises(NotThisOne, match="still being read"):
+                await slow  # the lock is held all along: it failed alone
+    # The lock is gone: the read that was waiting goes through, and the user is served as they are.
+    await wait_for(lambda: shard.state is not None and "slow" in shard.state.users)
+    ids, _ = await client.slate(index, "slow", 5)
+    assert posterior(shard, "slow", 3) == (2, 1) and 3 not in ids  # their click, and it goes last
+    await nc.close()
+
+
+async def test_a_slate_that_fails_fails_alone(pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug in one user's slate: that request's answer is its error; the batch's others are served."""
+    shard = pipeline.shards[0]
+    assert shard.state is not None
+    real = type(shard.state).slate
+
+    def buggy(state: Any, uxid: str, limit: int) -> Any:
+        if uxid == "poison":
+            raise ZeroDivisionError("a bug")
+        return real(state, uxid, limit)
+
+    monkeypatch.setattr(type(shard.state), "slate", buggy)
+    users = [u for u in ("poison", *(f"fine-{i}" for i in range(30))) if slot_of(u) in shard.epochs]
+    assert users[0] == "poison" or slot_of("poison") not in shard.epochs
+    answers = await shard.slates([(u, 5) for u in users])
+    for uxid, answer in zip(users, answers, strict=True):
+        if uxid == "poison":
+            assert isinstance(answer, dict) and "ZeroDivisionError" in answer["error"]
+        else:
+            assert isinstance(answer, tuple) and len(answer[0]) == 5

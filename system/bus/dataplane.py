@@ -21,7 +21,7 @@ from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
 
 from system.batching import Batchers
-from system.core.errors import Moved, Unavailable
+from system.core.errors import Moved, NotThisOne, Unavailable
 from system.core.events import Event
 from system.core.policy import Picks
 from system.core.profile import UserProfile
@@ -101,9 +101,20 @@ def decode_reply(payload: bytes) -> Any:
 
 
 # The operations of `<ns>.shard.<i>.rpc`.
-SLATES = "slates"  # args: [[uxid, limit], ...] -> [[movie ids, reasons] or null if not the shard's, ...]
+SLATES = "slates"  # args: [[uxid, limit], ...] -> per request: [movie ids, reasons], null (not the shard's), or {"error": why}
 PROFILE = "profile"  # args: uxid -> {"rows", "last_slate"} (system/core/profile.py), or null
 ERASE = "erase"  # args: uxid -> the erasure (actors/shard.py `erase`), or null
+
+
+def picked(answer: Any, shard: int, uxid: str) -> Picks:
+    """A shard's answer to one slate request of a batch: the picks; Moved (null: the user's slot
+    is not the shard's), NotThisOne (that request failed alone)."""
+    if answer is None:
+        raise Moved(f"the slot of {uxid!r} is not shard {shard}'s")
+    if isinstance(answer, dict):
+        raise NotThisOne(f"shard {shard}: {answer.get('error')}")
+    ids, reasons = answer
+    return ids, reasons
 
 
 def owned(answer: Any, shard: int, uxid: str) -> Any:
@@ -123,7 +134,7 @@ class ShardClient:
         self.nc = nc
         self.namespace = namespace
         self.timeout = timeout
-        self.batchers: Batchers[int, tuple[str, int], Picks | None] = Batchers(
+        self.batchers: Batchers[int, tuple[str, int], Any] = Batchers(
             lambda shard, requests: self.call(shard, SLATES, list(requests)), linger=linger, max_in_flight=in_flight
         )
 
@@ -132,11 +143,7 @@ class ShardClient:
         return bool(self.nc.is_connected)
 
     async def slate(self, shard: int, uxid: str, limit: int) -> Picks:
-        picks = await self.batchers.submit(shard, (uxid, limit))
-        if picks is None:
-            raise Moved(f"the slot of {uxid!r} is not shard {shard}'s")
-        ids, reasons = picks
-        return ids, reasons
+        return picked(await self.batchers.submit(shard, (uxid, limit)), shard, uxid)
 
     async def profile(self, shard: int, uxid: str) -> UserProfile:
         return UserProfile.from_wire(owned(await self.call(shard, PROFILE, uxid), shard, uxid))

@@ -72,3 +72,9 @@ class TimedOut(Unavailable):
 
 class Restarting(Unavailable):
     """The callee crashed and is being restarted (by Ray); waiting helps, killing it does not."""
+
+
+class NotThisOne(Unavailable):
+    """One request of a batch failed on its shard (its user's state could not be read in time, a
+    bug in their slate): that request only. The shard serves the others; the caller answers this
+    one from popularity, and does not take the shard for down."""
