@@ -79,6 +79,12 @@ CHECKPOINT_LAG_SECONDS = Spec(
     "Seconds since the last checkpoint while the shard holds changes not checkpointed (else 0)",
     ("shard",),
 )
+FAILURES = Spec(
+    "mabrec_shard_failures",
+    "counter",
+    "Failed applies and checkpoints of the shard, by cause (postgres, nats: outages; bug: not one)",
+    ("shard", "stage", "cause"),
+)
 SLATE_SECONDS = Spec(
     "mabrec_shard_slate_seconds",
     "histogram",
@@ -104,6 +110,7 @@ SHARD_SPECS = (
     EVENTS_REPLAYED,
     CHECKPOINT_LAG_EVENTS,
     CHECKPOINT_LAG_SECONDS,
+    FAILURES,
     SLATE_SECONDS,
 )
 ROUTER_SPECS = (ROUTER_EVENTS, ROUTER_DEAD_LETTERS)
@@ -126,7 +133,11 @@ def shard_readings(status: dict[str, Any], now: float, ready_since: float | None
     pending = ready and (lag_events > 0 or int(status.get("dirty_users") or 0) > 0)
     since = status.get("last_checkpoint") or ready_since
     lag_seconds = max(now - since, 0.0) if pending and since is not None else 0.0
-    return [
+    failures: list[Reading] = []
+    for key, count in sorted((status.get("failures") or {}).items()):
+        stage, cause = key.split(":", 1)
+        failures.append((FAILURES, {**tags, "stage": stage, "cause": cause}, float(count)))
+    return failures + [
         (RESIDENT_USERS, tags, float(status.get("users") or 0)),
         (EVENTS_APPLIED, tags, float(status.get("events_applied") or 0)),
         (EVENTS_DUPLICATE, tags, float(status.get("events_duplicate") or 0)),

@@ -22,16 +22,17 @@ import gc
 import logging
 import os
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
+import psycopg
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from system.bus import dataplane, stream
 from system.core import access, userstate
@@ -75,6 +76,26 @@ ANSWERING_MAX = 32
 Answer = Picks | None | dict[str, str]
 
 
+# What made an apply or a checkpoint fail: an outage of a service (waited out), or a bug.
+POSTGRES, NATS_DOWN, NOT_READY, REFUSED, BUG = "postgres", "nats", "not_ready", "refused", "bug"
+# A bug that fails the same apply (or checkpoint) this many times in a row breaks the shard.
+BROKEN_AFTER = 3
+
+
+def cause_of(exc: BaseException) -> str:
+    """An outage of PostgreSQL or NATS, a shard not restored (yet), a span refused (it claims
+    more than the log has), or else: a bug."""
+    if isinstance(exc, PastStreamEnd):
+        return REFUSED
+    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError | PoolTimeout):
+        return POSTGRES
+    if isinstance(exc, NatsError | TimeoutError | Unavailable) and not isinstance(exc, ShardNotReady):
+        return NATS_DOWN  # (system/bus/stream.py raises Unavailable when it cannot read the log)
+    if isinstance(exc, ShardNotReady):
+        return NOT_READY
+    return BUG
+
+
 class ShardNotReady(Unavailable):
     """The shard is restoring (or could not reach PostgreSQL/NATS to restore yet)."""
 
@@ -114,6 +135,9 @@ class Shard:
         self._subscriptions: list[Any] = []
         self._stopped = False
         self.fenced: str | None = None  # why this instance stopped serving: a successor owns its slots
+        self.broken: str | None = None  # why it asks to be replaced: a bug failed the same work again and again
+        self.failures: Counter[str] = Counter()  # "<apply|checkpoint>:<cause>" -> failures
+        self._stuck, self._stuck_at = 0, ("", -1)  # failures in a row of a bug, at (stage, covered)
         self._checkpointer: asyncio.Task[None] | None = None
         self._indexer: asyncio.Task[None] | None = None
         self._index_wanted = asyncio.Event()  # slots to index: restored, or acquired
@@ -155,6 +179,8 @@ class Shard:
         waits for it (a health check must not block). Returns `status()`."""
         if self.fenced:
             raise ShardNotReady(f"shard {self.shard_id} (pid {os.getpid()}) was fenced: {self.fenced}")
+        if self.broken:
+            raise ShardNotReady(f"shard {self.shard_id} (pid {os.getpid()}) is broken: {self.broken}")
         if self.state is None:
             self._restoring.ensure()
         return self.status()
@@ -275,8 +301,32 @@ class Shard:
     async def _on_apply(self, msg: Msg) -> None:
         try:
             await self.apply(*dataplane.decode_apply(msg.data))
-        except Exception as exc:  # noqa: BLE001 - the next span shows the gap; the stream has the events
+        except Exception as exc:  # noqa: BLE001 - counted by cause; the next span shows the gap
+            self._failed("apply", exc)
             log.warning("event span not applied", extra={"shard": self.shard_id, "error": repr(exc)})
+        else:
+            self._stuck = 0
+
+    def _failed(self, stage: str, exc: Exception) -> None:
+        """Count a failed apply or checkpoint by its cause. An outage (PostgreSQL, NATS) is waited
+        out; a bug is not: the same one `BROKEN_AFTER` times in a row (an apply that fails while the
+        shard is stuck at one position, or a checkpoint) and the shard says it is broken, so the
+        supervisor replaces it (the new process restores from the checkpoint and the log)."""
+        cause = cause_of(exc)
+        self.failures[f"{stage}:{cause}"] += 1
+        self.last_error = f"{stage}: {exc!r}"
+        if cause != BUG:
+            return
+        if self._stuck and self._stuck_at == (stage, self.covered):
+            self._stuck += 1
+        else:
+            self._stuck, self._stuck_at = 1, (stage, self.covered)
+        if self._stuck >= BROKEN_AFTER and not self.broken:
+            self.broken = f"{stage} failed {self._stuck} times in a row at #{self.covered}: {exc!r}"
+            log.error(
+                "shard broken: a bug, not an outage; it asks to be replaced",
+                extra={"shard": self.shard_id, "why": self.broken},
+            )
 
     async def _on_rpc(self, msg: Msg) -> None:
         """nats-py hands a subscription's messages over one at a time: each request is answered in
@@ -698,10 +748,13 @@ class Shard:
                 await self.checkpoint()
             except Fenced:
                 return  # logged by _fence; this instance is done
-            except Exception as exc:  # noqa: BLE001 - PostgreSQL down: keep serving from memory, retry next tick
+            except Exception as exc:  # noqa: BLE001 - counted by cause: PostgreSQL down is retried next tick
                 self.checkpoint_errors += 1
-                self.last_error = repr(exc)
+                self._failed("checkpoint", exc)
                 log.warning("checkpoint failed", extra={"shard": self.shard_id, "error": repr(exc)})
+            else:
+                if self._stuck_at[0] == "checkpoint":
+                    self._stuck = 0
 
     async def _index_loop(self) -> None:
         """Index the checkpointed users of the slots this shard owns (ShardState.checkpointed), a
@@ -749,7 +802,9 @@ class Shard:
         state = self.state
         return {
             "shard": self.shard_id,
-            "ready": state is not None,
+            "ready": state is not None and not self.broken,
+            "broken": self.broken,
+            "failures": dict(self.failures),
             "pid": os.getpid(),
             "started": self.started,  # which incarnation (a restart makes a new one)
             "slots": len(self.epochs),

@@ -119,6 +119,16 @@ class StatusCollector(Collector):
             for s in shards:
                 counter.add_metric([str(s["shard"])], float(s.get(key) or 0))
             yield counter
+        failures = CounterMetricFamily(
+            "mabrec_shard_failures",
+            "Failed applies and checkpoints, by cause (postgres, nats: outages; bug: not one)",
+            labels=["shard", "stage", "cause"],
+        )
+        for s in shards:
+            for key, count in sorted((s.get("failures") or {}).items()):
+                stage, cause = key.split(":", 1)
+                failures.add_metric([str(s["shard"]), stage, cause], float(count))
+        yield failures
         lag = np.zeros(len(LAG_EDGES) + 1)
         lag_seconds = 0.0
         for s in shards:

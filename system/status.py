@@ -64,13 +64,16 @@ def show(settings: Settings, as_json: bool) -> int:
     if change:
         print(f"  CHANGING   {change['what']}: {change['moved']}/{change['slots']} slots moved, {change['seconds']} s")
     slots = slots_per_shard(status)
-    print("  shard  ready  slots  users    applied  covered  checkpointed  restarts")
+    print("  shard  ready  slots  users    applied  covered  checkpointed  restarts  failures")
     for s in status["shards"]:
+        failures = ", ".join(f"{k} {n}" for k, n in sorted((s.get("failures") or {}).items())) or "-"
         print(
             f"  {s['shard']:>5}  {'yes' if s.get('ready') else 'NO ':>5}  {slots.get(s['shard'], 0):>5}"
             f"  {s.get('users', 0):>6}  {s.get('events_applied', 0):>8}  {s.get('covered_seq', 0):>7}"
-            f"  {s.get('checkpoint_seq', 0):>12}  {s.get('restarts', 0):>8}"
+            f"  {s.get('checkpoint_seq', 0):>12}  {s.get('restarts', 0):>8}  {failures}"
         )
+        if s.get("broken"):
+            print(f"         BROKEN: {s['broken']} (the supervisor replaces it; restarts back off)")
     return 0 if ready.get("ready") else 2
 
 

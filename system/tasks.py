@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, TypeVar
 
@@ -82,11 +83,17 @@ async def gather_logged(calls: Mapping[str, Awaitable[T]], what: str) -> dict[st
     return out
 
 
+# Seconds before a background task that died may be started again: doubled with each death in
+# a row (a bug that kills it at once must not spin), up to the most.
+RETRY_PAUSE, RETRY_PAUSE_MAX = 0.5, 30.0
+
+
 class Background:
     """A background task that an idempotent `ensure` call (re)starts: how actors restore, start
     serving or consume without ever making a health check wait. A task that dies is logged
-    when it dies and started again by the next `ensure`; `forever` says whether returning is a
-    death (a loop) or its job done (a restore)."""
+    when it dies and started again by an `ensure` once a pause has passed (doubled with each
+    death in a row); `forever` says whether returning is a death (a loop) or its job done (a
+    restore, after which the deaths in a row start from zero)."""
 
     def __init__(self, start: Callable[[], Coroutine[Any, Any, None]], name: str, *, forever: bool) -> None:
         self._start = start
@@ -94,15 +101,28 @@ class Background:
         self.forever = forever
         self._task: asyncio.Task[None] | None = None
         self.last_error: str | None = None
+        self.deaths = 0  # in a row
+        self._not_before = 0.0
 
     def ensure(self) -> None:
-        """Start the task unless it is running."""
+        """Start the task unless it is running, or died too recently to start again yet."""
         if self._task is not None and not self._task.done():
             return
-        self._task = start_task(self._start(), self.name, self._ended, forever=self.forever)
+        if time.monotonic() < self._not_before:
+            return
+        task = self._task = start_task(self._start(), self.name, self._ended, forever=self.forever)
+        task.add_done_callback(self._succeeded)
 
     def _ended(self, exc: BaseException | None) -> None:
         self.last_error = repr(exc) if exc is not None else "ended"
+        self.deaths += 1
+        pause = min(RETRY_PAUSE * 2 ** (self.deaths - 1), RETRY_PAUSE_MAX)
+        self._not_before = time.monotonic() + pause
+        log.warning("background task will be started again", extra={"task": self.name, "after_s": pause})
+
+    def _succeeded(self, task: asyncio.Task[None]) -> None:
+        if not self.forever and not task.cancelled() and task.exception() is None:
+            self.deaths = 0
 
     @property
     def running(self) -> bool:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from system.core.errors import Restarting, TimedOut
+import pytest
+
+from system.core import health
+from system.core.errors import Restarting, TimedOut, Unavailable
 from system.core.health import HealthMonitor
 
 UP = {"ensure_ready": "ready", "ensure_running": "running", "ensure_serving": "serving"}
@@ -23,11 +26,14 @@ class FakeActors:
             raise TimedOut(f"{actor} timed out")
         if mode == "crashed":
             raise Restarting(f"{actor} is restarting")
+        if mode == "broken":
+            raise Unavailable(f"{actor} is broken: applying a span failed 3 times")
         return {UP[method]: True, "users": 3, "port": 8000}
 
     def restart(self, actor: str) -> None:
         self.restarted.append(actor)
-        self.behaviour[actor] = "ok"
+        if self.behaviour.get(actor) != "broken":  # a bug comes back with the new process
+            self.behaviour[actor] = "ok"
 
 
 async def test_all_up_once_every_actor_answered() -> None:
@@ -115,3 +121,32 @@ async def test_a_starting_actor_may_be_slow_and_a_slow_one_keeps_its_state() -> 
     status = monitor.shards[0].status
     assert status["ready"] and status["slow"] and not monitor.shards[0].answering
     assert actors.restarted == ["shard-0"]  # threshold 1: restarted
+
+
+async def test_a_shard_that_stays_broken_is_replaced_less_and_less_often(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug is not an outage: a shard that says it is broken is replaced after `threshold` checks,
+    and while the replacements keep breaking, each waits twice as long as the one before."""
+    clock = [1000.0]
+    monkeypatch.setattr("system.core.health.time.monotonic", lambda: clock[0])
+    actors = FakeActors()
+    actors.behaviour["shard-0"] = "broken"
+    monitor = HealthMonitor(actors, 1, threshold=3, grace=0)
+    restarts_at: list[float] = []
+    for _ in range(200):  # a check a second, for 200 s
+        before = len(actors.restarted)
+        await monitor.check()
+        if len(actors.restarted) > before:
+            restarts_at.append(clock[0])
+        clock[0] += 1.0
+    gaps = [b - a for a, b in zip(restarts_at, restarts_at[1:], strict=False)]
+    assert len(restarts_at) >= 4 and all(g >= health.RESTART_PAUSE * 2**k for k, g in enumerate(gaps)), gaps
+    assert "broken" in monitor.shards[0].status["last_error"] and not monitor.shards[0].up
+    # Fixed (a deploy): once up long enough, a later failure is not part of the loop any more.
+    actors.behaviour["shard-0"] = "ok"
+    while not monitor.shards[0].up or clock[0] < monitor.shards[0].restart_after:
+        await monitor.check()
+        clock[0] += 1.0
+    for _ in range(int(health.STABLE_SECONDS) + 2):
+        await monitor.check()
+        clock[0] += 1.0
+    assert monitor.shards[0].streak == 0

@@ -4,6 +4,7 @@ real PostgreSQL and NATS JetStream (Ray only wraps them; test_e2e runs them as a
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,8 +21,9 @@ from system.bus import dataplane, stream
 from system.core import userstate
 from system.core.errors import NotThisOne, Unavailable
 from system.core.events import CLICKED, Event
+from system.core.health import HealthMonitor, shard_key
 from system.core.settings import Settings
-from system.core.shard_state import SEEN_IDS
+from system.core.shard_state import SEEN_IDS, ShardState
 from system.core.sharding import slot_of, slot_ranges
 from system.db.pool import short_lived_pool
 from system.db.state_store import StateStore
@@ -308,14 +310,15 @@ async def test_slates_learn_from_events(pipeline: Pipeline) -> None:
         seq = await pipeline.publish({"event_type": "clicked", "entity_id": movie, "user_id": "nolan-fan"})
     await pipeline.settle(seq, "nolan-fan")
     shard = pipeline.shard_of("nolan-fan")
+    cold = next(u for u in (f"cold-{i}" for i in range(100)) if pipeline.shard_of(u) is shard)
     # 100 slates each: fewer, and the spread of the draws says more than what was learned.
-    answers = await shard.slates([("nolan-fan", 5)] * 100 + [("cold", 5)] * 100)
+    answers = await shard.slates([("nolan-fan", 5)] * 100 + [(cold, 5)] * 100)
     slates = [picks[0] for picks in answers if isinstance(picks, tuple)]
     assert len(slates) == 200
     assert all(len(s) == 5 and len(set(s)) == 5 for s in slates)
     fan = sum(32 in s for s in slates[:100])  # The Prestige: the one Nolan movie left
-    cold = sum(32 in s for s in slates[100:])  # the baseline: a user with no history, same shard
-    assert clearly_more(fan, cold, 100), (fan, cold)
+    baseline = sum(32 in s for s in slates[100:])  # a user with no history, same shard
+    assert clearly_more(fan, baseline, 100), (fan, baseline)
     assert not {3, 12, 18} & {m for s in slates[:100] for m in s}  # opened movies go to the back
 
 
@@ -406,3 +409,69 @@ async def test_a_slate_that_fails_fails_alone(pipeline: Pipeline, monkeypatch: p
             assert isinstance(answer, dict) and "ZeroDivisionError" in answer["error"]
         else:
             assert isinstance(answer, tuple) and len(answer[0]) == 5
+
+
+def failed_at_least(shard: Shard, times: int) -> bool:
+    return shard.failures["apply:bug"] >= times
+
+
+class LocalShardFleet:
+    """`system.core.health.Actors` over the pipeline's plain shards: a restart is a new Shard."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self.restarted: list[str] = []
+
+    async def call(self, actor: str, method: str, *args: Any, timeout: float) -> Any:
+        shard = self.pipeline.shards[int(actor.rsplit("-", 1)[1])]
+        return await asyncio.wait_for(getattr(shard, method)(*args), timeout)
+
+    def restart(self, actor: str) -> None:
+        index = int(actor.rsplit("-", 1)[1])
+        old = self.pipeline.shards[index]
+        asyncio.get_running_loop().create_task(old.stop())  # a killed process: no more answers from it
+        self.pipeline.shards[index] = Shard(index, self.pipeline.settings, seed=index + 10)
+        self.restarted.append(actor)
+
+
+async def test_a_bug_in_applying_one_users_event_breaks_the_shard_which_is_replaced(
+    pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An apply that raises on one user's event is not an outage: counted as a bug, and after
+    three failures at the same position the shard says it is not ready (broken), so the health
+    check replaces it; the replacement (the bug fixed meanwhile: a deploy) restores from the
+    checkpoint and the log and applies everything, the poison event too, exactly once. (Before,
+    the shard logged each failure and stayed ready, its users' learning stopped for good.)"""
+    index = pipeline.slot_map.shard_of("poison")
+    others = [u for u in (f"bystander-{i}" for i in range(50)) if pipeline.slot_map.shard_of(u) == index][:3]
+    real = ShardState.apply
+
+    def buggy(state: ShardState, events: Any, at: Any = 0) -> int:
+        if any(e.user == "poison" for e in events):
+            raise KeyError("a bug in applying poison's event")
+        return real(state, events, at)
+
+    monkeypatch.setattr(ShardState, "apply", buggy)
+    seq = await pipeline.publish({"event_type": "clicked", "entity_id": 5, "user_id": "poison", "event_id": "p1"})
+    shard = pipeline.shards[index]
+    for k, uxid in enumerate(others):  # each span after it replays it, and fails again
+        seq = await pipeline.publish({"event_type": "clicked", "entity_id": 7, "user_id": uxid, "event_id": f"b{k}"})
+        await wait_for(functools.partial(failed_at_least, shard, k + 1))
+    status = shard.status()
+    assert status["broken"] and "KeyError" in status["broken"] and not status["ready"]
+    assert shard.covered < seq  # stuck before the poison event: nothing after it applied either
+    with pytest.raises(ShardNotReady, match="broken"):
+        await shard.ensure_ready()
+    # The health check: not ready three times in a row, then replaced.
+    fleet = LocalShardFleet(pipeline)
+    monitor = HealthMonitor(fleet, len(pipeline.shards), threshold=3, grace=0)
+    for _ in range(3):
+        await monitor.check()
+    assert fleet.restarted == [shard_key(index)]
+    monkeypatch.setattr(ShardState, "apply", real)  # fixed
+    replacement = pipeline.shards[index]
+    await replacement.wait_ready()
+    await wait_for(lambda: replacement.covered >= seq)
+    assert posterior(replacement, "poison", 5) == (2, 1)
+    assert all(posterior(replacement, uxid, 7) == (2, 1) for uxid in others)
+    assert replacement.status()["ready"] and not replacement.status()["failures"]

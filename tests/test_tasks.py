@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import pytest
 
+from system import tasks
 from system.tasks import Background, cancel_and_wait, gather_logged, start_task
 
 
@@ -96,20 +98,31 @@ async def test_a_dead_background_task_is_logged_and_handed_to_its_keeper(caplog:
     assert {getattr(r, "task", None) for r in caplog.records} == {"crasher", "quitter"}
 
 
-async def test_background_is_started_again_after_it_failed() -> None:
-    runs: list[int] = []
+async def test_background_is_started_again_after_a_pause_that_grows_with_each_death(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(tasks, "RETRY_PAUSE", 0.05)
+    runs: list[float] = []
 
     async def job() -> None:
-        runs.append(1)
-        if len(runs) == 1:
-            raise OSError("first try fails")
+        runs.append(time.monotonic())
+        if len(runs) <= 2:
+            raise OSError("fails twice")
 
     background = Background(job, "job", forever=False)
     with pytest.raises(OSError):
         await background.wait()
-    assert background.last_error == "OSError('first try fails')" and not background.running
-    await background.wait()
-    assert len(runs) == 2
+    assert background.last_error == "OSError('fails twice')" and not background.running
+    background.ensure()
+    assert len(runs) == 1  # too soon: not started again yet
+    deadline = time.monotonic() + 10
+    while len(runs) < 3 and time.monotonic() < deadline:
+        background.ensure()
+        await asyncio.sleep(0.005)
+    while background.running:
+        await asyncio.sleep(0.005)
+    assert len(runs) == 3 and background.deaths == 0  # its job done: the deaths in a row start anew
+    assert runs[1] - runs[0] >= 0.05 and runs[2] - runs[1] >= 0.1  # each pause twice the last
 
 
 async def test_gather_logged_names_each_failure_and_keeps_the_rest(caplog: pytest.LogCaptureFixture) -> None:

@@ -50,6 +50,11 @@ class Watched:
     # Until then, timeouts do not count: a new actor's process is still starting (or restarting).
     grace_until: float = 0.0
     checking: bool = False  # one check in flight at a time
+    # Restarts since it was last up for STABLE_SECONDS: each one waits longer than the last (a
+    # crash loop backs off), from `restart_after` on.
+    streak: int = 0
+    restart_after: float = 0.0
+    up_since: float | None = None
 
     @property
     def up(self) -> bool:
@@ -71,6 +76,9 @@ def api_key(index: int) -> str:
 
 ROUTER = "router"
 STARTING_GRACE = 30.0  # seconds a new (or restarted) actor may take to start answering
+# A crash loop backs off: the n-th restart in a row waits RESTART_PAUSE * 2**(n-1) seconds (at
+# most RESTART_PAUSE_MAX) after the one before; an actor up for STABLE_SECONDS starts anew.
+RESTART_PAUSE, RESTART_PAUSE_MAX, STABLE_SECONDS = 5.0, 300.0, 120.0
 
 
 class HealthMonitor:
@@ -153,6 +161,13 @@ class HealthMonitor:
             watched.checking = False
         watched.failures = 0
         watched.status = {**status, "restarts": watched.restarts, "checked": time.time()}
+        now = time.monotonic()
+        if not watched.up:
+            watched.up_since = None
+        elif watched.up_since is None:
+            watched.up_since = now
+        elif now - watched.up_since > STABLE_SECONDS:
+            watched.streak = 0  # it held: a later failure is not part of a loop
 
     def _failed(self, watched: Watched, exc: Exception) -> None:
         if isinstance(exc, Restarting):
@@ -161,15 +176,25 @@ class HealthMonitor:
         if isinstance(exc, TimedOut) and time.monotonic() < watched.grace_until:
             return  # still starting
         watched.failures += 1
+        watched.up_since = None
         log.warning(
             "health check failed", extra={"actor": watched.key, "failures": watched.failures, "error": repr(exc)}
         )
         if watched.failures < self.threshold:
             return
+        now = time.monotonic()
+        if now < watched.restart_after:
+            return  # restarted lately, and failing again: it waits its turn (logged at the restart)
         watched.failures = 0
         watched.restarts += 1
+        watched.streak += 1
+        pause = min(RESTART_PAUSE * 2 ** (watched.streak - 1), RESTART_PAUSE_MAX)
+        watched.restart_after = now + pause
         self.starting(watched)
-        log.error("restarting unresponsive actor", extra={"actor": watched.key})
+        log.error(
+            "restarting an actor that is unresponsive or broken",
+            extra={"actor": watched.key, "error": repr(exc), "in_a_row": watched.streak, "next_not_before_s": pause},
+        )
         try:
             self.actors.restart(watched.key)
         except Exception as kill_exc:  # noqa: BLE001 - an actor already gone: Ray restarts it anyway
