@@ -43,7 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_scale = sub.add_parser(
         "scale", help="change the number of shards of the running system, live (slots move, users with them)"
     )
-    p_scale.add_argument("--shards", type=int, required=True, help="how many shard actors (1 to 256)")
+    scale_what = p_scale.add_mutually_exclusive_group(required=True)
+    scale_what.add_argument("--shards", type=int, help="how many shard actors (1 to 256)")
+    scale_what.add_argument(
+        "--cancel", action="store_true", help="give up a change under way or failing: keep the slot map's layout"
+    )
     p_scale.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for it (default 300)")
 
     p_restart = sub.add_parser("restart", help="replace the shard actors of the running system")
@@ -169,8 +173,10 @@ def status(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def scale(settings: Settings, args: argparse.Namespace) -> int:
-    from system.deployment import scale
+    from system.deployment import cancel, scale
 
+    if args.cancel:
+        return asyncio.run(cancel(settings))
     if not 1 <= args.shards <= 256:
         print("mabrec scale: --shards must be between 1 and 256", file=sys.stderr)
         return 2

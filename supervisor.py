@@ -23,6 +23,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -32,7 +33,7 @@ from system.bus import stream
 from system.core.catalog_file import SHIPPED
 from system.core.errors import Unavailable
 from system.core.health import ROUTER, Fleet, HealthMonitor, api_key, shard_key
-from system.core.placement import default_shards, evacuated, rebalanced
+from system.core.placement import default_shards, evacuated, moves, rebalanced
 from system.core.settings import Settings
 from system.core.sharding import SlotMap
 from system.db.catalog_store import CatalogStore, load_file
@@ -55,6 +56,33 @@ POPULARITY_PERIOD = 5.0
 CATALOG_PERIOD = 2.0
 DEPLOYMENT_PERIOD = 1.0
 SUBSTEP_TIMEOUT = 30.0
+CHANGE_RETRY, CHANGE_RETRY_MAX = 2.0, 60.0  # seconds before a failed change is tried again (doubling)
+
+
+@dataclass
+class FailedChange:
+    """A deployment change that failed: what, why, how often in a row, and when it is tried again."""
+
+    what: str
+    why: str
+    attempts: int
+    at: float = field(default_factory=time.monotonic)
+
+    @property
+    def pause(self) -> float:
+        return float(min(CHANGE_RETRY * 2 ** (self.attempts - 1), CHANGE_RETRY_MAX))
+
+    @property
+    def retry_at(self) -> float:
+        return self.at + self.pause
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "what": self.what,
+            "why": self.why,
+            "attempts": self.attempts,
+            "retry_in_seconds": round(max(self.retry_at - time.monotonic(), 0.0), 1),
+        }
 
 
 class Supervisor:
@@ -77,6 +105,7 @@ class Supervisor:
         self.slot_owners: list[int] = slot_map.owners.tolist()  # pushed to the API hosts
         self.change: Progress | None = None  # a re-shard or rolling restart under way
         self.changes_done = 0
+        self.failed: FailedChange | None = None  # the last change that failed, until one is done
         self._changing: asyncio.Task[None] | None = None
         self.catalog_store = catalog_store
         self.state_store = state_store
@@ -145,6 +174,7 @@ class Supervisor:
             "slot_owners": self.slot_owners,
             "change": self.change.as_dict() if self.change else None,
             "changes_done": self.changes_done,
+            "change_failed": self.failed.as_dict() if self.failed else None,
             "retention_lost": self.retention_lost,
             "control_loop": {
                 "steps": self.steps,
@@ -204,25 +234,56 @@ class Supervisor:
     async def reconcile(self) -> None:
         """Make the deployment what it should be: the number of shards `mabrec scale` asked
         for, a rolling restart `mabrec restart --rolling` asked for. One change at a time, in a
-        task of its own: the control loop goes on meanwhile (health checks above all)."""
+        task of its own: the control loop goes on meanwhile (health checks above all). What is
+        done is read from PostgreSQL each time (the slot map, routing paused or not) and from
+        the shard actors watched, never assumed: a change that failed half-way (it leaves every
+        slot served, see system/resharding.py) is tried again, after a pause that doubles with
+        each failure, until it is done or an operator cancels it (`mabrec scale --cancel`)."""
         if self._changing is not None and not self._changing.done():
             return
+        if self.failed is not None and time.monotonic() < self.failed.retry_at:
+            return
         wanted = await self.state_store.deployment()
+        layout = await self.state_store.slot_map()
         shards = len(self.health.shards)
         if wanted.routing_paused:  # paused, and no change of ours under way: a supervisor died in one
-            change = self._finish_interrupted_move()
-        elif wanted.desired_shards and wanted.desired_shards != shards:
-            change = self._scale(shards, wanted.desired_shards)
+            what, change = "finishing an interrupted move", self._finish_interrupted_move()
+        elif wanted.desired_shards and (
+            wanted.desired_shards != shards or moves(layout, rebalanced(layout, wanted.desired_shards))
+        ):
+            what = f"re-shard {layout.shards} -> {wanted.desired_shards}"
+            change = self._scale(wanted.desired_shards, what)
         elif wanted.restart_requested > wanted.restart_done:
-            change = self._rolling_restart(shards, wanted.restart_requested)
+            what, change = (
+                f"rolling restart #{wanted.restart_requested}",
+                self._rolling_restart(shards, wanted.restart_requested),
+            )
         else:
+            self.failed = None  # nothing left to do (done, or cancelled)
             return
-        self._changing = start_task(change, "deployment change", forever=False)
+        self._changing = start_task(self._attempt(what, change), "deployment change", forever=False)
 
-    async def _scale(self, shards: int, wanted: int) -> None:
-        self.change = Progress(f"re-shard {shards} -> {wanted}")
+    async def _attempt(self, what: str, change: Awaitable[None]) -> None:
+        """Run a change; if it fails, say so (`mabrec status`) and when it is tried again."""
         try:
-            if wanted > shards:  # new shards first: they start with no slot
+            await change
+        except Exception as exc:  # noqa: BLE001 - said in the status and the log; tried again later
+            attempts = self.failed.attempts + 1 if self.failed and self.failed.what == what else 1
+            self.failed = FailedChange(what, repr(exc), attempts)
+            log.error(
+                "deployment change failed; it is tried again",
+                extra={"change": what, "error": repr(exc), "attempts": attempts, "retry_in_s": self.failed.pause},
+            )
+        else:
+            self.failed = None
+
+    async def _scale(self, wanted: int, what: str) -> None:
+        """To `wanted` shards, from wherever an earlier attempt left it: new shard actors first
+        (with no slot), slots moved to balance them, then the emptied actors retired."""
+        shards = len(self.health.shards)
+        self.change = Progress(what)
+        try:
+            if wanted > shards:
                 for shard in range(shards, wanted):
                     self.actors.spawn_shard(shard)
                 self.health.resize(wanted)
@@ -238,7 +299,7 @@ class Supervisor:
                 for key in retiring:
                     self.actors.remove(key)
                 self.health.resize(wanted)
-            log.info("re-shard done", extra={"from": shards, "to": wanted, **self.change.as_dict()})
+            log.info("re-shard done", extra={"to": wanted, **self.change.as_dict()})
             self.changes_done += 1
         finally:
             self.change = None

@@ -209,6 +209,7 @@ class LiveBackend:
             "stream_last_seq": self.health.get("stream_last_seq", 0),
             "slot_owners": self.health.get("slot_owners"),
             "change": self.health.get("change"),
+            "change_failed": self.health.get("change_failed"),
             "changes_done": self.health.get("changes_done", 0),
             "ray_dashboard": self.health.get("ray_dashboard"),
         }

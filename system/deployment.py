@@ -47,6 +47,23 @@ async def scale(settings: Settings, shards: int, timeout: float) -> int:
     return 0
 
 
+async def cancel(settings: Settings) -> int:
+    """Give up the change under way, or failing and being tried again: keep the layout as the
+    slot map has it now (the shard actors beyond it retire), and no pending rolling restart."""
+    settings, api = _running(settings)
+    async with short_lived_pool(settings.database_url or "", "scale") as pool:
+        store = StateStore(pool)
+        layout = await store.slot_map()
+        await store.cancel_changes(layout.shards)
+    print(f"cancelled: {layout.shards} shards, as the slot map has them", file=sys.stderr)
+
+    async def done(status: Status) -> bool:
+        return len(status["shards"]) == layout.shards and not status.get("change")
+
+    await _follow(api, done, 300)
+    return 0
+
+
 async def rolling_restart(settings: Settings, timeout: float) -> int:
     """Ask for every shard to be replaced, one at a time; return once it is done."""
     settings, api = _running(settings)
@@ -69,12 +86,17 @@ async def _follow(api: str, done: Callable[[Status], Awaitable[bool]], timeout: 
     async with httpx.AsyncClient(base_url=api, timeout=10, headers=admin_token.headers(api)) as http:
         while True:
             status: Status = (await http.get("/api/status")).json()
-            change = status.get("change")
+            change, failed = status.get("change"), status.get("change_failed")
             line = (
                 f"{change['what']}: {change['moved']}/{change['slots']} slots moved, {change['seconds']} s"
                 if change
                 else f"{len(status['shards'])} shards, slots per shard {slots_per_shard(status)}"
             )
+            if failed and not change:
+                line = (
+                    f"{failed['what']} FAILED (attempt {failed['attempts']}): {failed['why']}; tried again in"
+                    f" {failed['retry_in_seconds']:.0f} s (`mabrec scale --cancel` gives up)"
+                )
             if line != last:
                 print(line, file=sys.stderr)
                 last = line

@@ -12,6 +12,15 @@ then has the new owners take them (a new epoch each) and routing resume with the
   not yet) owns it, which says so; the API asks again by the slot map it is pushed after the move.
 - It is quick whatever the number of users: no user's state travels; the new owner loads each
   from PostgreSQL when first needed.
+
+What a move that fails leaves: every slot with exactly one owner that serves it, as the map in
+PostgreSQL says, and routing resumed; the supervisor tries the change again later.
+- Before the map changes (the router's pause, the catch-up, a release, the map's write): the
+  old layout. Sources that let their slots go take them back; a shard whose call failed or did
+  not answer in time is restarted (killed, so a release still running cannot complete after the
+  move was called off): its restore takes exactly what the map gives it.
+- After the map changed (an acquire): the new layout. A target whose acquire failed or timed
+  out is restarted, and its restore takes the slots the map now gives it.
 """
 
 from __future__ import annotations
@@ -77,8 +86,13 @@ async def move(
     try:
         position = await actors.call(ROUTER, "pause", shards, timeout=10)
         await _caught_up(actors, sorted(set(sources) | set(targets)), position)
-        await _release(actors, plan, sources)
-        await store.move_slots({slot: dst for slot, (_, dst) in plan.items()})
+        slots = {src: [slot for slot, (s, _) in plan.items() if s == src] for src in sources}
+        await _release(actors, slots)
+        try:
+            await store.move_slots({slot: dst for slot, (_, dst) in plan.items()})
+        except BaseException:
+            await _take_back(actors, slots)
+            raise
         await _acquire(actors, plan, targets)
         await publish_map(target)
         progress.moved += len(plan)
@@ -107,23 +121,39 @@ async def _caught_up(actors: Actors, shards: list[int], position: int) -> None:
         await asyncio.sleep(0.02)
 
 
-async def _release(actors: Actors, plan: dict[int, tuple[int, int]], sources: list[int]) -> None:
-    """Every source checkpoints and lets its slots go; if one cannot, those that did take theirs
-    back (nothing has changed hands in PostgreSQL yet) and the move is called off."""
-    slots = {src: [slot for slot, (s, _) in plan.items() if s == src] for src in sources}
+async def _release(actors: Actors, slots: dict[int, list[int]]) -> None:
+    """Every source checkpoints and lets its slots go. If one cannot (an error, or no answer in
+    time), the move is called off with the old layout whole: the sources that let go take their
+    slots back, and those that did not answer are restarted (their release may still be running)."""
     done = await gather_logged(
-        {str(src): actors.call(shard_key(src), "release", slots[src], timeout=HANDOFF_TIMEOUT) for src in sources},
+        {
+            str(src): actors.call(shard_key(src), "release", mine, timeout=HANDOFF_TIMEOUT)
+            for src, mine in slots.items()
+        },
         "releasing slots",
     )
-    if len(done) == len(sources):
+    if len(done) == len(slots):
         return
-    await gather_logged(
-        {src: actors.call(shard_key(int(src)), "acquire", slots[int(src)], timeout=HANDOFF_TIMEOUT) for src in done},
+    failed = sorted(src for src in slots if str(src) not in done)
+    for src in failed:
+        _restart(actors, src, "it could not release its slots")
+    await _take_back(actors, {src: mine for src, mine in slots.items() if str(src) in done})
+    raise Unavailable(f"shards {failed} could not release their slots; move called off, the old layout kept")
+
+
+async def _take_back(actors: Actors, slots: dict[int, list[int]]) -> None:
+    """Sources that released their slots take them back (the map still gives them theirs); one
+    that cannot is restarted, and its restore takes them."""
+    done = await gather_logged(
+        {
+            str(src): actors.call(shard_key(src), "acquire", mine, timeout=HANDOFF_TIMEOUT)
+            for src, mine in slots.items()
+        },
         "taking released slots back",
     )
-    raise Unavailable(
-        f"shards {sorted(set(map(str, sources)) - set(done))} could not release their slots; move called off"
-    )
+    for src in sorted(slots):
+        if str(src) not in done:
+            _restart(actors, src, "it could not take its slots back")
 
 
 async def _acquire(actors: Actors, plan: dict[int, tuple[int, int]], targets: list[int]) -> None:
@@ -136,5 +166,13 @@ async def _acquire(actors: Actors, plan: dict[int, tuple[int, int]], targets: li
     )
     for dst in targets:
         if str(dst) not in done:
-            log.error("a shard could not take its new slots: restarting it", extra={"shard": dst})
-            actors.restart(shard_key(dst))
+            _restart(actors, dst, "it could not take its new slots")
+
+
+def _restart(actors: Actors, shard: int, why: str) -> None:
+    """A new process for the shard: its restore takes exactly the slots the map gives it."""
+    log.error(f"restarting a shard: {why}", extra={"shard": shard})
+    try:
+        actors.restart(shard_key(shard))
+    except Exception as exc:  # noqa: BLE001 - gone already (Ray restarts it anyway); the health check follows up
+        log.warning("restart failed", extra={"shard": shard, "error": repr(exc)})

@@ -63,6 +63,13 @@ def show(settings: Settings, as_json: bool) -> int:
     change = status.get("change")
     if change:
         print(f"  CHANGING   {change['what']}: {change['moved']}/{change['slots']} slots moved, {change['seconds']} s")
+    failed = status.get("change_failed")
+    if failed:
+        print(
+            f"  FAILED     {failed['what']} (attempt {failed['attempts']}): {failed['why']}\n"
+            f"             every slot is served (the old layout, or the new one if the map changed); tried again in"
+            f" {failed['retry_in_seconds']:.0f} s; `mabrec scale --cancel` gives up"
+        )
     slots = slots_per_shard(status)
     print("  shard  ready  slots  users    applied  covered  checkpointed  restarts  failures")
     for s in status["shards"]:

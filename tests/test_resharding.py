@@ -12,15 +12,18 @@ from typing import Any
 
 import numpy as np
 import orjson
+import psycopg
 import pytest
 import pytest_asyncio
 from nats.js import JetStreamContext
 
+import supervisor as supervisor_module
 from actors.live_backend import LiveBackend, Serving
 from actors.router import EventRouter
 from actors.shard import Shard
 from api.render import Rendered
 from supervisor import Supervisor
+from system import resharding
 from system.bus import stream
 from system.bus.dataplane import ShardClient
 from system.bus.publisher import Publisher
@@ -216,3 +219,161 @@ async def test_a_rolling_restart_replaces_every_shard_under_traffic(
     assert actors.replaced == [0, 1]
     assert not traffic.failures, traffic.failures[:5]
     await settled_and_verified(supervisor, actors, traffic)
+
+
+async def every_slot_served_once(supervisor: Supervisor, actors: LocalFleet) -> None:
+    """Each slot is owned (taken, serving) by exactly one live shard, the one the map names."""
+    layout = await supervisor.state_store.slot_map()
+
+    def served() -> bool:
+        owners: dict[int, list[int]] = {}
+        for index, shard in actors.shards.items():
+            if shard.state is not None and not shard.fenced:
+                for slot in shard.epochs:
+                    owners.setdefault(slot, []).append(index)
+        return all(owners.get(slot) == [int(owner)] for slot, owner in enumerate(layout.owners))
+
+    deadline = asyncio.get_running_loop().time() + 30
+    while not served():  # the control loop's health checks go on meanwhile (a restarted shard restores)
+        assert asyncio.get_running_loop().time() < deadline, "a slot is served by no shard, or by two"
+        await supervisor.health.check()
+        await asyncio.sleep(0.05)
+
+
+async def until_done(supervisor: Supervisor, wanted: int) -> None:
+    """Reconcile as the control loop does (once a second here: faster) until the change is done."""
+    deadline = asyncio.get_running_loop().time() + 60
+    while True:
+        await supervisor.health.check()
+        await supervisor.reconcile()
+        if supervisor._changing is not None:
+            await supervisor._changing
+        layout = await supervisor.state_store.slot_map()
+        if supervisor.failed is None and len(supervisor.health.shards) == wanted and layout.shards == wanted:
+            return
+        assert asyncio.get_running_loop().time() < deadline, supervisor.snapshot()["change_failed"]
+        await asyncio.sleep(0.05)
+
+
+async def test_a_release_that_times_out_keeps_the_old_layout_and_the_change_is_tried_again(
+    fleet: tuple[Supervisor, LocalFleet, Traffic], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """2 -> 3 shards while PostgreSQL holds the sources' final checkpoints back (the checkpoint
+    table locked by another session) until the release times out: the move is called off with
+    the old layout whole (the sources restarted, so a release still running cannot land later),
+    routing resumes, the failure and its reason show in the status, and the change is tried again
+    until it is done; then every slot has one serving owner and verify is exact. (Before, the
+    scale-up looked done once its new shard was watched, and was never tried again.)"""
+    monkeypatch.setattr(resharding, "HANDOFF_TIMEOUT", 1.5)
+    monkeypatch.setattr(supervisor_module, "CHANGE_RETRY", 0.2)
+    supervisor, actors, traffic = fleet
+    traffic.start()
+    try:
+        await wait_for(lambda: traffic.slates > 20)
+        await supervisor.state_store.set_desired_shards(3)
+        async with await psycopg.AsyncConnection.connect(supervisor.settings.database_url or "") as locker:
+            async with locker.transaction():
+                await locker.execute("LOCK TABLE user_state IN ACCESS EXCLUSIVE MODE")
+                await supervisor.reconcile()
+                assert supervisor._changing is not None
+                await supervisor._changing
+                failed = supervisor.snapshot()["change_failed"]
+                assert failed and "could not release" in failed["why"] and failed["attempts"] == 1
+                assert (await supervisor.state_store.slot_map()).shards == 2  # the old layout
+                assert not (await supervisor.state_store.deployment()).routing_paused
+                assert set(actors.replaced) == {0, 1}  # every source answered late, or not at all
+        await until_done(supervisor, 3)
+        await every_slot_served_once(supervisor, actors)
+        before = traffic.slates
+        await wait_for(lambda: traffic.slates > before + 20)  # served on the new layout
+    finally:
+        await traffic.stop()
+    await settled_and_verified(supervisor, actors, traffic)
+
+
+async def test_a_target_that_dies_mid_acquire_is_restarted_and_takes_its_slots(
+    fleet: tuple[Supervisor, LocalFleet, Traffic], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The new shard of a 2 -> 3 re-shard dies while it takes its slots (the map already gives
+    them to it): it is restarted, and its restore takes them; the change is done, every slot
+    has one serving owner, and verify is exact."""
+    supervisor, actors, traffic = fleet
+    real = Shard.acquire
+    died: list[int] = []
+
+    async def dies(shard: Shard, slots: Any) -> int:
+        if shard.shard_id == 2 and not died:
+            died.append(shard.shard_id)
+            await shard.stop()  # its process goes away mid-call
+            raise RuntimeError("the actor died")
+        return await real(shard, slots)
+
+    monkeypatch.setattr(Shard, "acquire", dies)
+    traffic.start()
+    try:
+        await wait_for(lambda: traffic.slates > 20)
+        await supervisor.state_store.set_desired_shards(3)
+        await until_done(supervisor, 3)
+        assert died == [2] and 2 in actors.replaced
+        await every_slot_served_once(supervisor, actors)
+    finally:
+        await traffic.stop()
+    await settled_and_verified(supervisor, actors, traffic)
+
+
+async def test_a_supervisor_that_dies_mid_move_leaves_a_move_its_successor_finishes(
+    fleet: tuple[Supervisor, LocalFleet, Traffic], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A supervisor killed after its sources let their slots go and before the map changed (its
+    last words never written: routing stays paused in PostgreSQL): the next supervisor finds the
+    move interrupted, has every shard own exactly what the map gives it, resumes routing, and
+    does the change; every slot has one serving owner and verify is exact."""
+    supervisor, actors, traffic = fleet
+    dying: asyncio.Task[None] | None = None
+    released = asyncio.Event()
+    real = Shard.release
+
+    async def release_then_hang(shard: Shard, slots: Any) -> int:
+        covered = await real(shard, slots)
+        released.set()
+        await asyncio.Event().wait()  # the supervisor dies while it waits for this answer
+        return covered
+
+    traffic.start()
+    try:
+        await wait_for(lambda: traffic.slates > 20)
+        await supervisor.state_store.set_desired_shards(3)
+        monkeypatch.setattr(Shard, "release", release_then_hang)
+        await supervisor.reconcile()
+        assert supervisor._changing is not None
+        await asyncio.wait_for(released.wait(), 30)
+        # Killed: nothing of it runs any more, not even its `finally` (routing stays paused).
+        dying = supervisor._changing
+        DEAD.clear()
+        monkeypatch.setattr(StateStore, "pause_routing", _dead)
+        dying.cancel()
+        await wait_for(lambda: bool(DEAD))
+        monkeypatch.undo()
+        assert (await supervisor.state_store.deployment()).routing_paused
+        successor = Supervisor(
+            supervisor.settings, actors, supervisor.catalog_store, supervisor.state_store, supervisor.js,
+            await supervisor.state_store.slot_map(),
+        )  # fmt: skip
+        successor.health.resize(len(actors.shards))
+        await until_done(successor, 3)
+        await every_slot_served_once(successor, actors)
+        assert not (await successor.state_store.deployment()).routing_paused
+    finally:
+        await traffic.stop()
+        if dying is not None:
+            dying.cancel()  # (what is left of it: it never writes again)
+    await settled_and_verified(successor, actors, traffic)
+
+
+DEAD: list[bool] = []
+
+
+async def _dead(*args: Any) -> None:
+    """A process that is gone: whatever it was about to do never happens."""
+    DEAD.append(True)
+    await asyncio.Event().wait()

@@ -57,6 +57,9 @@ class FakeStates:
     async def deployment(self) -> Deployment:
         return Deployment(2, 0, 0, False, 0)  # as it is: nothing to change
 
+    async def slot_map(self) -> SlotMap:
+        return SlotMap.even(2)
+
 
 class FakeStream:
     first_seq = 1

@@ -130,6 +130,11 @@ class StateStore:
         async with self.pool.connection() as conn:
             await conn.execute("UPDATE deployment SET desired_shards = %s", (shards,))
 
+    async def cancel_changes(self, shards: int) -> None:
+        """No change wanted any more: `shards` shards (the map's), no rolling restart pending."""
+        async with self.pool.connection() as conn:
+            await conn.execute("UPDATE deployment SET desired_shards = %s, restart_done = restart_requested", (shards,))
+
     async def request_restart(self) -> int:
         """Ask for a rolling restart of every shard; the number it will be known by."""
         async with self.pool.connection() as conn:
