@@ -818,6 +818,7 @@ class Shard:
             "checkpoint_seq": self._saved_covered,
             "events_applied": state.applied if state else 0,
             "events_duplicate": state.duplicates if state else 0,
+            "digests_summed": state.digests_summed if state else 0,
             "unknown_movies": state.unknown_movies if state else 0,
             "dirty_users": len(state.dirty) if state else 0,
             "replayed": self.replayed,

@@ -146,8 +146,10 @@ async def measure(
     )
     await asyncio.sleep(warmup)
     before, mine_before, began = cpu_seconds(pids), sum(me.cpu_times()[:2]), time.perf_counter()
+    summed_before = await digests_summed(api_url)
     await asyncio.sleep(duration)
     after, mine_after, elapsed = cpu_seconds(pids), sum(me.cpu_times()[:2]), time.perf_counter() - began
+    summed = await digests_summed(api_url) - summed_before
     results = await load
     slates = results["recommend"].requests if "recommend" in results else 0
     if not slates:
@@ -170,7 +172,16 @@ async def measure(
         "in_kernel_ms": {group: round(1000 * seconds / slates, 4) for group, seconds in kernel.items()},
         "machine_busy": round(sum(by_group.values()) / elapsed / (psutil.cpu_count() or 1), 3),
         "load_generator_ms": round(1000 * (mine_after - mine_before) / slates, 4),
+        # Passes over a user's history at a slate (their digest summed again), per slate.
+        "digest_sums_per_slate": round(summed / slates, 4),
     }
+
+
+async def digests_summed(api_url: str) -> int:
+    """The shards' count of digests summed afresh, as the supervisor last saw it (a second old)."""
+    async with httpx.AsyncClient(base_url=api_url, headers=admin_token.headers(api_url), timeout=30) as http:
+        status = (await http.get("/api/status")).json()
+    return sum(int(s.get("digests_summed") or 0) for s in status.get("shards", []))
 
 
 async def both(
@@ -186,8 +197,10 @@ async def both(
             runtime.api_url, runtime.nats_url, f"{runtime.namespace}.events",
             users=users, rows=rows, movie_ids=movie_ids, prefix=prefix,
         )  # fmt: skip
+        # A warm-up in which every one of them asks for a slate: measured is a user who comes
+        # back (their first slate after their history arrived sums it once, whatever the code).
         out["history"] |= await measure(
             runtime.api_url, runtime.supervisor_pid, rate=rate, duration=duration, users=users, prefix=prefix,
-            movie_ids=movie_ids,
+            movie_ids=movie_ids, warmup=max(3.0, 2.5 * users / rate),
         )  # fmt: skip
     return out

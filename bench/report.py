@@ -454,7 +454,16 @@ def growth_markdown(r: dict[str, Any]) -> list[str]:
     ]
 
 
+# The section of BENCHMARKS.md kept by hand: changes measured before and after, each with its
+# date and how. A new report keeps it as it was (the figures above it are this run's).
+HISTORY = "## Changes, measured before and after"
+
+
 def write(results: dict[str, Any], path: Path) -> None:
-    """The report, and its raw numbers as JSON next to it (BENCHMARKS.md -> BENCHMARKS.json)."""
-    path.write_text(markdown(results))
+    """The report, and its raw numbers as JSON next to it (BENCHMARKS.md -> BENCHMARKS.json);
+    the file's HISTORY section, if it has one, stays at its end."""
+    kept = ""
+    if path.exists() and HISTORY in (old := path.read_text()):
+        kept = "\n" + old[old.index(HISTORY) :].rstrip() + "\n"
+    path.write_text(markdown(results) + kept)
     path.with_suffix(".json").write_text(json.dumps(results, indent=2))

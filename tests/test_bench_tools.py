@@ -1,11 +1,15 @@
-"""The load-test and benchmark tooling: its arithmetic, and that it runs against a real system."""
+"""The load-test and benchmark tooling, without a system: its arithmetic, its parsing, and how
+the report is written (tests/test_e2e.py and tests/test_bench_report.py run the tools against a
+real one)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from bench import wrk
+from bench import report, wrk
 from bench.loadtest import Histogram, Mix, Session, percentiles_from_buckets
 from system.bus import dataplane
 from system.core.events import CLICKED, Event
@@ -84,3 +88,15 @@ Requests/sec:   2000.50
         "requests": 4000, "rate_per_s": 2000, "errors": 6,
         "p50_ms": 0.85, "p75_ms": 30.0, "p90_ms": 40.1, "p99_ms": 1200.0,
     }  # fmt: skip
+
+
+def test_a_new_report_keeps_the_hand_kept_history_section(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "BENCHMARKS.md"
+    monkeypatch.setattr(report, "markdown", lambda results: f"# Benchmarks\n\nrun {results['run']}\n")
+    report.write({"run": 1}, path)
+    history = f"{report.HISTORY}\n\n2026-12-07: something measured before and after.\n"
+    path.write_text(path.read_text() + "\n" + history)
+    report.write({"run": 2}, path)
+    text = path.read_text()
+    assert text.startswith("# Benchmarks\n\nrun 2\n") and "run 1" not in text
+    assert text.endswith(history) and text.count(report.HISTORY) == 1

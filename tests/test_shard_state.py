@@ -123,8 +123,8 @@ def test_eviction_keeps_the_budget_the_dirty_and_the_recently_used() -> None:
 def test_a_kept_digest_stays_the_digest_of_the_counts_through_every_kind_of_event() -> None:
     """A user whose state outgrew the policy's digest keeps it, and every apply updates it: it
     stays what summing the counts afresh gives (impressions and clicks, on movies new to the user
-    or not, unknown movies, repeated event ids); a new model (a popularity push) drops it and
-    the next slate sums it again under that model."""
+    or not, unknown movies, repeated event ids); a popularity push keeps it (it weighs trials
+    by the catalog's prior click rates), a new catalog drops it (the next slate sums it again)."""
     catalog = Catalog.from_movies(list(read_movies(SHIPPED)))
     state = ShardState(catalog, rng=np.random.default_rng(0))
     rng = np.random.default_rng(1)
@@ -152,9 +152,18 @@ def test_a_kept_digest_stays_the_digest_of_the_counts_through_every_kind_of_even
     ):
         state.apply(events)
         assert_current()
-    state.refresh_model()
+    # Popularity pushes, even ones that move every movie's click rate: the digest stays good.
+    keys = catalog.movie_ids.astype(np.int64)
+    version = state.model.version
+    state.set_popularity(Popularity(keys, np.full(len(keys), 50.0), np.full(len(keys), 1000.0)))
+    assert state.model.version == version and state.users["u"][DIGEST] is not None
+    state.apply([Event("u", SEEN, (new[41],))])
+    assert_current()
+    # Another catalog (the same movies, reloaded): summed afresh at the next slate.
+    state.set_catalog(Catalog.from_movies(list(read_movies(SHIPPED))))
+    assert state.model.version != version
     state.apply([Event("u", SEEN, (new[40],))])
-    assert state.users["u"][DIGEST] is None  # summed under the old model: dropped, not patched
+    assert state.users["u"][DIGEST] is None  # summed under the old catalog: dropped, not patched
     state.slate("u", 10)
     assert_current()
 

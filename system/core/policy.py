@@ -6,8 +6,9 @@ The model on top of it is hierarchical:
 - every movie has a global posterior mean: a catalog prior (rating, votes) sharpened by all
   users' feedback;
 - a user's preference for a facet value is a Gamma posterior over how much more often they
-  click its movies than expected from those movies' global click rates, their own propensity
-  to click and their other preferences (see `facet_effects`), old clicks fading as the user
+  click its movies than expected from those movies' quality (the click rates the catalog's
+  rating and votes predict), their own propensity to click and their other preferences (see
+  `facet_effects`), old clicks fading as the user
   passes up what they used to click (`_recent_clicks`); each movie's prior mean for the
   user is the global one lifted, in logits, by the sampled preferences for its facets;
 - the user's own evidence on the movie updates a Beta around that prior mean.
@@ -50,7 +51,7 @@ class UserView:
     clicks: float  # on movies in the catalog
     seen: float
     facet_set: np.ndarray  # the facet sets (Catalog.facet_sets) of the movies the user touched
-    facet_set_base: np.ndarray  # per set, the backfit's trials x global click rate (see `digest`)
+    facet_set_base: np.ndarray  # per set, the backfit's trials x prior click rate (see `digest`)
 
     @property
     def cold(self) -> bool:
@@ -84,11 +85,13 @@ class Model:
         config: PolicyConfig | None = None,
         global_clicks: np.ndarray | None = None,
         global_seen: np.ndarray | None = None,
+        previous: Model | None = None,
     ) -> None:
-        """`global_clicks` / `global_seen` are dense counts: M movies, then F facets."""
+        """`global_clicks` / `global_seen` are dense counts: M movies, then F facets. `previous`:
+        the model this one replaces (new popularity); users' digests summed under it stay good
+        under this one when the catalog and the configuration are the same (see `digest`)."""
         self.catalog = catalog
         self.config = cfg = config or PolicyConfig()
-        self.version = next(_versions)  # what a Digest was summed under
         m, f = len(catalog.movies), len(catalog.facets)
         clicks = np.zeros(m + f) if global_clicks is None else np.asarray(global_clicks, dtype=np.float64)
         seen = np.zeros(m + f) if global_seen is None else np.asarray(global_seen, dtype=np.float64)
@@ -101,6 +104,13 @@ class Model:
         g = cfg.global_movie_strength
         self.movie_mean = (g * prior + clicks[:m]) / (g + clicks[:m] + seen[:m])
         self.movie_logit = _logit(self.movie_mean)
+        # The click rates the users' digests weigh their trials with: the catalog's prior
+        # (rating, votes), not popularity, so a digest outlives every popularity push (pushed every
+        # few seconds, it would otherwise cost each user a pass over their history at their next
+        # slate). A Digest names the version it was summed under.
+        self.digest_rate, self.version = prior, next(_versions)
+        if previous is not None and previous.catalog is catalog and previous.config == cfg:
+            self.digest_rate, self.version = previous.digest_rate, previous.version
         self.by_mean = np.argsort(-self.movie_mean, kind="stable")
         self.popular = np.zeros(m, dtype=bool)
         self.popular[self.by_mean[: max(1, m // 50)]] = True  # the best 2%
@@ -143,7 +153,7 @@ class Model:
 
     def digest(self, state: np.ndarray) -> Digest:
         """Sum a user's movie rows for the policy: their clicks and impressions, and per facet set
-        the backfit's base, max(impressions, clicks) x the movie's global click rate (movies that
+        the backfit's base, max(impressions, clicks) x the movie's prior click rate (movies that
         share a facet set are interchangeable in the backfit, see `_backfit_expectations`).
         The one pass over a user's history; a shard keeps it and `add_to_digest` keeps it current."""
         movies = userstate.movies(state)
@@ -152,7 +162,7 @@ class Model:
         mi, clicks, seen = mi[known], movies[known, userstate.CLICKS], movies[known, userstate.IMPRESSIONS]
         base = np.bincount(
             self.facet_set[mi],
-            weights=np.maximum(seen, clicks) * self.movie_mean[mi],
+            weights=np.maximum(seen, clicks) * self.digest_rate[mi],
             minlength=len(self.set_incidence),
         )
         return self.version, float(clicks.sum()), float(seen.sum()), base
@@ -167,7 +177,7 @@ class Model:
         c, s = userstate.CLICKS, userstate.IMPRESSIONS
         trials = np.maximum(after[:, s], after[:, c]) - np.maximum(before[:, s], before[:, c])
         base = digest[3]
-        np.add.at(base, self.facet_set[mi], trials * self.movie_mean[mi])  # in place: the digest is the user's
+        np.add.at(base, self.facet_set[mi], trials * self.digest_rate[mi])  # in place: the digest is the user's
         added = after - before
         return digest[0], digest[1] + float(added[:, c].sum()), digest[2] + float(added[:, s].sum()), base
 
@@ -302,9 +312,10 @@ def _backfit_expectations(
     model: Model, user: UserView, clicks: float, facet_clicks: np.ndarray, iterations: int = 3
 ) -> np.ndarray:
     """Per touched facet value g, the clicks the user would have made on g's movies if g were
-    neutral to them, given everything else we know: each movie's global click rate, the user's
-    own propensity to click, and their other facet preferences (so Drama is not credited with
-    the clicks that Crime earned). A log-linear model,
+    neutral to them, given everything else we know: each movie's quality (its click rate as the
+    catalog's rating and votes predict it), the user's own propensity to click, and their other
+    facet preferences (so Drama is not credited with the clicks that Crime earned). A log-linear
+    model,
         E[clicks on m] = trials_m * p_m * exp(b + sum over m's facet values g of w_g),
     fitted by a few rounds of iterative proportional fitting over the movies the user was shown
     or opened, plus `exposure_prior` pseudo-impressions of the catalog at its facet shares (what

@@ -73,13 +73,15 @@ class ShardState:
         self.duplicates = 0  # events skipped as repeats of an event_id
         self.unknown_movies = 0  # movie ids not in the catalog, ignored
         self.evicted = 0  # users evicted to stay within `resident_users`
+        self.digests_summed = 0  # digests of users with a long history summed afresh at a slate
         self.lag_counts = np.zeros(len(LAG_EDGES) + 1, dtype=np.int64)
         self.lag_seconds = 0.0  # the lags' sum: with the counts, a Prometheus histogram
         # Popularity: what all users' checkpoints held when last told, plus what this shard's
         # events added since (`pending`, until a checkpoint takes it).
         self.known = Popularity.empty()
         self.pending: list[Popularity] = []
-        self.set_catalog(catalog)
+        self.catalog = catalog
+        self.model = Model(catalog, self.config)
 
     # --- catalog and global popularity -------------------------------------------------------
 
@@ -97,7 +99,7 @@ class ShardState:
     def refresh_model(self) -> None:
         """Rebuild the policy's shared part from the catalog and the best-known popularity."""
         totals = Popularity.total([self.known, *self.pending])
-        self.model = Model(self.catalog, self.config, *totals.dense(self.catalog))
+        self.model = Model(self.catalog, self.config, *totals.dense(self.catalog), previous=self.model)
 
     def take_popularity(self) -> Popularity:
         """What the events since the last call add to popularity (for a checkpoint to commit)."""
@@ -274,6 +276,7 @@ class ShardState:
                 digest = model.digest(counts)
                 if counts.nbytes >= digest[3].nbytes:  # keep it once the state outgrew it
                     user = counts, user[SEEN_IDS], digest
+                    self.digests_summed += 1  # (a pass over the history that a kept digest would spare)
             self.users[uxid] = user  # now the most recently used
             view = model.view(counts, digest)
         slate = draw_slate(model, view, limit, self.rng)
