@@ -15,14 +15,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
-from swagger_ui_bundle import swagger_ui_path
 
 from api import admin, routes
 from api.backend import Backend
 from api.demo import DEMO_ASSETS, DEMO_STATIC, demo_page
 from api.errors import HANDLERS
 from api.metrics import ApiMetrics, MetricsMiddleware, StatusCollector
-from api.openapi import SWAGGER_ASSETS
+from api.openapi import SWAGGER_ASSETS, swagger_ui_assets
 
 
 class State(TypedDict):
@@ -59,7 +58,7 @@ def create_app(backend: Backend, metrics: ApiMetrics | None = None, admin_token:
             Route("/metrics", prometheus, methods=["GET"]),
             Route("/openapi.json", routes.openapi_json, methods=["GET"]),
             Route("/docs", routes.docs, methods=["GET"]),
-            Mount(SWAGGER_ASSETS, StaticFiles(directory=swagger_ui_path), name="swagger-ui"),
+            Mount(SWAGGER_ASSETS, StaticFiles(directory=swagger_ui_assets()), name="swagger-ui"),
             Route("/demo", demo_page, methods=["GET"]),
             Mount(DEMO_ASSETS, StaticFiles(directory=DEMO_STATIC), name="demo"),
         ],

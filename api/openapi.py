@@ -4,7 +4,10 @@ rendered from it (no CDN: it works on an air-gapped laptop)."""
 from __future__ import annotations
 
 import html
+import importlib.util
+import json
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 from system.core.events import MAX_BATCH, MAX_ENTITIES
@@ -365,15 +368,34 @@ def openapi() -> dict[str, Any]:
     }
 
 
-# Swagger UI's assets ship in a Python package (swagger-ui-bundle): the docs work offline.
+# Swagger UI's assets ship in a Python package (swagger-ui-py: Swagger UI 5, which reads OpenAPI
+# 3.1; the swagger-ui-bundle package stopped at 4.15, which reads 3.0 only and showed nothing
+# but an error): the docs work offline.
 SWAGGER_ASSETS = "/docs/assets"
+
+
+def swagger_ui_assets() -> Path:
+    """The directory of Swagger UI's files in the swagger-ui-py package, found without importing
+    it (its import wires up web frameworks mabrec does not use)."""
+    spec = importlib.util.find_spec("swagger_ui")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("swagger-ui-py is not installed")
+    return Path(list(spec.submodule_search_locations)[0]) / "static"
 
 
 @cache
 def docs_html() -> str:
-    """Swagger UI over /openapi.json (try every route from the page), with a plain table of the
-    routes for a browser without JavaScript."""
+    """Swagger UI over /openapi.json: every route, tried from the page ("Try it out": the uxid
+    header in its field, the admin token under "Authorize", kept while the tab lives), with a
+    plain table of the routes for a browser without JavaScript."""
     spec = openapi()
+    options = {
+        "url": "/openapi.json",
+        "dom_id": "#swagger-ui",
+        "deepLinking": True,
+        "persistAuthorization": True,
+        "displayRequestDuration": True,
+    }
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>mabrec API</title>"
         f"<link rel='stylesheet' href='{SWAGGER_ASSETS}/swagger-ui.css'>"
@@ -381,7 +403,7 @@ def docs_html() -> str:
         "<div id='swagger-ui'></div>"
         f"<noscript>{_reference(spec)}</noscript>"
         f"<script src='{SWAGGER_ASSETS}/swagger-ui-bundle.js'></script>"
-        "<script>window.ui = SwaggerUIBundle({url: '/openapi.json', dom_id: '#swagger-ui', deepLinking: true})</script>"
+        f"<script>window.ui = SwaggerUIBundle({json.dumps(options)})</script>"
         "</body></html>"
     )
 

@@ -26,6 +26,9 @@ from system.local import servers
 from system.local.processes import stop_pid
 from system.local.runtime import Service
 
+# Fixtures of their own module: headless Chromium (`browser`).
+pytest_plugins = ["tests.browser"]
+
 DATA = Path(__file__).parent / "data"
 SMALL_CSV = DATA / "small_catalog.csv"
 SMALL_JSONL = DATA / "small_catalog.jsonl"

@@ -12,23 +12,16 @@ import os
 import re
 import secrets
 import shutil
-import tempfile
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from selenium import webdriver
-from selenium.common.exceptions import TimeoutException
-from selenium.webdriver.chrome.options import Options
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.chrome.webdriver import WebDriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webelement import WebElement
-from selenium.webdriver.support.ui import WebDriverWait
 from starlette.testclient import TestClient
 
 from api.app import create_app
@@ -36,6 +29,7 @@ from api.demo import DEMO_ASSETS, DEMO_STATIC
 from bench.running import RunningSystem
 from system.core.catalog import Catalog
 from system.core.catalog_file import read_movies
+from tests.browser import console_errors, waiter
 from tests.conftest import SMALL_CSV, system
 from tests.fakes import FakeBackend
 
@@ -107,44 +101,6 @@ def test_every_demo_file_ships_in_the_wheel() -> None:
 
 
 @pytest.fixture
-def browser() -> Iterator[WebDriver]:
-    if CHROMIUM is None or CHROMEDRIVER is None:
-        reason = (
-            "headless Chromium needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)"
-        )
-        if os.environ.get("CI"):
-            pytest.fail(f"{reason}: .ci/run installs them, and CI must run this test")
-        pytest.skip(reason)
-    options = Options()
-    options.binary_location = CHROMIUM
-    for argument in (
-        "--headless=new",
-        "--no-sandbox",  # as root
-        "--disable-dev-shm-usage",
-        "--disable-gpu",
-        "--window-size=1280,900",
-        "--force-device-scale-factor=1",
-        "--lang=en-US",
-        "--no-first-run",
-        "--disable-extensions",
-        "--disable-background-networking",  # the browser calls no service of its own either
-        "--disable-component-update",
-        "--disable-sync",
-    ):
-        options.add_argument(argument)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    # Chromium's temp files (its profile) in a dir of ours, removed after: none left in /tmp.
-    # Short: the profile holds a unix socket, whose path must fit in 108 bytes.
-    with tempfile.TemporaryDirectory(prefix="mbr-chromium-") as private:
-        service = Service(executable_path=CHROMEDRIVER, env={**os.environ, "TMPDIR": private})
-        driver = webdriver.Chrome(service=service, options=options)
-        try:
-            yield driver
-        finally:
-            driver.quit()
-
-
-@pytest.fixture
 def demo_system(
     services: dict[str, str], database_url: str, namespace: str, tmp_path: Path
 ) -> Iterator[tuple[RunningSystem, str]]:
@@ -186,15 +142,13 @@ def test_a_click_on_the_demo_page_changes_the_profile_and_the_slate(
     assert running.runtime is not None
     origin = running.runtime.api_url.rstrip("/")
 
-    def wait(condition: Callable[[WebDriver], Any], what: str, timeout: float = 20) -> Any:
-        try:
-            return WebDriverWait(browser, timeout, poll_frequency=0.1).until(condition)
-        except TimeoutException:
-            browser.save_screenshot(str(tmp_path / "demo-failure.png"))
-            raise AssertionError(
-                f"{what}: not within {timeout} s; the page's status: {_text(browser, 'status')!r}, "
-                f"profile message: {_text(browser, 'profile-message')!r} (screenshot {tmp_path / 'demo-failure.png'})"
-            ) from None
+    wait = waiter(
+        browser,
+        tmp_path,
+        lambda: (
+            f"the page's status: {_text(browser, 'status')!r}, profile message: {_text(browser, 'profile-message')!r}"
+        ),
+    )
 
     browser.get(f"{origin}/demo#token={token}")
     uxid = f"démo-{secrets.token_hex(4)}"  # not ASCII: the page sends its UTF-8 bytes, as the API reads them
@@ -249,8 +203,7 @@ def test_a_click_on_the_demo_page_changes_the_profile_and_the_slate(
         " e => new URL(e.getAttribute('src') || e.getAttribute('href'), location.href).origin)"
     )
     assert referenced and set(referenced) == {origin}
-    console = browser.get_log("browser")  # type: ignore[no-untyped-call]
-    assert not [e for e in console if e["level"] == "SEVERE"], console  # no script error, no refused load
+    assert not console_errors(browser)  # no script error, no refused load
     # The whole page, for the README.
     height = int(browser.execute_script("return document.documentElement.scrollHeight"))
     metrics = {"width": 1280, "height": height, "deviceScaleFactor": 1, "mobile": False}
