@@ -22,6 +22,7 @@ import gc
 import logging
 import os
 import time
+import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -47,7 +48,7 @@ from system.core.sharding import slot_of, slot_ranges
 from system.db.catalog_store import CatalogStore
 from system.db.erasure_store import ErasureStore
 from system.db.pool import open_pool
-from system.db.state_store import Checkpoint, Fenced, StateStore
+from system.db.state_store import Checkpoint, Fenced, StateStore, Writer
 from system.erasure import LogScrubber
 from system.tasks import Background, cancel_and_wait, start_task
 
@@ -119,6 +120,10 @@ class Shard:
         self.epochs: dict[int, int] = {}  # slot -> the epoch this shard took it with
         self._slot_set: frozenset[int] = frozenset()
         self._saved_covered = -1
+        self._instance = str(uuid.uuid4())  # this process, as the checkpoints it writes name it
+        self._cuts = 0  # checkpoints cut so far
+        # Popularity of checkpoints whose COMMIT went unanswered: the next one adds what did not land.
+        self._in_doubt: list[tuple[int, Popularity]] = []
         self._pool: AsyncConnectionPool | None = None
         self._nc: NATS | None = None
         # Whatever changes the users in memory (applying events, loading users) takes this lock:
@@ -229,6 +234,7 @@ class Shard:
         async with self._apply_lock:
             self.covered = covered
             self._saved_covered = covered
+            self._in_doubt = []  # popularity is read afresh above
             # Slots may have been checkpointed through different sequences (a re-shard brings
             # them from several shards): each skips the events its own checkpoint holds.
             await self._replay(state, covered, end, slot_covered)
@@ -713,9 +719,11 @@ class Shard:
         if state is None:
             return None
         rows, delta, covered = state.take_dirty(), state.take_popularity(), self.covered
-        if not rows and not len(delta.keys) and covered == self._saved_covered:
+        if not rows and not len(delta.keys) and covered == self._saved_covered and not self._in_doubt:
             return None
-        return Checkpoint(rows, delta, dict(self.epochs), covered)
+        self._cuts += 1
+        writer = Writer(self.shard_id, self._instance, self._cuts)
+        return Checkpoint(rows, delta, dict(self.epochs), covered, writer, list(self._in_doubt))
 
     async def _save(self, cut: Checkpoint | None) -> int:
         """Write a cut; if that fails, its users and popularity go out with the next one. The
@@ -728,14 +736,23 @@ class Shard:
         except Fenced as exc:
             await self._fence(exc.detail)
             raise
-        except BaseException:
+        except BaseException as exc:
             if self.state is not None:
-                self.state.dirty.update(row[0] for row in cut.users)
-                self.state.give_back(cut.popularity)
+                self.state.dirty.update(row[0] for row in cut.users)  # rows are idempotent: written again
+                if not cut.sent:
+                    self.state.give_back(cut.popularity)
+                else:  # it may have landed: the next checkpoint adds its popularity only if not
+                    assert cut.writer is not None
+                    self._in_doubt.append((cut.writer.number, cut.popularity))
+                    log.warning(
+                        "checkpoint's commit unanswered; the next one checks whether it landed",
+                        extra={"shard": self.shard_id, "cut": cut.writer.number, "error": repr(exc)},
+                    )
             raise
         finally:
             if self.state is not None:
                 self.state.saved()
+        self._in_doubt = []
         self._saved_covered = cut.covered
         self.checkpoints += 1
         self.last_checkpoint = time.time()

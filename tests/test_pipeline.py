@@ -209,6 +209,40 @@ async def test_a_checkpoint_taken_during_a_long_span_holds_exactly_what_it_says_
     await shard.stop()
 
 
+@pytest.mark.parametrize("checkpoint_interval", [3600.0])  # only the explicit checkpoints below
+@pytest.mark.parametrize("landed", [True, False], ids=["committed", "rolled-back"])
+async def test_a_checkpoint_whose_commit_went_unanswered_adds_its_popularity_once(
+    settings: Settings, js: JetStreamContext, monkeypatch: pytest.MonkeyPatch, landed: bool
+) -> None:
+    """A COMMIT can land and its answer be lost (a dropped connection, a cancelled checkpoint):
+    the shard cannot tell, so the next checkpoint asks PostgreSQL. Giving the popularity back
+    for the next one to add (the old way) counted it twice when the COMMIT had landed."""
+    slot_map = await prepare(settings)
+    shard = Shard(0, settings)
+    await shard.wait_ready()
+    users = [u for u in (f"doubt-{i}" for i in range(400)) if slot_map.shard_of(u) == 0]
+    span = [(seq, 0, Event(users[seq % len(users)], CLICKED, (7,))) for seq in range(1, 101)]
+    await asyncio.gather(*(js.publish(settings.events_subject, b"[]") for _ in span))
+    await shard.apply(0, len(span), span)
+
+    commit_or_roll_back = psycopg.AsyncTransaction.__aexit__
+
+    async def unanswered(self: psycopg.AsyncTransaction, *exc: Any) -> bool:
+        monkeypatch.undo()  # once
+        await commit_or_roll_back(self, *((None, None, None) if landed else (RuntimeError, RuntimeError(), None)))
+        raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(psycopg.AsyncTransaction, "__aexit__", unanswered)
+    with pytest.raises(psycopg.OperationalError):
+        await shard.checkpoint()
+    await shard.checkpoint()  # finds out whether the first one landed
+    async with short_lived_pool(settings.database_url or "", "test") as pool:
+        popularity = await StateStore(pool).popularity()
+    clicks = dict(zip(popularity.keys.tolist(), popularity.clicks.tolist(), strict=True))
+    assert clicks[7] == len(span)
+    await shard.stop()
+
+
 async def test_a_slate_waiting_while_its_slot_is_released_leaves_no_copy_of_the_user(
     settings: Settings, js: JetStreamContext
 ) -> None:

@@ -37,7 +37,7 @@ async def pool(database_url: str) -> AsyncIterator[AsyncConnectionPool]:
 
 
 async def test_migrations_apply_once(database_url: str) -> None:
-    assert await migrate(database_url) == [1, 2, 3, 4, 5, 6]
+    assert await migrate(database_url) == [1, 2, 3, 4, 5, 6, 7]
     assert await migrate(database_url) == []
     with psycopg.connect(database_url) as conn:
         tables = {r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
@@ -51,6 +51,7 @@ async def test_migrations_apply_once(database_url: str) -> None:
         "event_log",
         "popularity",
         "deployment",
+        "checkpoint_writers",
         "schema_migrations",
     } <= tables
 
@@ -159,7 +160,7 @@ async def test_checkpoints_from_before_the_since_column_load_with_it_zero(databa
     old = np.array([[-4, 1, 6], [9, 1, 2]], dtype="<i4").tobytes()
     with psycopg.connect(database_url) as conn:
         conn.execute("INSERT INTO user_state (uxid, slot, counts) VALUES ('old', 3, %s), ('none', 3, '')", (old,))
-    assert await migrate(database_url) == [3, 4, 5, 6]
+    assert await migrate(database_url) == [3, 4, 5, 6, 7]
     pool = await open_pool(database_url)
     try:
         rows = {u: userstate.from_bytes(c).tolist() for u, c, _ in await StateStore(pool).load_users(["old", "none"])}
@@ -179,7 +180,7 @@ async def test_migration_4_sums_popularity_and_dates_the_seen_ids(database_url: 
             (counts((-2_000_000, 3, 40, 0), (7, 1, 2, 1)), ids, counts((7, 2_000_000_000, 5, 5))),
         )
     before = datetime.now(UTC).timestamp()
-    assert await migrate(database_url) == [4, 5, 6]
+    assert await migrate(database_url) == [4, 5, 6, 7]
     pool = await open_pool(database_url)
     try:
         store = StateStore(pool)

@@ -48,11 +48,26 @@ class Claim:
 
 
 @dataclass(frozen=True)
+class Writer:
+    """Who writes a checkpoint: a shard's process, and the checkpoint's number within it."""
+
+    shard: int
+    instance: str  # a uuid per process
+    number: int
+
+
+@dataclass
 class Checkpoint:
     users: Sequence[tuple[str, int, bytes, bytes]]  # (uxid, slot, counts, de-duplication ids)
     popularity: Popularity  # what the events since the last checkpoint add
     epochs: dict[int, int]  # slot -> the epoch its owner took it with
     covered: int
+    writer: Writer | None = None
+    # Earlier checkpoints of this writer whose COMMIT went unanswered, (number, popularity): each
+    # adds its popularity now unless the writer's row says it landed.
+    in_doubt: Sequence[tuple[int, Popularity]] = ()
+    # Set once the transaction's body ran: if it fails after this, the COMMIT may have landed.
+    sent: bool = False
 
 
 @dataclass(frozen=True)
@@ -91,6 +106,24 @@ async def _popularity(conn: AsyncConnection[Any]) -> Popularity:
     rows = await (await conn.execute("SELECT key, clicks, impressions FROM popularity ORDER BY key")).fetchall()
     table = np.array(rows, dtype=np.int64).reshape(-1, 3)
     return Popularity(table[:, 0], table[:, 1], table[:, 2])
+
+
+async def _add_in_doubt(conn: AsyncConnection[Any], writer: Writer, in_doubt: Sequence[tuple[int, Popularity]]) -> None:
+    """Add the popularity of the writer's unanswered checkpoints that did not land, and record
+    this one as its last: a checkpoint landed iff its number is at most the row's."""
+    if in_doubt:
+        row = await (
+            await conn.execute("SELECT instance, cut FROM checkpoint_writers WHERE shard = %s", (writer.shard,))
+        ).fetchone()
+        landed = row[1] if row is not None and str(row[0]) == writer.instance else -1
+        lost = [popularity for number, popularity in in_doubt if number > landed]
+        if lost:
+            await add_popularity(conn, Popularity.total(lost))
+    await conn.execute(
+        "INSERT INTO checkpoint_writers (shard, instance, cut) VALUES (%s, %s, %s)"
+        " ON CONFLICT (shard) DO UPDATE SET instance = EXCLUDED.instance, cut = EXCLUDED.cut",
+        (writer.shard, writer.instance, writer.number),
+    )
 
 
 class StateStore:
@@ -271,10 +304,13 @@ class StateStore:
                     " recent_ids = EXCLUDED.recent_ids, updated_at = now()"
                 )
             await add_popularity(conn, checkpoint.popularity)
+            if checkpoint.writer is not None:
+                await _add_in_doubt(conn, checkpoint.writer, checkpoint.in_doubt)
             await conn.execute(
                 "UPDATE slots SET covered_seq = %s WHERE slot = ANY(%s) AND covered_seq < %s",
                 (checkpoint.covered, sorted(claimed), checkpoint.covered),
             )
+            checkpoint.sent = True
 
     async def check_event_log(self, stream: str, created: datetime, last_seq: int) -> None:
         """Refuse to run on checkpoints that refer to another event stream than this one: they
