@@ -639,8 +639,8 @@ class Shard:
             last.popitem(last=False)
 
     async def user_counts(self, uxid: str) -> dict[str, Any] | None:
-        """A user's raw evidence rows (key, clicks, seen): movie id > 0, minus facet id < 0, and
-        their last slate if this shard remembers it ([when, movie ids, reasons]); None when the
+        """A user's raw evidence rows (key, clicks, seen): movie id > 0, minus facet id < 0, their
+        tastes as the policy weighs them (ShardState.tastes), and their last slate if this shard remembers it ([when, movie ids, reasons]); None when the
         user's slot is not this shard's."""
         if slot_of(uxid) not in self._slot_set:
             return None
@@ -648,9 +648,13 @@ class Shard:
         if slot_of(uxid) not in self._slot_set:  # released while it loaded
             return None
         if uxid not in state.users:  # erased meanwhile: a new user
-            return {"rows": [], "last_slate": None}
+            return {"rows": [], "tastes": [], "last_slate": None}
         last = self.last_slates.get(uxid)
-        return {"rows": state.counts_of(uxid).tolist(), "last_slate": list(last) if last else None}
+        return {
+            "rows": state.counts_of(uxid).tolist(),
+            "tastes": state.tastes(uxid),
+            "last_slate": list(last) if last else None,
+        }
 
     async def erase(self, uxid: str) -> dict[str, Any] | None:
         """Erase a user (a privacy request): their checkpoint and what it added to popularity

@@ -39,8 +39,10 @@ ERROR = {"$ref": "#/components/responses/Error"}
 ADMIN: list[dict[str, list[str]]] = [{"adminToken": []}]
 ADMIN_ERRORS = {"401": ERROR, "403": ERROR}
 PROFILE = {
-    "description": "`{uxid, clicks, impressions, top_facets: [{kind, id, name, alpha, beta, mean, clicks, "
-    "impressions}], last_slate: {at, movies: [{id, name, reason}]} | null, movies: [...], facets: [...]}`"
+    "description": "`{uxid, clicks, impressions, top_facets: [{kind, id, name, clicks, impressions, lift, "
+    "cautious_lift, alpha, beta, mean}], measure, last_slate: {at, movies: [{id, name, reason}]} | null, "
+    "movies: [...], facets: [...]}`. top_facets: the facet values the user clicked, ranked by the lift the "
+    "policy gives their movies (logits, one posterior standard deviation below the mean); `measure` says so."
 }
 MOVIES = {
     "description": "Movies",

@@ -43,7 +43,7 @@ class FakeBackend:
         return ids, reasons
 
     async def profile(self, uxid: str) -> UserProfile:
-        return UserProfile(self.state.counts_of(uxid).tolist(), self.last_slates.get(uxid))
+        return UserProfile(self.state.counts_of(uxid).tolist(), self.state.tastes(uxid), self.last_slates.get(uxid))
 
     async def erase(self, uxid: str) -> dict[str, Any]:
         in_memory = self.state.erase(uxid, None)  # nothing is checkpointed here

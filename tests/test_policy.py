@@ -6,6 +6,8 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from system.core import policy, userstate
 from system.core.arrays import sorted_set, unique
@@ -222,6 +224,52 @@ def test_each_pick_comes_with_a_reason(catalog: Catalog) -> None:
     assert reasons.count("you like Crime") >= 5, reasons
     cold_ids, cold_reasons = state.slate("newcomer", 10)
     assert set(cold_reasons) <= {"popular", "something new"} and "popular" in cold_reasons
+
+
+def claimed(reasons: list[str]) -> set[str]:
+    return {r.removeprefix("you like ") for r in reasons if r.startswith("you like ")}
+
+
+def test_no_taste_is_claimed_before_a_click_however_much_was_seen(catalog: Catalog) -> None:
+    state = ShardState(catalog, rng=np.random.default_rng(8))
+    ids = catalog.movie_ids
+    for _ in range(30):
+        _, reasons = state.slate("browser", 10)
+        assert not claimed(reasons), reasons
+        state.apply([Event("browser", SEEN, tuple(int(m) for m in np.random.default_rng(9).choice(ids, 10)))])
+
+
+def test_four_crime_drama_clicks_name_crime_or_drama_and_nothing_else(catalog: Catalog) -> None:
+    """The review's user: after four Crime/Drama clicks, slates said "you like Romance" six times."""
+    state = ShardState(catalog, rng=np.random.default_rng(10))
+    crime_drama = [m.id for m in catalog.movies if set(m.facets.get("genres", [])) == {"Crime", "Drama"}][:4]
+    state.apply([Event("u", CLICKED, (m,)) for m in crime_drama])
+    named = Counter(r for _ in range(50) for r in state.slate("u", 10)[1] if r.startswith("you like "))
+    assert set(named) <= {"you like Crime", "you like Drama"} and named["you like Crime"] > 0, named
+
+
+@given(
+    history=st.lists(
+        st.tuples(st.booleans(), st.integers(0, 10**6)), min_size=1, max_size=40
+    ),  # (clicked?, which movie)
+    seed=st.integers(0, 2**32 - 1),
+)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_a_reason_names_a_facet_of_the_movie_that_the_user_clicked(
+    catalog: Catalog, history: list[tuple[bool, int]], seed: int
+) -> None:
+    state = ShardState(catalog, rng=np.random.default_rng(seed))
+    ids = catalog.movie_ids
+    events = [Event("u", CLICKED if click else SEEN, (int(ids[m % len(ids)]),)) for click, m in history]
+    state.apply(events)
+    facets = {int(m): {catalog.facets[j].name for j in catalog.facets_of(i)} for i, m in enumerate(ids)}
+    clicked = set().union(*(facets[e.movies[0]] for e in events if e.kind == CLICKED))
+    movies, reasons = state.slate("u", 10)
+    for movie, reason in zip(movies, reasons, strict=True):
+        if reason.startswith("you like "):
+            assert reason.removeprefix("you like ") in clicked & facets[movie], (reason, movie)
+        else:
+            assert reason in ("popular", "something new")
 
 
 def test_opened_movies_go_to_the_back(small: Catalog) -> None:

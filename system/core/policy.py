@@ -208,7 +208,8 @@ def draw_slate(model: Model, user: UserView, limit: int, rng: np.random.Generato
     limit = min(limit, len(model.catalog.movies))
     if limit <= 0:
         return Slate(np.zeros(0, dtype=np.int64), np.zeros(0), [])
-    effect = facet_effects(model, user, rng)
+    posterior = preference_posterior(model, user)
+    effect = facet_effects(model, user, rng, posterior)
     candidates = _candidates(model, effect, rng)
     logits = model.movie_logit[candidates]
     if user.clicks:  # else no facet preference yet: every effect is 0
@@ -232,49 +233,69 @@ def draw_slate(model: Model, user: UserView, limit: int, rng: np.random.Generato
     scores[clicked] -= cfg.clicked_penalty
     order = _diverse_top(model, candidates, scores, limit)
     picks = candidates[order]
-    return Slate(picks, scores[order], reasons(model, picks, effect))
+    return Slate(picks, scores[order], reasons(model, picks, tastes(model, user, posterior)))
 
 
-def reasons(model: Model, movies: np.ndarray, effect: np.ndarray | None = None) -> list[str]:
-    """Why each movie is there, in a few words: the facet value the user likes most among the
-    movie's (when that preference is clear), else that it is popular, else that it is new to them."""
+@dataclass(frozen=True)
+class Tastes:
+    """A user's facet preferences as the evidence has them, not as one request's draw: per facet
+    value they clicked (dense indices), its clicks, the posterior mean of its logit lift (what the
+    policy adds, on average, to its movies' prior) and a cautious lift, one posterior standard
+    deviation lower: what the evidence supports even if the user was lucky to click."""
+
+    facet: np.ndarray
+    clicks: np.ndarray
+    lift: np.ndarray
+    cautious: np.ndarray
+
+    @classmethod
+    def none(cls) -> Tastes:
+        empty = np.zeros(0)
+        return cls(np.zeros(0, dtype=np.int64), empty, empty, empty)
+
+
+def reasons(model: Model, movies: np.ndarray, liked: Tastes | None = None) -> list[str]:
+    """Why each movie is there, in a few words: a facet value of the movie the user clearly likes
+    (clicked, with a cautious lift of at least REASON_LIFT), else that the movie is popular, else
+    that it is new to them (the draw explored it). A claim to a person: from the evidence only."""
     catalog = model.catalog
     out = ["popular" if popular else "something new" for popular in model.popular[movies].tolist()]
-    if effect is None or not len(effect) or effect.max() < REASON_LIFT:
-        return out  # no preference clear enough to name (a new user's slate)
-    if model.incidence is not None:
-        liked = np.where(model.incidence[movies] > 0, effect, -np.inf)
-        best = liked.argmax(axis=1)
-        for i in np.flatnonzero(liked[np.arange(len(movies)), best] >= REASON_LIFT).tolist():
-            out[i] = f"you like {catalog.facets[int(best[i])].name}"
+    if liked is None or not len(liked.facet):
         return out
+    clear = liked.cautious >= REASON_LIFT
+    if not clear.any():
+        return out  # no preference clear enough to name
+    strength = np.full(len(catalog.facets), -np.inf)
+    strength[liked.facet[clear]] = liked.cautious[clear]
     for i, movie in enumerate(movies.tolist()):
         facets = catalog.facets_of(movie)
-        if len(facets) and (lift := effect[facets]).max() >= REASON_LIFT:
-            out[i] = f"you like {catalog.facets[int(facets[int(lift.argmax())])].name}"
+        if len(facets) and np.isfinite(strength[facets].max()):
+            out[i] = f"you like {catalog.facets[int(facets[int(strength[facets].argmax())])].name}"
     return out
 
 
-def facet_effects(model: Model, user: UserView, rng: np.random.Generator) -> np.ndarray:
-    """Per facet value (dense, all F), the logit lift of the user's sampled preference for it.
+Posterior = tuple[np.ndarray, np.ndarray]  # per touched facet value, Gamma (shape, rate) of the preference
+
+
+def preference_posterior(model: Model, user: UserView) -> Posterior | None:
+    """Per facet value the user touched (UserView.facet), the Gamma(shape, rate) posterior of
+    their preference for it; None before their first click (every value at its prior).
 
     A user's preference for facet value g is how much more often their clicks land on g than
     chance would have it: clicks on g ~ Poisson(lambda_g * expected_g), where expected_g is the
     user's clicks times g's share of what they were exposed to. lambda_g has a Gamma(a, a)
-    prior, mean 1 (indifferent), so its posterior is Gamma(a + clicks_g, a + expected_g), and
-    one draw of it is this request's Thompson sample. Clicks on a common genre (Drama) say
-    little; on a rare one, much; many impressions of g without a click say "not g".
+    prior, mean 1 (indifferent), so its posterior is Gamma(a + clicks_g, a + expected_g).
+    Clicks on a common genre (Drama) say little; on a rare one, much; many impressions of g
+    without a click say "not g".
 
     Exposure is the user's impressions smoothed toward the catalog's shares with
     `exposure_prior` pseudo-impressions: clicks made while browsing the catalog are judged
     against the catalog, and a few slates shown afterwards do not undo them.
     """
     cfg = model.config
-    effect = np.zeros(len(model.catalog.facets))
     clicks = user.clicks
     if not clicks:
-        return effect  # no click yet: every facet value is at its prior, indifferent
-
+        return None
     facet_clicks = _recent_clicks(cfg, user)
     # The user's propensity to click fades with the clicks it was learned from: judged against
     # all their clicks, every facet value would look passed up once old ones fade.
@@ -287,10 +308,51 @@ def facet_effects(model: Model, user: UserView, rng: np.random.Generator) -> np.
             user.seen + cfg.exposure_prior
         )
         expected = clicks * exposure
-    shape, e = cfg.facet_strength + facet_clicks, cfg.exploration  # Gamma(k/e, e): mean k, variance k*e
-    preference = rng.gamma(shape / e, e) / (cfg.facet_strength + expected)
-    effect[user.facet] = np.clip(np.log(preference) * model.facet_weight[user.facet], -cfg.max_lift, cfg.max_lift)
+    return cfg.facet_strength + facet_clicks, cfg.facet_strength + expected
+
+
+def facet_effects(
+    model: Model, user: UserView, rng: np.random.Generator, posterior: Posterior | None = None
+) -> np.ndarray:
+    """Per facet value (dense, all F), the logit lift of this request's Thompson draw of the
+    user's preference for it (see `preference_posterior`; pass it if already computed)."""
+    cfg = model.config
+    effect = np.zeros(len(model.catalog.facets))
+    if posterior is None:
+        posterior = preference_posterior(model, user)
+    if posterior is None:
+        return effect  # no click yet: every facet value is at its prior, indifferent
+    shape, rate = posterior
+    e = cfg.exploration * cfg.taste_spread  # Gamma(k/e, e): mean k, variance k*e
+    preference = rng.gamma(shape / e, e) / rate
+    effect[user.facet] = _facet_lift(model, user.facet, preference)
     return effect
+
+
+def tastes(model: Model, user: UserView, posterior: Posterior | None = None) -> Tastes:
+    """The user's clicked facet values with their posterior lifts (see `Tastes`): what reasons,
+    the admin profile and the demo's chart say the user likes. No randomness."""
+    if posterior is None:
+        posterior = preference_posterior(model, user)
+    clicked = np.flatnonzero(user.facet_clicks > 0)
+    if posterior is None or not len(clicked):
+        return Tastes.none()
+    shape, rate = posterior[0][clicked], posterior[1][clicked]
+    mean, sd = shape / rate, np.sqrt(shape) / rate
+    at = user.facet[clicked]
+    return Tastes(
+        at,
+        user.facet_clicks[clicked],
+        _facet_lift(model, at, mean),
+        _facet_lift(model, at, np.maximum(mean - sd, _EPS)),
+    )
+
+
+def _facet_lift(model: Model, facets: np.ndarray, preference: np.ndarray) -> np.ndarray:
+    """Preferences for facet values (1: indifferent) as the logit lifts they give their movies."""
+    cfg = model.config
+    lift: np.ndarray = np.clip(np.log(preference) * model.facet_weight[facets], -cfg.max_lift, cfg.max_lift)
+    return lift
 
 
 def _recent_clicks(cfg: PolicyConfig, user: UserView) -> np.ndarray:

@@ -34,3 +34,7 @@ class PolicyConfig:
     # better in the simulator (+5% clicks at 0.5, +8% at 0.25, docs/simulation); 0.5 keeps
     # some of the exploration a catalog prior less true than our world's may need.
     exploration: float = 0.5
+    # Scales the spread of the facet preferences' draws on top of `exploration`: the movies' own
+    # draws keep exploring, while a user's clear tastes hold from one slate to the next instead
+    # of swinging with each draw (docs/simulation: slate-to-slate coherence).
+    taste_spread: float = 0.25

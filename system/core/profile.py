@@ -1,7 +1,7 @@
 """What the system learned about one user, as the admin profile shows it: the Beta posterior of
 every movie and facet value they touched (alpha = 1 + clicks, beta = 1 + impressions, the
-original service's update), the facet values they like best, and their last slate with why each
-movie was in it."""
+original service's update), the facet values they like best as the policy weighs them (their
+lift, policy.Tastes), and their last slate with why each movie was in it."""
 
 from __future__ import annotations
 
@@ -11,18 +11,26 @@ from typing import Any
 from system.core.catalog import Catalog
 
 TOP_FACETS = 10
+TASTE_MEASURE = (
+    "top_facets: the facet values the user clicked, ranked by cautious lift. lift is how much the"
+    " policy raises their movies' odds for this user, in logits (the posterior mean: their clicks on"
+    " it against what its movies' quality and share of their slates predict); cautious_lift is one"
+    " posterior standard deviation lower, what the evidence supports even if some clicks were luck."
+)
 
 
 @dataclass(frozen=True)
 class UserProfile:
     rows: list[list[int]]  # the user's state rows (system/core/userstate.py)
+    tastes: list[tuple[int, int, float, float]]  # (facet id, clicks, lift, cautious lift), best first
     last_slate: tuple[float, list[int], list[str]] | None  # (when, movie ids, reasons), if remembered
 
     @classmethod
     def from_wire(cls, answer: dict[str, Any]) -> UserProfile:
         """As a shard answers (actors/shard.py `user_counts`), over NATS or Ray."""
         last = answer.get("last_slate")
-        return cls(answer["rows"], (float(last[0]), list(last[1]), list(last[2])) if last else None)
+        tastes = [(int(f), int(c), float(m), float(lo)) for f, c, m, lo in answer.get("tastes", [])]
+        return cls(answer["rows"], tastes, (float(last[0]), list(last[1]), list(last[2])) if last else None)
 
 
 def _posterior(clicks: int, seen: int) -> dict[str, Any]:
@@ -33,6 +41,7 @@ def _posterior(clicks: int, seen: int) -> dict[str, Any]:
 def describe(uxid: str, profile: UserProfile, catalog: Catalog) -> dict[str, Any]:
     """The admin profile of a user (GET /api/profile)."""
     movies, facets = [], []
+    lifts = {facet: (lift, cautious) for facet, _, lift, cautious in profile.tastes}
     for key, clicks, seen, *_ in profile.rows:
         if key > 0:
             index = int(catalog.movie_index([key])[0])
@@ -49,10 +58,12 @@ def describe(uxid: str, profile: UserProfile, catalog: Catalog) -> dict[str, Any
                     "clicks": clicks,
                     "impressions": seen,
                     **_posterior(clicks, seen),
+                    "lift": lifts.get(-key, (None, None))[0],
+                    "cautious_lift": lifts.get(-key, (None, None))[1],
                 }
             )
-    # Best first by posterior mean; among equals, the better known (more impressions).
-    top = sorted(facets, key=lambda f: (-f["mean"], -f["impressions"], f["id"]))[:TOP_FACETS]
+    rank = {facet: i for i, (facet, *_) in enumerate(profile.tastes)}
+    top = sorted((f for f in facets if f["id"] in rank), key=lambda f: rank[f["id"]])[:TOP_FACETS]
     last = None
     if profile.last_slate is not None:
         at, ids, reasons = profile.last_slate
@@ -69,6 +80,7 @@ def describe(uxid: str, profile: UserProfile, catalog: Catalog) -> dict[str, Any
         "clicks": sum(m["clicks"] for m in movies),
         "impressions": sum(m["impressions"] for m in movies),
         "top_facets": top,
+        "measure": TASTE_MEASURE,
         "last_slate": last,
         "movies": movies,
         "facets": facets,

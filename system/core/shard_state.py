@@ -23,7 +23,7 @@ from system.core.checkpointed import CheckpointedUsers
 from system.core.dedup import SeenIds
 from system.core.events import CLICKED, LAG_EDGES, SEEN, Event
 from system.core.limits import DEDUP_MAX_IDS, DEDUP_WINDOW_HOURS, RESIDENT_USERS
-from system.core.policy import Digest, Model, Picks, draw_slate
+from system.core.policy import Digest, Model, Picks, draw_slate, tastes
 from system.core.policy_config import PolicyConfig
 from system.core.popularity import Popularity
 from system.core.sharding import slot_of
@@ -281,6 +281,15 @@ class ShardState:
             view = model.view(counts, digest)
         slate = draw_slate(model, view, limit, self.rng)
         return self.catalog.movie_ids[slate.movies].tolist(), slate.reasons
+
+    def tastes(self, uxid: str) -> list[tuple[int, int, float, float]]:
+        """The user's clicked facet values as the policy weighs them (policy.Tastes): (facet id,
+        clicks, posterior mean lift, cautious lift), best supported first."""
+        model = self.model
+        liked = tastes(model, model.view(self.counts_of(uxid)))
+        ids = self.catalog.facet_ids[liked.facet]
+        rows = zip(ids.tolist(), liked.clicks.tolist(), liked.lift.tolist(), liked.cautious.tolist(), strict=True)
+        return sorted(((f, int(c), round(m, 4), round(lo, 4)) for f, c, m, lo in rows), key=lambda t: (-t[3], -t[1], t[0]))
 
     def take_dirty(self) -> list[tuple[str, int, bytes, bytes]]:
         """Snapshot (uxid, slot, counts, seen ids) of every changed user, and reset the set.

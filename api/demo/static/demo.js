@@ -172,7 +172,7 @@ function renderProfile(profile) {
   el("profile-message").hidden = true;
   el("clicks").textContent = String(profile.clicks);
   el("impressions").textContent = String(profile.impressions);
-  renderChart(profile.facets || []);
+  renderChart(profile.top_facets || [], profile.facets || []);
 }
 
 function renderProfileError(error) {
@@ -197,24 +197,24 @@ function renderProfileError(error) {
   el("chart-note").textContent = "";
 }
 
-// Horizontal bars: the clicked genres, by the mean of their Beta(alpha, beta) posterior.
-function renderChart(facets) {
-  const all = facets.filter((f) => f.kind === "genres");
-  const genres = all
-    .filter((f) => f.alpha > 1)
-    .map((f) => ({ name: f.name ?? "#" + f.id, alpha: f.alpha, beta: f.beta, mean: f.alpha / (f.alpha + f.beta) }))
-    .sort((a, b) => b.mean - a.mean || b.alpha - a.alpha || a.name.localeCompare(b.name))
-    .slice(0, TOP_GENRES);
+// Horizontal bars: the clicked genres, by the lift the policy gives their movies (the profile's
+// top_facets, in its order): the bar is the posterior mean, the tick one standard deviation lower.
+function renderChart(topFacets, facets) {
+  const genres = topFacets
+    .filter((f) => f.kind === "genres")
+    .slice(0, TOP_GENRES)
+    .map((f) => ({ name: f.name ?? "#" + f.id, lift: f.lift, cautious: f.cautious_lift, clicks: f.clicks, seen: f.impressions }));
   const chart = el("genre-chart");
-  const [left, width, row, top, full] = [92, 170, 24, 18, 380];
+  const [left, width, row, top, full] = [92, 150, 24, 18, 380];
+  const scale = Math.max(1, ...genres.map((g) => g.lift));
+  const x = (lift) => left + (Math.max(0, lift) / scale) * width;
   const height = top + Math.max(genres.length, 1) * row + 4;
   chart.setAttribute("viewBox", "0 0 " + full + " " + height);
   const parts = [];
   const axis = svg("g", { class: "axis", "aria-hidden": "true" });
-  for (const tick of [0, 0.25, 0.5, 0.75, 1]) {
-    const x = left + tick * width;
-    axis.append(svg("line", { x1: x, x2: x, y1: top - 4, y2: height }));
-    axis.append(svg("text", { x: x, y: top - 7, "text-anchor": "middle" }, String(tick)));
+  for (const tick of [0, scale / 2, scale]) {
+    axis.append(svg("line", { x1: x(tick), x2: x(tick), y1: top - 4, y2: height }));
+    axis.append(svg("text", { x: x(tick), y: top - 7, "text-anchor": "middle" }, "+" + tick.toFixed(1)));
   }
   parts.push(axis);
   if (genres.length === 0) {
@@ -223,22 +223,29 @@ function renderChart(facets) {
   genres.forEach((g, i) => {
     const y = top + i * row;
     const bar = svg("g", { class: "bar", "data-genre": g.name });
-    bar.append(svg("title", {}, g.name + ": Beta(" + g.alpha + ", " + g.beta + "), mean " + g.mean.toFixed(2)));
-    bar.append(svg("text", { x: left - 8, y: y + 16, "text-anchor": "end" }, g.name));
-    bar.append(svg("rect", { x: left, y: y + 4, width: Math.max(1, g.mean * width), height: 16, rx: 3 }));
     bar.append(
-      svg("text", { class: "value", x: left + width + 8, y: y + 16 }, g.mean.toFixed(2) + " (α " + g.alpha + ", β " + g.beta + ")"),
+      svg("title", {}, g.name + ": lift " + signed(g.lift) + " (cautious " + signed(g.cautious) + "), " + g.clicks + " clicks, " + g.seen + " seen"),
     );
+    bar.append(svg("text", { x: left - 8, y: y + 16, "text-anchor": "end" }, g.name));
+    bar.append(svg("rect", { x: left, y: y + 4, width: Math.max(1, x(g.lift) - left), height: 16, rx: 3 }));
+    bar.append(svg("line", { class: "cautious", x1: x(g.cautious), x2: x(g.cautious), y1: y + 2, y2: y + 22 }));
+    bar.append(svg("text", { class: "value", x: left + width + 8, y: y + 16 }, signed(g.lift) + " · " + g.clicks + " clicks, " + g.seen + " seen"));
     parts.push(bar);
   });
   chart.replaceChildren(...parts);
   el("chart-values").textContent = genres.length
-    ? genres.map((g) => g.name + " " + g.mean.toFixed(2)).join(", ") + "."
+    ? genres.map((g) => g.name + " lift " + signed(g.lift) + " from " + g.clicks + " clicks").join(", ") + "."
     : "No genre clicked yet.";
-  const seenOnly = all.length - all.filter((f) => f.alpha > 1).length;
+  const seenOnly = facets.filter((f) => f.kind === "genres" && f.clicks === 0).length;
   el("chart-note").textContent =
-    "The genres of the movies opened, α = 1 + clicks, β = 1 + impressions; " +
+    "Lift: how much more likely mabrec makes a genre's movies for this user (log-odds, +0.7 is about twice), " +
+    "from their clicks against what the movies' quality and share of their slates predict; ranked by the " +
+    "cautious lift (the tick), what the evidence supports even if some clicks were luck. " +
     seenOnly + " more genre" + (seenOnly === 1 ? " was" : "s were") + " only seen in slates so far.";
+}
+
+function signed(value) {
+  return (value >= 0 ? "+" : "−") + Math.abs(value).toFixed(2);
 }
 
 function renderOpened(movie) {
