@@ -103,6 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", type=Path, default=Path("docs/simulation"), help="report, table and plots (default docs/simulation)"
     )
     p_sim.add_argument("--url", help="drive a running service over HTTP instead (mabrec's policy only)")
+    p_sim.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KNOB=VALUE",
+        help="run mabrec's policy with this PolicyConfig value instead of its default (repeatable),"
+        " e.g. --set taste_spread=1",
+    )
 
     p_bench = sub.add_parser("bench", help="benchmarks and load tests (see BENCHMARKS.md)")
     bench_sub = p_bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")

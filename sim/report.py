@@ -117,4 +117,24 @@ def table(report: dict[str, Any]) -> str:
             rows.append(
                 f"| {policy} | {s['pre_shift_ctr']:.3f} | {s['lowest_after']:.3f} | {s['rounds_to_80_percent']} |"
             )
+    return "\n".join(rows + ["", coherence_table(report)])
+
+
+def coherence_table(report: dict[str, Any]) -> str:
+    """Per policy and measure, the mean by the user's clicks so far (see runner.Coherence)."""
+    from sim.runner import EVIDENCE
+
+    groups = [f"{lo}" if hi == lo + 1 else (f"{lo}+" if hi > 10**6 else f"{lo}-{hi - 1}") for lo, hi in EVIDENCE]
+    rows = [
+        "Slate to slate, by the user's clicks so far: the share of the slate in their most clicked genres"
+        " (follows), how far its genre mix moved from their previous slate's (swing), and the share of"
+        " movies it repeats from it (overlap).",
+        "",
+        "| policy | measure | " + " | ".join(f"{g} clicks" for g in groups) + " |",
+        "|---|---|" + "---|" * len(groups),
+    ]
+    for policy, s in report["policies"].items():
+        for measure, values in s.get("coherence", {}).items():
+            cells = " | ".join("" if v is None else f"{v:.2f}" for v in values)
+            rows.append(f"| {policy} | {measure} | {cells} |")
     return "\n".join(rows)

@@ -3,7 +3,8 @@
 One run is (policy, seed, scenario): a World drawn from the seed (the same users for every
 policy), `rounds` visits per user, the metrics of each round. Runs go in parallel over the
 machine's cores. Results: per policy and round, the mean over seeds and a 95% confidence
-interval (1.96 standard errors of the seeds' means); summaries; the lifts the issue asks for.
+interval (1.96 standard errors of the seeds' means); summaries; mabrec's lifts over the others;
+and how coherent consecutive slates look to a person, as a function of the user's clicks so far.
 """
 
 from __future__ import annotations
@@ -40,6 +41,61 @@ def shipped_catalog() -> Catalog:
     return Catalog.from_movies(list(read_movies(SHIPPED)))
 
 
+# Users are grouped by their clicks so far (slate and catalog clicks): [lo, hi) per group.
+EVIDENCE = ((0, 1), (1, 2), (2, 4), (4, 8), (8, 16), (16, 10**9))
+COHERENCE = ("follows", "swing", "overlap")
+
+
+class Coherence:
+    """What a person sees from one slate to the next, per user, by their clicks so far:
+    - follows: the share of the slate's movies in a genre the user clicked most (their two
+      most clicked genres, ties included): how much of it follows their clear tastes;
+    - swing: how far the slate's genre mix moved from their previous slate's (total variation
+      distance of the two genre distributions: 0 the same mix, 1 nothing in common);
+    - overlap: the share of the slate's movies that were in their previous slate."""
+
+    def __init__(self, genres: np.ndarray, users: int) -> None:
+        self.genres = genres  # movies x genres, 0/1
+        self.clicks = np.zeros((users, genres.shape[1]))  # per user, clicks per genre
+        self.count = np.zeros(users, dtype=np.int64)  # per user, clicks
+        self.previous: tuple[np.ndarray, np.ndarray] | None = None  # (slates, genre mixes)
+        self.sums = np.zeros((len(EVIDENCE), len(COHERENCE)))
+        self.n = np.zeros((len(EVIDENCE), len(COHERENCE)))
+
+    def see(self, slates: np.ndarray) -> None:
+        """A round's slates (users x SLATE movie indices, -1 padding), before the users react."""
+        real = slates >= 0
+        members = self.genres[np.maximum(slates, 0)] * real[:, :, None]  # users x slate x genres
+        mix = members.sum(axis=1)
+        mix /= np.maximum(mix.sum(axis=1, keepdims=True), 1e-12)
+        sizes = np.maximum(real.sum(axis=1), 1)
+        top = np.sort(self.clicks, axis=1)[:, -2][:, None]  # the second-highest genre count
+        favourite = (self.clicks >= np.maximum(top, 1)) & (self.clicks > 0)
+        follows = ((members * favourite[:, None, :]).sum(axis=2) > 0).sum(axis=1) / sizes
+        group = np.searchsorted([hi for _, hi in EVIDENCE], self.count, side="right")
+        has_taste = self.count > 0
+        self._add(group[has_taste], 0, follows[has_taste])
+        if self.previous is not None:
+            before, before_mix = self.previous
+            swing = 0.5 * np.abs(mix - before_mix).sum(axis=1)
+            overlap = ((slates[:, :, None] == before[:, None, :]) & real[:, :, None]).any(axis=2).sum(axis=1) / sizes
+            self._add(group, 1, swing)
+            self._add(group, 2, overlap)
+        self.previous = slates, mix
+
+    def clicked(self, users: np.ndarray, movies: np.ndarray) -> None:
+        self.clicks[users] += self.genres[movies]
+        np.add.at(self.count, users, 1)
+
+    def _add(self, group: np.ndarray, metric: int, values: np.ndarray) -> None:
+        np.add.at(self.sums[:, metric], group, values)
+        np.add.at(self.n[:, metric], group, 1)
+
+    def result(self) -> dict[str, list[float | None]]:
+        means = np.divide(self.sums, self.n, out=np.full_like(self.sums, np.nan), where=self.n > 0)
+        return {name: [None if np.isnan(v) else float(v) for v in means[:, i]] for i, name in enumerate(COHERENCE)}
+
+
 def run_one(name: str, seed: int, scenario: Scenario, config: PolicyConfig | None = None) -> dict[str, Any]:
     """One policy, one seed: per-round metrics (over users). `config` tunes mabrec's policy."""
     catalog = shipped_catalog()
@@ -54,6 +110,7 @@ def run_one(name: str, seed: int, scenario: Scenario, config: PolicyConfig | Non
     shown = np.zeros(len(catalog), dtype=bool)
     genres = world.genres
     everyone = np.arange(users)
+    coherence = Coherence(genres, users)
     began = time.perf_counter()
     for r in range(rounds):
         if scenario.shift_at is not None and r == scenario.shift_at:
@@ -68,8 +125,13 @@ def run_one(name: str, seed: int, scenario: Scenario, config: PolicyConfig | Non
         best[r] = world.click_probability(everyone, world.oracle(everyone)).sum()
         diversity[r] = intra_list_diversity(genres, slates).sum()
         shown[slates[slates >= 0]] = True
+        coherence.see(slates)
         positions, opened = world.react(everyone, slates)
         clicks[r] = (positions >= 0).sum()
+        on_slate = np.flatnonzero(positions >= 0)
+        coherence.clicked(on_slate, slates[on_slate, positions[on_slate]])
+        browsed = np.flatnonzero(opened >= 0)
+        coherence.clicked(browsed, opened[browsed])
         for u in range(users):
             slate = slates[u, : sizes[u]]
             policy.observe(u, r, slate, int(slate[positions[u]]) if positions[u] >= 0 else -1)
@@ -84,6 +146,7 @@ def run_one(name: str, seed: int, scenario: Scenario, config: PolicyConfig | Non
         "regret": ((best - expected) / users).tolist(),
         "diversity": (diversity / users).tolist(),
         "coverage": float(shown.mean()),
+        "coherence": coherence.result(),
         "empty_slates": empty,
         "seconds": time.perf_counter() - began,
     }
@@ -112,19 +175,23 @@ def run(
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     seed0: int = 0,
+    config: PolicyConfig | None = None,
 ) -> dict[str, Any]:
     tasks = [(name, seed) for seed in range(seed0, seed0 + seeds) for name in names]
     # The slowest first, so the pool ends together.
     tasks.sort(key=lambda t: t[0] not in ("mabrec", "original"))
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     with ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        futures = [pool.submit(run_one, name, seed, scenario) for name, seed in tasks]
+        futures = [pool.submit(run_one, name, seed, scenario, config) for name, seed in tasks]
         for done, future in enumerate(as_completed(futures), start=1):
             result = future.result()
             results[result["policy"]].append(result)
             if progress:
                 progress(done, len(futures))
-    return summarize(results, scenario)
+    report = summarize(results, scenario)
+    if config is not None:
+        report["policy_config"] = asdict(config)
+    return report
 
 
 def _mean_ci(values: np.ndarray) -> tuple[float, float]:
@@ -152,6 +219,7 @@ def summarize(results: dict[str, list[dict[str, Any]]], scenario: Scenario) -> d
             "cumulative_regret": _mean_ci(regret.sum(axis=1)),
             "coverage": _mean_ci(np.array([r["coverage"] for r in runs])),
             "diversity": _mean_ci(np.array([np.mean(r["diversity"]) for r in runs])),
+            "coherence": _coherence(runs),
             "empty_slates": int(sum(r["empty_slates"] for r in runs)),
             "seconds_per_run": round(float(np.mean([r["seconds"] for r in runs])), 1),
         }
@@ -169,6 +237,16 @@ def summarize(results: dict[str, list[dict[str, Any]]], scenario: Scenario) -> d
             for other, s in policies_out.items()
             if other != "mabrec"
         }
+    return out
+
+
+def _coherence(runs: list[dict[str, Any]]) -> dict[str, list[float | None]]:
+    """Per measure and evidence group, the mean over seeds (None where no user was in it)."""
+    out: dict[str, list[float | None]] = {}
+    for name in COHERENCE:
+        values = np.array([[np.nan if v is None else v for v in r["coherence"][name]] for r in runs])
+        means = [float(np.mean(col[~np.isnan(col)])) if (~np.isnan(col)).any() else None for col in values.T]
+        out[name] = means
     return out
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from sim import policies
-from sim.runner import Scenario, intra_list_diversity, run, run_one, shift_recovery, shipped_catalog
+from sim.runner import Coherence, Scenario, intra_list_diversity, run, run_one, shift_recovery, shipped_catalog
 from sim.world import World, WorldConfig
 from system.core.catalog import Catalog
 from system.core.catalog_file import read_movies
@@ -45,6 +45,21 @@ def test_simulated_clicks_match_the_formula(small: Catalog) -> None:
         clicks += position[0] >= 0
         world.consumed[:] = False  # keep the movies fresh for the next draw
     assert clicks / 20_000 == pytest.approx(expected, abs=0.015)
+
+
+def test_coherence_by_hand() -> None:
+    """Movies 0-3 with genres A, A+B, B, C; one user clicks movie 0 (A) between two slates."""
+    genres = np.array([[1, 0, 0], [1, 1, 0], [0, 1, 0], [0, 0, 1]], dtype=float)
+    coherence = Coherence(genres, users=1)
+    coherence.see(np.array([[0, 2, -1]]))  # no click yet: no taste to follow; no previous slate
+    coherence.clicked(np.array([0]), np.array([0]))
+    coherence.see(np.array([[1, 3, 0]]))  # mix A 2/4, B 1/4, C 1/4 against A 1/2, B 1/2
+    got = coherence.result()
+    # follows: movies 1 and 0 have A, 3 has not (1 click: group 1); swing 0.5*(0 + 1/4 + 1/4);
+    # overlap: movie 0 again, of 3.
+    assert got["follows"][:2] == [None, pytest.approx(2 / 3)]
+    assert got["swing"][:2] == [None, pytest.approx(0.25)]
+    assert got["overlap"][:2] == [None, pytest.approx(1 / 3)]
 
 
 def test_the_oracle_order_is_the_best_of_all(small: Catalog) -> None:
