@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import replace
@@ -331,10 +332,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(settings.log_level, "supervisor" if args.command == "up" else args.command)
     try:
-        return COMMANDS[args.command](settings, args)
+        code = COMMANDS[args.command](settings, args)
+        sys.stdout.flush()  # here, where a closed pipe can be handled
+        return code
     except ServiceError as exc:
         print(f"mabrec: {exc.detail}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `mabrec status | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

@@ -399,6 +399,13 @@ async def up(settings: Settings) -> int:
     previous = Runtime.load(settings.state_dir)
     if previous and previous.supervisor_pid != os.getpid() and pid_alive(previous.supervisor_pid):
         log.error("another supervisor runs from this state directory", extra={"pid": previous.supervisor_pid})
+        print(
+            f"mabrec up: mabrec is already running from {settings.state_dir} (pid {previous.supervisor_pid},"
+            f" API at {previous.api_url}). Use that one, stop it first (Ctrl-C in its terminal, or"
+            f" kill -INT {previous.supervisor_pid}), or start another with its own MABREC_STATE_DIR and MABREC_PORT.",
+            file=sys.stderr,
+            flush=True,
+        )
         return 1
     held_by_us = previous is not None and urlsplit(previous.api_url).port == settings.port  # actors left running
     if settings.port and not held_by_us and port_taken(settings.host, settings.port):
@@ -567,8 +574,9 @@ class Run:
                     dashboard_note += f" (token in {ray_token(settings.state_dir)})"
                 admin_note = "" if configured_token else f"  admin token in {settings.state_dir / admin_token.FILE}"
                 print(
-                    f"mabrec is up: API {api_url}  docs {api_url}/docs  Ray dashboard {dashboard_note}"
-                    f"  Ray metrics {metrics_url or 'off'}{admin_note}",
+                    f"mabrec is up: API {api_url}  docs {api_url}/docs  demo {api_url}/demo"
+                    f"  Ray dashboard {dashboard_note}  metrics {api_url}/metrics and {metrics_url or '(Ray metrics off)'}"
+                    f" (Prometheus text; for the dashboard's Metrics tab see the README's Observability){admin_note}",
                     file=sys.stderr,
                     flush=True,
                 )

@@ -19,13 +19,14 @@ from system.local.processes import pid_alive, stop_pid
 from system.local.runtime import Runtime
 
 MABREC = str(Path(sys.executable).parent / "mabrec")
+LAUNCHER = str(Path(__file__).resolve().parents[1] / "mabrec")  # ./mabrec: the README's command
 
 
 class RunningSystem:
     """`mabrec up` with this state dir and these variables (and none of the caller's MABREC_*,
     DATABASE_URL, NATS_URL or RAY_*: unset, the servers are embedded), on a free port."""
 
-    def __init__(self, state_dir: Path, env: dict[str, str], *, session: bool = False) -> None:
+    def __init__(self, state_dir: Path, env: dict[str, str], *, session: bool = False, command: str = MABREC) -> None:
         self.state_dir = state_dir
         self.env = {
             **{
@@ -42,13 +43,14 @@ class RunningSystem:
         self.log = state_dir / "supervisor.log"
         self.started_in = 0.0
         self.session = session  # its own process group, as a terminal's foreground job (`interrupt`)
+        self.command = command  # the venv's mabrec, or LAUNCHER (which becomes it: the same PID)
 
     def start(self, timeout: float = 90.0) -> RunningSystem:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         began = time.monotonic()
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [MABREC, "up"], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=self.session
+                [self.command, "up"], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=self.session
             )
         try:
             return self._wait_ready(began, timeout)

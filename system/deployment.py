@@ -83,10 +83,16 @@ async def rolling_restart(settings: Settings, timeout: float) -> int:
 async def _follow(api: str, done: Callable[[Status], Awaitable[bool]], timeout: float) -> Status:
     """Poll the status, printing each change of progress, until `done(status)`."""
     deadline, last = time.monotonic() + timeout, ""
+    following: dict[str, Any] | None = None  # the change under way, as last seen
     async with httpx.AsyncClient(base_url=api, timeout=10, headers=admin_token.headers(api)) as http:
         while True:
             status: Status = (await http.get("/api/status")).json()
             change, failed = status.get("change"), status.get("change_failed")
+            if change:
+                following = change
+            elif following is not None and not failed:  # it finished between two looks: say so
+                print(f"{following['what']}: {following['slots']}/{following['slots']} slots moved", file=sys.stderr)
+                following = None
             line = (
                 f"{change['what']}: {change['moved']}/{change['slots']} slots moved, {change['seconds']} s"
                 if change

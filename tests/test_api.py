@@ -304,7 +304,9 @@ def test_the_admin_profile_shows_top_facets_and_why_the_last_slate(client: TestC
     assert client.get("/api/profile", headers={"uxid": "hana", **ADMIN}).json() == profile  # the header form
 
 
-def test_a_user_who_keeps_clicking_crime_sees_crime_first_in_their_profile(client: TestClient, catalog: Catalog) -> None:
+def test_a_user_who_keeps_clicking_crime_sees_crime_first_in_their_profile(
+    client: TestClient, catalog: Catalog
+) -> None:
     """Issue 21: after 3 Crime clicks the profile ranked Animation (0 clicks, 1 impression) above
     Crime, and the more slates of Crime a user clicked through the lower Crime's mean fell. A
     scripted user takes a Crime (or Crime drama) movie from each slate, from the catalog when the

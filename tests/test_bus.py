@@ -133,6 +133,31 @@ async def test_publisher_buffer_is_bounded_and_all_or_nothing(js: JetStreamConte
     await nc.close()
 
 
+async def test_an_idle_fetch_that_times_out_is_no_fault(
+    js: JetStreamContext, settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On a quiet system an idle fetch timed out as a bare TimeoutError every minute or so, and
+    the cursor and the router each logged a WARNING for it: nothing new is no fault."""
+    cursor = stream.StreamCursor(js, settings.stream, 1)
+    await js.publish(settings.events_subject, b"1")
+    assert [m.seq for m in await cursor.fetch(10, timeout=1.0)] == [1]
+
+    async def times_out(*args: object, **kwargs: object) -> list[object]:
+        raise TimeoutError
+
+    monkeypatch.setattr(cursor._sub, "fetch", times_out)
+    with caplog.at_level(logging.DEBUG, logger=stream.log.name):
+        assert await cursor.fetch(10, timeout=0.1) == []
+    assert [r.levelno for r in caplog.records if r.name == stream.log.name] == [logging.DEBUG]
+    await js.publish(settings.events_subject, b"2")
+    got: list[int] = []
+    for _ in range(30):  # each fetch waits up to 1 s for it
+        if got := [m.seq for m in await cursor.fetch(10, timeout=1.0)]:
+            break
+    await cursor.close()
+    assert got == [2]  # from where it was, on a fresh consumer
+
+
 async def test_cursor_recovers_when_its_consumer_disappears(
     js: JetStreamContext, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -29,7 +29,7 @@ import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.running import MABREC, RunningSystem, wait_until
+from bench.running import LAUNCHER, MABREC, RunningSystem, wait_until
 from supervisor import STOP_DEADLINE
 from system.bus import dataplane, stream
 from system.core import userstate
@@ -367,19 +367,21 @@ async def ingest(nats_url: str, subject: str, events: int, per_message: int = 25
 
 
 def test_embedded_servers_when_no_urls_are_configured(tmp_path: Path) -> None:
-    """What `make run` does on a fresh machine: PostgreSQL, NATS and Ray all embedded, and one
+    """What `./mabrec up` does on a fresh machine: PostgreSQL, NATS and Ray all embedded, and one
     shard per CPU (no MABREC_SHARDS); each server behind a generated secret kept in a file only
-    its owner reads. Then Ctrl-C, as a terminal sends it, with a shard hung (SIGSTOP): the stop
-    still finishes within its deadline, and leaves no process and nothing in /tmp."""
+    its owner reads; the launcher is the supervisor itself (exec: a signal to its PID reaches
+    it). Then Ctrl-C, as a terminal sends it, with a shard hung (SIGSTOP): the stop still
+    finishes within its deadline, and leaves no process and nothing in /tmp."""
     env = {k: "" for k in ("DATABASE_URL", "NATS_URL", "RAY_ADDRESS", "MABREC_SHARDS")} | {"MABREC_NAMESPACE": "mabrec"}
     state = tmp_path / "state"
     tmp_before = set(os.listdir(tempfile.gettempdir()))
     running = system(state, **env)
     running.session = True  # a process group of its own, as a terminal runs it
+    running.command = LAUNCHER
     running.start()
     try:
         runtime = Runtime.load(state)
-        assert runtime is not None
+        assert runtime is not None and running.proc is not None and runtime.supervisor_pid == running.proc.pid
         assert {s.name for s in runtime.services} == {"postgres", "nats", "ray"}
         assert all("127.0.0.1:" in s.url for s in runtime.services)
         assert len(running.get("/api/recommendations/movies", "laptop-user").json()) == 10
@@ -448,6 +450,30 @@ def test_the_api_port_takes_no_other_process(running: RunningSystem) -> None:
         with pytest.raises(OSError, match="in use"):
             intruder.bind(("127.0.0.1", port))
     assert running.get("/healthz").status_code == 200
+
+
+def test_a_second_start_says_what_to_do_and_a_closed_pipe_is_no_error(running: RunningSystem) -> None:
+    """`mabrec up` again from the same state dir is refused at once, in a sentence that says where
+    the running one is and how to stop it (it printed a JSON line, and make its own error); and
+    `mabrec status | true` (a reader gone before it writes, as `head` is after its lines) prints
+    no BrokenPipeError traceback."""
+    assert running.runtime is not None
+    again = mabrec(running.env, "up", timeout=60)
+    assert again.returncode == 1, again.stderr
+    said = [line for line in again.stderr.splitlines() if line.startswith("mabrec up:")]
+    assert said and "already running" in said[0] and running.runtime.api_url in said[0], again.stderr
+    assert f"kill -INT {running.runtime.supervisor_pid}" in said[0] and "MABREC_STATE_DIR" in said[0]
+    assert running.get("/healthz").status_code == 200  # the running one is untouched
+    piped = subprocess.run(
+        f"'{MABREC}' status | true; echo ${{PIPESTATUS[0]}}",
+        shell=True,
+        executable="/bin/bash",
+        env=running.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert piped.stdout.strip() in ("0", str(128 + signal.SIGPIPE)) and not piped.stderr, piped.stderr
 
 
 async def forged_span_refused(producer_url: str, namespace: str) -> bool:

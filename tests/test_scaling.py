@@ -66,7 +66,9 @@ def test_4_to_8_shards_with_mabrec_scale_under_load(running: RunningSystem) -> N
         load.wait()
     check_load(load, fallback_ok=False)
     assert len(slots_per_shard(running)) == 8 and max(slots_per_shard(running)) - min(slots_per_shard(running)) <= 1
-    assert "slots moved" in out.stderr  # it showed progress
+    moved = [line for line in out.stderr.splitlines() if "slots moved" in line]  # it showed progress
+    done, total = moved[-1].split(": ")[1].split(" ")[0].split("/") if moved else ("0", "?")
+    assert done == total, out.stderr  # and its end: N/N
     RECOVERY.append(f"re-shard 4 -> 8 with {USERS:,} users, under load: {seconds:.2f} s (mabrec scale)")
     assert seconds < 30
     verify(running)

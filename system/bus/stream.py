@@ -122,7 +122,13 @@ class StreamCursor:
             msgs = await self._sub.fetch(batch, timeout=timeout)
         except NatsTimeout:
             msgs = []
-        except (TimeoutError, NatsError) as exc:
+        except TimeoutError as exc:
+            # An idle fetch can also time out as a bare TimeoutError (its request to the server):
+            # normal on a quiet stream, not a fault. Read again on a fresh consumer.
+            log.debug("idle fetch timed out; reopening the cursor", extra={"stream": self.stream, "error": repr(exc)})
+            await self.close()
+            return []
+        except NatsError as exc:
             log.warning("stream cursor reset", extra={"stream": self.stream, "error": repr(exc)})
             await self.close()
             raise

@@ -289,7 +289,9 @@ class ShardState:
         liked = tastes(model, model.view(self.counts_of(uxid)))
         ids = self.catalog.facet_ids[liked.facet]
         rows = zip(ids.tolist(), liked.clicks.tolist(), liked.lift.tolist(), liked.cautious.tolist(), strict=True)
-        return sorted(((f, int(c), round(m, 4), round(lo, 4)) for f, c, m, lo in rows), key=lambda t: (-t[3], -t[1], t[0]))
+        return sorted(
+            ((f, int(c), round(m, 4), round(lo, 4)) for f, c, m, lo in rows), key=lambda t: (-t[3], -t[1], t[0])
+        )
 
     def take_dirty(self) -> list[tuple[str, int, bytes, bytes]]:
         """Snapshot (uxid, slot, counts, seen ids) of every changed user, and reset the set.
