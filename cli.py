@@ -16,6 +16,7 @@ from typing import Any
 
 from sim import POLICIES
 from system.core.errors import ServiceError
+from system.core.limits import MAX_SHARDS
 from system.core.settings import Settings
 from system.logs import setup_logging
 
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         "scale", help="change the number of shards of the running system, live (slots move, users with them)"
     )
     scale_what = p_scale.add_mutually_exclusive_group(required=True)
-    scale_what.add_argument("--shards", type=int, help="how many shard actors (1 to 256)")
+    scale_what.add_argument("--shards", type=int, help=f"how many shard actors (1 to {MAX_SHARDS})")
     scale_what.add_argument(
         "--cancel", action="store_true", help="give up a change under way or failing: keep the slot map's layout"
     )
@@ -186,8 +187,8 @@ def scale(settings: Settings, args: argparse.Namespace) -> int:
 
     if args.cancel:
         return asyncio.run(cancel(settings))
-    if not 1 <= args.shards <= 256:
-        print("mabrec scale: --shards must be between 1 and 256", file=sys.stderr)
+    if not 1 <= args.shards <= MAX_SHARDS:
+        print(f"mabrec scale: --shards must be between 1 and {MAX_SHARDS}", file=sys.stderr)
         return 2
     return asyncio.run(scale(settings, args.shards, args.timeout))
 

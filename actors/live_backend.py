@@ -15,10 +15,9 @@ import numpy as np
 from api.render import Rendered
 from system.bus.dataplane import ShardClient
 from system.bus.publisher import Publisher, TooLarge
-from system.core import userstate
 from system.core.errors import Moved, NotThisOne, PayloadTooLarge, Unavailable
 from system.core.events import Event
-from system.core.policy import Model, Picks, draw_slate
+from system.core.policy import Model, Picks, popular_slate
 from system.core.policy_config import PolicyConfig
 from system.core.popularity import Popularity
 from system.core.profile import UserProfile
@@ -161,9 +160,7 @@ class LiveBackend:
                 raise
 
     def fallback(self, limit: int) -> Picks:
-        serving = self.serving
-        slate = draw_slate(serving.model, serving.model.view(userstate.empty()), limit, self.rng)
-        return serving.rendered.catalog.movie_ids[slate.movies].tolist(), ["popular"] * len(slate.movies)
+        return popular_slate(self.serving.model, limit, self.rng)
 
     def publish(self, events: Sequence[Event]) -> bool:
         return self.publisher.submit_many(self.subject, [e.encode() for e in events])

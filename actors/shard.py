@@ -143,8 +143,10 @@ class Shard:
         self.broken: str | None = None  # why it asks to be replaced: a bug failed the same work again and again
         self.failures: Counter[str] = Counter()  # "<apply|checkpoint>:<cause>" -> failures
         self._stuck, self._stuck_at = 0, ("", -1)  # failures in a row of a bug, at (stage, covered)
-        self._checkpointer: asyncio.Task[None] | None = None
-        self._indexer: asyncio.Task[None] | None = None
+        # Loops for as long as the shard serves; one that dies is started again, after a pause,
+        # by the next `ensure_ready` (the supervisor's health loop calls it every second).
+        self._checkpoints = Background(self._checkpoint_loop, f"shard-{shard_id} checkpoints", forever=True)
+        self._indexing = Background(self._index_loop, f"shard-{shard_id} index", forever=True)
         self._index_wanted = asyncio.Event()  # slots to index: restored, or acquired
         self.started = time.time()
         self.restored_at: float | None = None
@@ -188,16 +190,9 @@ class Shard:
             raise ShardNotReady(f"shard {self.shard_id} (pid {os.getpid()}) is broken: {self.broken}")
         if self.state is None:
             self._restoring.ensure()
-        return self.status()
-
-    async def wait_ready(self) -> dict[str, Any]:
-        """Restore and wait for it; raises ShardNotReady if the restore fails."""
-        if self.state is not None:
-            return self.status()
-        try:
-            await self._restoring.wait()
-        except Exception as exc:
-            raise ShardNotReady(f"shard {self.shard_id} could not restore: {exc!r}") from exc
+        elif not self._stopped:
+            self._checkpoints.ensure()
+            self._indexing.ensure()
         return self.status()
 
     async def _restore(self) -> None:
@@ -256,13 +251,9 @@ class Shard:
                 "seconds": round(self.restore_seconds, 3),
             },
         )
-        if self._checkpointer is None:
-            self._checkpointer = start_task(
-                self._checkpoint_loop(), f"shard-{self.shard_id} checkpoints", self._restart_checkpoints
-            )
+        self._checkpoints.ensure()
         self._index_wanted.set()
-        if self._indexer is None:
-            self._indexer = start_task(self._index_loop(), f"shard-{self.shard_id} index", self._restart_index)
+        self._indexing.ensure()
         await self._scrubber.resume(lambda uxid: slot_of(uxid) in self._slot_set)
         await self._listen()
 
@@ -270,20 +261,6 @@ class Shard:
         if self._nc is None or self._pool is None:
             raise ShardNotReady(f"shard {self.shard_id} is restoring")
         return self._nc.jetstream(), self._pool
-
-    def _restart_checkpoints(self, exc: BaseException | None) -> None:
-        self._checkpointer = (
-            None
-            if self._stopped or self.fenced
-            else start_task(self._checkpoint_loop(), f"shard-{self.shard_id} checkpoints", self._restart_checkpoints)
-        )
-
-    def _restart_index(self, exc: BaseException | None) -> None:
-        self._indexer = (
-            None
-            if self._stopped or self.fenced
-            else start_task(self._index_loop(), f"shard-{self.shard_id} index", self._restart_index)
-        )
 
     async def _listen(self) -> None:
         """Take the data plane's messages (system/bus/dataplane.py): event spans from the router,
@@ -372,10 +349,8 @@ class Shard:
         await self._unlisten()
         for answering in list(self._answering):  # callers of an unanswered request time out and fall back
             await cancel_and_wait(answering)
-        checkpointer, self._checkpointer = self._checkpointer, None
-        await cancel_and_wait(checkpointer)
-        indexer, self._indexer = self._indexer, None
-        await cancel_and_wait(indexer)
+        await self._checkpoints.cancel()
+        await self._indexing.cancel()
         await self._scrubber.stop()
         await self._restoring.cancel()
         if self.state is not None and not self.fenced:
@@ -570,7 +545,7 @@ class Shard:
             state = self.state
             if state is None:
                 raise ShardNotReady(f"shard {self.shard_id} is not serving")
-            claims = await StateStore(self._pool).take_these_slots(self.shard_id, slots)
+            claims = await StateStore(self._pool).take_slots(self.shard_id, slots)
             if len(claims) != len(set(slots)):
                 raise ShardNotReady(f"shard {self.shard_id} was given {len(slots)} slots, the map says {len(claims)}")
             ahead = max((c.covered for c in claims.values()), default=0)

@@ -15,9 +15,8 @@ from api.backend import Backend
 from api.responses import json_response
 from system.core.errors import BadRequest, Forbidden, Unauthorized
 from system.core.inputs import USER_ID_RULE, bounded, user_id, user_id_header
+from system.core.limits import MAX_SHARDS
 from system.core.profile import describe
-
-MAX_SHARDS = 256
 
 
 def require_admin(request: Request) -> None:

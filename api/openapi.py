@@ -21,6 +21,7 @@ from system.core.inputs import (
     USER_ID_PATTERN,
     USER_ID_RULE,
 )
+from system.core.limits import MAX_SHARDS
 
 # The rules of system/core/inputs.py, as JSON Schema says them. A header carries bytes: the
 # schema keeps to printable ASCII there; other characters go as their UTF-8 bytes.
@@ -285,7 +286,7 @@ def openapi() -> dict[str, Any]:
                             "application/json": {
                                 "schema": {
                                     "type": "object",
-                                    "properties": {"shards": {"type": "integer", "minimum": 1, "maximum": 256}},
+                                    "properties": {"shards": {"type": "integer", "minimum": 1, "maximum": MAX_SHARDS}},
                                     "required": ["shards"],
                                 }
                             }

@@ -63,7 +63,7 @@ async def scrub(
             await store.keep_redacted(erasure, seq, second, again)
             messages += 1
     dead_letters = 0
-    dlq = f"{settings.stream}_DLQ"
+    dlq = settings.deadletter_stream
     last = await stream.last_seq(js, dlq)
     async for batch in stream.read_range(js, settings, 0, last, name=dlq):
         for msg in batch:

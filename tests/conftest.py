@@ -114,7 +114,7 @@ async def js(settings: Settings) -> AsyncIterator[JetStreamContext]:
     context = nc.jetstream()
     await stream.ensure_streams(context, settings)
     yield context
-    for name in (settings.stream, f"{settings.stream}_DLQ"):
+    for name in (settings.stream, settings.deadletter_stream):
         with contextlib.suppress(NotFoundError):  # a test deleted it already
             await context.delete_stream(name)
     await nc.close()

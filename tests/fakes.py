@@ -11,11 +11,10 @@ from typing import Any
 import numpy as np
 
 from api.render import Rendered
-from system.core import userstate
 from system.core.catalog import Catalog
 from system.core.errors import Unavailable
 from system.core.events import Event
-from system.core.policy import Picks, draw_slate
+from system.core.policy import Picks, popular_slate
 from system.core.profile import UserProfile
 from system.core.shard_state import ShardState
 
@@ -56,9 +55,7 @@ class FakeBackend:
         return self.erased[::-1]
 
     def fallback(self, limit: int) -> Picks:
-        model = self.state.model
-        slate = draw_slate(model, model.view(userstate.empty()), limit, np.random.default_rng(1))
-        return self._rendered.catalog.movie_ids[slate.movies].tolist(), ["popular"] * len(slate.movies)
+        return popular_slate(self.state.model, limit, np.random.default_rng(1))
 
     def publish(self, events: Sequence[Event]) -> bool:
         if self.nats_down:

@@ -4,11 +4,13 @@ and NATS JetStream (Ray only wraps them; the end-to-end tests run them as actors
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 from nats.js import JetStreamContext
+from psycopg_pool import AsyncConnectionPool
 
 from actors.router import EventRouter
 from actors.shard import Shard
@@ -20,6 +22,23 @@ from system.db.migrations import migrate
 from system.db.pool import short_lived_pool
 from system.db.state_store import StateStore
 from tests.conftest import SMALL_CSV
+
+
+async def restored(shard: Shard) -> dict[str, Any]:
+    """Restore a plain Shard and wait for it, as the supervisor's health loop has an actor do;
+    raises what the restore raised. Returns its status."""
+    await shard.ensure_ready()
+    await shard._restoring.wait()
+    return shard.status()
+
+
+async def covered_by_slot(pool: AsyncConnectionPool, slots: Iterable[int]) -> dict[int, int]:
+    """Per slot, the event sequence its checkpoint covers."""
+    async with pool.connection() as conn:
+        rows = await (
+            await conn.execute("SELECT slot, covered_seq FROM slots WHERE slot = ANY(%s)", (list(slots),))
+        ).fetchall()
+    return {int(slot): int(covered) for slot, covered in rows}
 
 
 class LocalShards:
@@ -74,7 +93,7 @@ async def start_pipeline(settings: Settings, js: JetStreamContext) -> Pipeline:
     slot_map = await prepare(settings)
     shards = {i: Shard(i, settings, seed=i) for i in range(settings.shards)}
     for shard in shards.values():
-        await shard.wait_ready()
+        await restored(shard)
     router = EventRouter(settings, LocalShards(shards))
     router.ensure_running()
     return Pipeline(settings, js, shards, router, slot_map)

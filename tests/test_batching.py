@@ -46,17 +46,19 @@ async def test_wrong_result_count_is_an_error() -> None:
 
 
 async def test_linger_gathers_requests_that_arrive_close_together() -> None:
+    """Three requests a few event-loop turns apart (no clock in between): the first waits out
+    the linger, and the others leave with it, in one call."""
     calls: list[list[int]] = []
 
     async def call(items: Sequence[int]) -> list[int]:
         calls.append(list(items))
         return list(items)
 
-    batcher: Batcher[int, int] = Batcher(call, linger=0.02)
-
-    async def later(i: int) -> int:
-        await asyncio.sleep(0.005 * i)
-        return await batcher.submit(i)
-
-    assert await asyncio.gather(*(later(i) for i in range(3))) == [0, 1, 2]
+    batcher: Batcher[int, int] = Batcher(call, linger=0.5)  # far longer than a few loop turns
+    waiting = []
+    for i in range(3):
+        waiting.append(asyncio.ensure_future(batcher.submit(i)))
+        await asyncio.sleep(0)  # one turn of the loop: the request is queued
+    assert calls == []  # lingering for company
+    assert await asyncio.gather(*waiting) == [0, 1, 2]
     assert calls == [[0, 1, 2]]  # one call, not three

@@ -34,7 +34,7 @@ async def test_streams_are_created_once(js: JetStreamContext, settings: Settings
     info = await js.stream_info(settings.stream)
     assert info.config.subjects == [settings.events_subject, f"{settings.events_subject}.>"]
     assert info.config.duplicate_window == stream.DUPLICATE_WINDOW
-    dlq = await js.stream_info(f"{settings.stream}_DLQ")
+    dlq = await js.stream_info(settings.deadletter_stream)
     assert dlq.config.subjects == [settings.deadletter_subject]
 
 

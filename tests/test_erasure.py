@@ -19,7 +19,7 @@ from system.core.settings import Settings
 from system.db.erasure_store import ErasureStore
 from system.db.pool import short_lived_pool
 from system.verify import verify
-from tests.pipeline import Pipeline, start_pipeline, stop_pipeline, wait_for
+from tests.pipeline import Pipeline, restored, start_pipeline, stop_pipeline, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -37,7 +37,7 @@ async def pipeline(settings: Settings, js: JetStreamContext) -> AsyncIterator[Pi
 async def everything_in_the_streams(pipeline: Pipeline) -> list[bytes]:
     settings, js = pipeline.settings, pipeline.js
     found = []
-    for name in (settings.stream, f"{settings.stream}_DLQ"):
+    for name in (settings.stream, settings.deadletter_stream):
         last = await stream.last_seq(js, name)
         async for batch in stream.read_range(js, settings, 0, last, name=name):
             found += [m.data for m in batch]
@@ -130,7 +130,7 @@ async def test_an_erased_user_leaves_no_trace_and_verify_stays_exact(pipeline: P
     # A restart restores from the checkpoints and the log with its holes: the same state.
     await shard.stop()
     reborn = pipeline.shards[shard.shard_id] = Shard(shard.shard_id, settings, seed=7)
-    await reborn.wait_ready()
+    await restored(reborn)
     assert (await reborn.user_counts(GONE) or {})["rows"] == again["rows"]
     report = await verify(settings, lambda s: pipeline.shards[s].export(), settings.shards)
     assert report.ok, report.as_dict()

@@ -28,7 +28,7 @@ from system.core.settings import Settings
 from system.db.pool import short_lived_pool
 from system.db.state_store import StateStore
 from system.verify import Export, verify
-from tests.pipeline import Pipeline, prepare, start_pipeline, stop_pipeline, wait_for
+from tests.pipeline import Pipeline, prepare, restored, start_pipeline, stop_pipeline, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -130,14 +130,14 @@ async def test_a_frozen_shard_that_wakes_after_its_replacement_cannot_write(
     try:
         assert zombie.stdout is not None
         assert (await asyncio.wait_for(zombie.stdout.readline(), 30)).strip() == b"ready"
-        await shard1.wait_ready()
+        await restored(shard1)
         router.ensure_running()
         users = [f"fence-{i}" for i in range(40)]
         first = await publish_clicks(js, settings, users, "before")
         await wait_checkpointed(settings, first)  # the zombie applied and checkpointed them
 
         zombie.send_signal(signal.SIGSTOP)
-        await replacement.wait_ready()  # takes the slots: a new epoch
+        await restored(replacement)  # takes the slots: a new epoch
         second = await publish_clicks(js, settings, users, "after")
         await wait_for(lambda: replacement.covered >= second and shard1.covered >= second)
         await replacement.checkpoint()

@@ -5,6 +5,7 @@ header bytes, headers past the limits, control characters, a body cut short."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import socket
 import threading
@@ -15,6 +16,7 @@ import orjson
 import psutil
 import pytest
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from api.app import create_app
 from api.http_limits import MAX_HEADERS, BoundedHttpTools
@@ -158,3 +160,31 @@ def test_a_client_that_disconnects_mid_body_is_not_a_server_error(
     assert server.statuses().get(500, 0) == before.get(500, 0)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(server.backend.published) == published
+
+
+def test_the_private_uvicorn_interface_the_limits_subclass_is_as_checked() -> None:
+    """api/http_limits.py subclasses uvicorn's private HttpToolsProtocol (no public hook bounds a
+    request's head before it is read). pyproject pins the minor version it was checked against;
+    if a later one moves what the subclass relies on, this says what, before any request does."""
+    assert uvicorn.__version__.split(".")[:2] == ["0", "55"], (
+        f"re-check api/http_limits.py against {uvicorn.__version__}"
+    )
+    for name in (
+        "__init__",
+        "data_received",
+        "on_message_begin",
+        "on_url",
+        "on_header",
+        "on_headers_complete",
+        "on_body",
+        "on_message_complete",
+        "send_400_response",
+    ):
+        theirs = getattr(HttpToolsProtocol, name, None)
+        assert theirs is not None, f"HttpToolsProtocol.{name} is gone"
+        if name != "__init__":  # ours passes *args, **kwargs on
+            ours = inspect.signature(getattr(BoundedHttpTools, name)).parameters
+            assert list(ours) == list(inspect.signature(theirs).parameters), name
+    source = inspect.getsource(HttpToolsProtocol)
+    for used in ("self.headers", "self.transport", "self.client"):
+        assert used in source, f"HttpToolsProtocol no longer has {used}"

@@ -27,7 +27,7 @@ from system.core.shard_state import SEEN_IDS, ShardState
 from system.core.sharding import slot_of, slot_ranges
 from system.db.pool import short_lived_pool
 from system.db.state_store import StateStore
-from tests.pipeline import Pipeline, prepare, start_pipeline, stop_pipeline, wait_for
+from tests.pipeline import Pipeline, covered_by_slot, prepare, restored, start_pipeline, stop_pipeline, wait_for
 from tests.stats import clearly_more
 
 pytestmark = pytest.mark.integration
@@ -169,7 +169,7 @@ async def test_a_restarted_shard_recovers_checkpoint_plus_replay_exactly(pipelin
     reborn = Shard(0, pipeline.settings)
     with pytest.raises(ShardNotReady):
         await reborn.apply(0, last, [])
-    status = await reborn.wait_ready()
+    status = await restored(reborn)
     assert status["ready"] and status["replayed"] > 0 and reborn.covered >= last
     assert reborn.state is not None
     assert 0 < len(reborn.state.users) < len(live.state.users)  # only those with events after the checkpoint
@@ -189,7 +189,7 @@ async def test_a_checkpoint_taken_during_a_long_span_holds_exactly_what_it_says_
     them twice, and `mabrec verify` reports the checkpoint ahead of the recount)."""
     slot_map = await prepare(settings)
     shard = Shard(0, settings)
-    await shard.wait_ready()
+    await restored(shard)
     users = [u for u in (f"cut-{i}" for i in range(4_000)) if slot_map.shard_of(u) == 0]
     span = [(seq, 0, Event(users[seq % len(users)], CLICKED, (7,))) for seq in range(1, 4 * APPLY_CHUNK + 1)]
     # The stream must reach as far as the span (a shard refuses spans past its end): empty messages.
@@ -202,7 +202,7 @@ async def test_a_checkpoint_taken_during_a_long_span_holds_exactly_what_it_says_
     await applying
     async with short_lived_pool(settings.database_url or "", "test") as pool:
         store = StateStore(pool)
-        covered = set((await store.covered_by_slot(slot_map.slots_of(0))).values())
+        covered = set((await covered_by_slot(pool, slot_map.slots_of(0))).values())
         rows = await store.load_users(users)
     clicks = sum(userstate.posterior(userstate.from_bytes(counts), 7)[0] - 1 for _, counts, _ in rows)
     assert len(covered) == 1 and clicks == sum(seq <= min(covered) for seq, _, _ in span) > 0
@@ -219,7 +219,7 @@ async def test_a_checkpoint_whose_commit_went_unanswered_adds_its_popularity_onc
     for the next one to add (the old way) counted it twice when the COMMIT had landed."""
     slot_map = await prepare(settings)
     shard = Shard(0, settings)
-    await shard.wait_ready()
+    await restored(shard)
     users = [u for u in (f"doubt-{i}" for i in range(400)) if slot_map.shard_of(u) == 0]
     span = [(seq, 0, Event(users[seq % len(users)], CLICKED, (7,))) for seq in range(1, 101)]
     await asyncio.gather(*(js.publish(settings.events_subject, b"[]") for _ in span))
@@ -252,7 +252,7 @@ async def test_a_slate_waiting_while_its_slot_is_released_leaves_no_copy_of_the_
     other owner applied (found by `mabrec verify` after a live re-shard)."""
     slot_map = await prepare(settings)
     shard = Shard(0, settings)
-    await shard.wait_ready()
+    await restored(shard)
     assert shard.state is not None
     uxid = next(u for u in (f"away-{i}" for i in range(1_000)) if slot_map.shard_of(u) == 0)
     async with shard._apply_lock:  # a hand-off in progress: the release is queued first...
@@ -281,7 +281,7 @@ async def test_a_user_without_a_checkpoint_starts_empty_without_a_read_and_one_w
     await pipeline.settle(seq, before)
     await pipeline.shards[0].checkpoint()
     reborn = Shard(0, pipeline.settings)  # a new incarnation: nothing in memory
-    await reborn.wait_ready()
+    await restored(reborn)
     await wait_for(lambda: reborn.status()["slots_indexed"] == len(reborn.epochs) > 0)
     assert reborn.state is not None and before not in reborn.state.users
     loads = reborn.loads
@@ -309,7 +309,7 @@ async def test_a_shard_names_itself_and_its_slots(settings: Settings, js: JetStr
     slot_map = await prepare(settings)
     shard = Shard(1, settings)
     assert repr(shard) == "Shard(1)"  # as Ray takes it, on creation
-    await shard.wait_ready()
+    await restored(shard)
     assert repr(shard) == f"Shard(1, slots {slot_ranges(slot_map.slots_of(1))})"
     await shard.stop()
 
@@ -369,10 +369,8 @@ async def test_the_api_reaches_shards_over_nats_request_reply(pipeline: Pipeline
     assert [row[0] for row in profile.rows if row[0] > 0] == [14]
     assert profile.last_slate is not None and profile.last_slate[1] in slates  # why one looked as it did
     await pipeline.shards[shard].stop()  # no responder any more: fail fast, not after a timeout
-    began = asyncio.get_running_loop().time()
-    with pytest.raises(Unavailable, match="not serving"):
+    with pytest.raises(Unavailable, match="not serving"):  # NATS said so ("did not answer": a timeout)
         await client.slate(shard, "rpc-user", 5)
-    assert asyncio.get_running_loop().time() - began < 1.0
     await nc.close()
 
 
@@ -381,7 +379,7 @@ async def restarted(pipeline: Pipeline, index: int) -> Shard:
     its users are in PostgreSQL only, and it knows which of them have a checkpoint."""
     await pipeline.shards[index].stop()
     shard = pipeline.shards[index] = Shard(index, pipeline.settings, seed=index)
-    await shard.wait_ready()
+    await restored(shard)
     await wait_for(lambda: shard.status()["slots_indexed"] == shard.status()["slots"])
     return shard
 
@@ -504,7 +502,7 @@ async def test_a_bug_in_applying_one_users_event_breaks_the_shard_which_is_repla
     assert fleet.restarted == [shard_key(index)]
     monkeypatch.setattr(ShardState, "apply", real)  # fixed
     replacement = pipeline.shards[index]
-    await replacement.wait_ready()
+    await restored(replacement)
     await wait_for(lambda: replacement.covered >= seq)
     assert posterior(replacement, "poison", 5) == (2, 1)
     assert all(posterior(replacement, uxid, 7) == (2, 1) for uxid in others)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from system.core.placement import MAX_SHARDS, default_shards, evacuated, moves, rebalanced
+from system.core.limits import MAX_SHARDS
+from system.core.placement import default_shards, evacuated, moves, rebalanced
 from system.core.sharding import SLOTS, SlotMap
 
 

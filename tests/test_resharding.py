@@ -35,7 +35,7 @@ from system.db.catalog_store import CatalogStore
 from system.db.pool import open_pool
 from system.db.state_store import StateStore
 from system.verify import verify
-from tests.pipeline import LocalShards, prepare, wait_for
+from tests.pipeline import LocalShards, prepare, restored, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -147,7 +147,7 @@ async def fleet(settings: Settings, js: JetStreamContext) -> AsyncIterator[tuple
     catalog_store, state_store = CatalogStore(pool), StateStore(pool)
     shards = {i: Shard(i, settings, seed=i) for i in range(settings.shards)}
     for shard in shards.values():
-        await shard.wait_ready()
+        await restored(shard)
     holder: dict[int, Shard] = shards
     router = EventRouter(settings, LocalShards(holder))
     router.ensure_running()
@@ -182,7 +182,7 @@ async def settled_and_verified(supervisor: Supervisor, actors: LocalFleet, traff
 async def test_two_to_three_to_one_shards_under_traffic(fleet: tuple[Supervisor, LocalFleet, Traffic]) -> None:
     supervisor, actors, traffic = fleet
     traffic.start()
-    await asyncio.sleep(0.3)
+    await wait_for(lambda: traffic.slates >= 20, 30)  # under way
     try:
         for wanted in (3, 1):
             before = traffic.slates
@@ -193,8 +193,7 @@ async def test_two_to_three_to_one_shards_under_traffic(fleet: tuple[Supervisor,
             assert sorted(actors.shards) == list(range(wanted))
             per_shard = np.bincount(supervisor.slot_owners, minlength=wanted)
             assert len(per_shard) == wanted and per_shard.max() - per_shard.min() <= 1
-            await asyncio.sleep(0.3)  # traffic on the new layout
-            assert traffic.slates > before
+            await wait_for(lambda b=before: traffic.slates >= b + 20, 30)  # traffic on the new layout
     finally:
         await traffic.stop()
     assert not traffic.failures, traffic.failures[:5]
@@ -207,7 +206,7 @@ async def test_a_rolling_restart_replaces_every_shard_under_traffic(
 ) -> None:
     supervisor, actors, traffic = fleet
     traffic.start()
-    await asyncio.sleep(0.3)
+    await wait_for(lambda: traffic.slates >= 20, 30)  # under way
     try:
         request = await supervisor.state_store.request_restart()
         await supervisor.reconcile()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
@@ -21,9 +22,10 @@ from system.core.popularity import Popularity
 from system.core.sharding import SLOTS
 from system.db.catalog_store import CatalogStore
 from system.db.migrations import migrate
-from system.db.pool import open_pool
+from system.db.pool import open_pool, short_lived_pool
 from system.db.state_store import Checkpoint, Fenced, StateStore
 from tests.conftest import SMALL_CSV, SMALL_JSONL
+from tests.pipeline import covered_by_slot
 
 pytestmark = pytest.mark.integration
 
@@ -116,9 +118,9 @@ async def test_checkpoints_round_trip_atomically(pool: AsyncConnectionPool) -> N
     second = counts((-3, 1, 1, 1), (7, 1, 1, 1))
     seen = b"\x07" * 8 + b"\x01\x00\x00\x00"
     await store.save(Checkpoint([("alice", mine[0], second, seen)], popularity((-3, 0, 1), (7, 0, 1)), epochs, 12))
-    assert set((await store.covered_by_slot(mine)).values()) == {17}  # never goes back
+    assert set((await covered_by_slot(pool, mine)).values()) == {17}  # never goes back
     assert await store.load_users(["alice", "nobody"]) == [("alice", second, seen)]
-    assert set((await store.covered_by_slot(range(SLOTS))).values()) == {0, 17}
+    assert set((await covered_by_slot(pool, range(SLOTS))).values()) == {0, 17}
     total = await store.popularity()
     assert (total.keys.tolist(), total.clicks.tolist(), total.impressions.tolist()) == ([-3, 7], [1, 1], [1, 1])
     snapshot = await store.snapshot()
@@ -213,3 +215,31 @@ async def test_a_pooled_connection_the_server_dropped_is_replaced_without_an_err
         async with pool.connection() as conn:
             pid = (await (await conn.execute("SELECT pg_backend_pid()")).fetchone() or (0,))[0]
         assert pid != dead
+
+
+async def test_an_idle_connection_past_descriptor_1024_is_checked_and_replaced_when_dead(database_url: str) -> None:
+    """The pool's idle check looked at the socket with select(), which raises for descriptors
+    >= 1024: a busy process (a Ray worker) gets there. With 1,100 descriptors open first, the
+    pool's connection is past it; the check still works, and a connection the server ended
+    while it sat idle is replaced, not handed out."""
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1_100)]
+    try:
+        async with short_lived_pool(database_url, "fd-test") as pool:
+            async with pool.connection() as conn:
+                assert conn.fileno() >= 1024
+                first = (await (await conn.execute("SELECT pg_backend_pid()")).fetchone() or [0])[0]
+            async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as other:
+                await other.execute("SELECT pg_terminate_backend(%s)", (first,))
+                for _ in range(500):  # until the backend is gone: its goodbye is on our socket
+                    gone = await (
+                        await other.execute("SELECT NOT EXISTS (SELECT FROM pg_stat_activity WHERE pid = %s)", (first,))
+                    ).fetchone()
+                    if gone and gone[0]:
+                        break
+                    await asyncio.sleep(0.01)
+            async with pool.connection() as conn:  # the check saw the goodbye: a new connection
+                second = (await (await conn.execute("SELECT pg_backend_pid()")).fetchone() or [0])[0]
+            assert second not in (0, first)
+    finally:
+        for fd in held:
+            os.close(fd)

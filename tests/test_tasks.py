@@ -15,24 +15,26 @@ from system.tasks import Background, cancel_and_wait, gather_logged, start_task
 async def test_cancel_and_wait_passes_the_callers_own_cancellation_on() -> None:
     """The bug behind a stop that never finished: awaiting a cancelled task inside
     `suppress(CancelledError)` also swallows the cancellation of the one who awaits."""
-    stubborn_started = asyncio.Event()
+    stubborn_started, stopping, may_stop = asyncio.Event(), asyncio.Event(), asyncio.Event()
 
     async def stubborn() -> None:
         stubborn_started.set()
         try:
             await asyncio.sleep(3600)
         except asyncio.CancelledError:
-            await asyncio.sleep(0.2)  # takes a while to stop
+            stopping.set()
+            await may_stop.wait()  # takes a while to stop
             raise
 
     job = asyncio.create_task(stubborn())
     await stubborn_started.wait()
     stopper = asyncio.create_task(cancel_and_wait(job))
-    await asyncio.sleep(0.05)
+    await stopping.wait()  # the stopper waits for the job to stop
     stopper.cancel()  # whoever stops the job is itself told to stop
     with pytest.raises(asyncio.CancelledError):
         await stopper
-    await asyncio.sleep(0.25)
+    may_stop.set()
+    await asyncio.wait([job])
     assert job.cancelled()
 
 
@@ -57,7 +59,8 @@ async def test_cancel_and_wait_cancels_again_a_task_that_lost_its_cancellation(
                 rounds = 1_000  # the next cancellation is kept
 
     job = asyncio.create_task(loses_one_cancellation(), name="forgetful")
-    await asyncio.sleep(0.02)
+    while rounds == 0:
+        await asyncio.sleep(0)  # it runs
     with caplog.at_level(logging.WARNING):
         await asyncio.wait_for(cancel_and_wait(job), 5)
     assert job.cancelled()
@@ -90,10 +93,12 @@ async def test_a_dead_background_task_is_logged_and_handed_to_its_keeper(caplog:
         return
 
     with caplog.at_level(logging.ERROR):
-        start_task(crash(), "crasher", deaths.append)
-        start_task(quit_early(), "quitter", deaths.append)  # a loop that returned: also a death
-        start_task(quit_early(), "one-shot", deaths.append, forever=False)  # its job done: not one
-        await asyncio.sleep(0.01)
+        started = [
+            start_task(crash(), "crasher", deaths.append),
+            start_task(quit_early(), "quitter", deaths.append),  # a loop that returned: also a death
+            start_task(quit_early(), "one-shot", deaths.append, forever=False),  # its job done: not one
+        ]
+        await asyncio.wait(started)  # (their keepers' callbacks ran first: registered first)
     assert [type(d).__name__ for d in deaths] == ["ValueError", "NoneType"]
     assert {getattr(r, "task", None) for r in caplog.records} == {"crasher", "quitter"}
 

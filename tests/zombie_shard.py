@@ -10,13 +10,14 @@ from pathlib import Path
 
 from actors.shard import Shard
 from system.core.settings import Settings
+from tests.pipeline import restored
 
 
 async def main(raw: str) -> None:
     values = json.loads(raw)
     settings = Settings(**{**values, "state_dir": Path(values["state_dir"])})
     shard = Shard(0, settings)
-    await shard.wait_ready()
+    await restored(shard)
     print("ready", flush=True)
     while not shard.fenced:
         await asyncio.sleep(0.05)

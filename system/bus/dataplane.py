@@ -109,9 +109,7 @@ ERASE = "erase"  # args: uxid -> the erasure (actors/shard.py `erase`), or null
 def picked(answer: Any, shard: int, uxid: str) -> Picks:
     """A shard's answer to one slate request of a batch: the picks; Moved (null: the user's slot
     is not the shard's), NotThisOne (that request failed alone)."""
-    if answer is None:
-        raise Moved(f"the slot of {uxid!r} is not shard {shard}'s")
-    if isinstance(answer, dict):
+    if isinstance(owned(answer, shard, uxid), dict):
         raise NotThisOne(f"shard {shard}: {answer.get('error')}")
     ids, reasons = answer
     return ids, reasons

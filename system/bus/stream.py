@@ -65,7 +65,7 @@ async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:
             description="mabrec feedback events: the accepted-event log",
         ),
         StreamConfig(
-            name=f"{settings.stream}_DLQ",
+            name=settings.deadletter_stream,
             subjects=[settings.deadletter_subject],
             storage=StorageType.FILE,
             max_age=DEADLETTER_MAX_AGE,

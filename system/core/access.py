@@ -62,7 +62,7 @@ def _reads(stream: str) -> tuple[str, ...]:
 
 def permissions(settings: Settings) -> dict[str, Permissions]:
     """Every user's rights, for the namespace of `settings` (its subjects and streams)."""
-    ns, events, dlq = settings.namespace, settings.stream, f"{settings.stream}_DLQ"
+    ns, events, dlq = settings.namespace, settings.stream, settings.deadletter_stream
     shard_rpc, shard_apply = f"{ns}.shard.*.rpc", f"{ns}.shard.*.apply"
     own_inbox = {user: (f"{inbox_prefix(user)}.>",) for user in USERS}
     return {

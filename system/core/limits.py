@@ -9,3 +9,6 @@ DEDUP_MAX_IDS = 100_000
 # Users a shard keeps in memory (MABREC_RESIDENT_USERS): past it, those idle longest leave,
 # once checkpointed, and come back from PostgreSQL when next needed.
 RESIDENT_USERS = 250_000
+# Shard actors a deployment may ask for (MABREC_SHARDS, `mabrec scale`, the admin API); the
+# 1,024 slots would allow more, but each shard is a process.
+MAX_SHARDS = 256

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from system.core.limits import MAX_SHARDS
 from system.core.sharding import SLOTS, SlotMap
-
-MAX_SHARDS = 256
 
 
 def default_shards(cpus: float) -> int:

@@ -254,6 +254,13 @@ class Tastes:
         return cls(np.zeros(0, dtype=np.int64), empty, empty, empty)
 
 
+def popular_slate(model: Model, limit: int, rng: np.random.Generator) -> Picks:
+    """The slate of a user the system knows nothing of (no state): when the user's shard cannot
+    answer, everyone gets it, as popularity (movie ids, best first, and a reason each)."""
+    slate = draw_slate(model, model.cold_view, limit, rng)
+    return model.catalog.movie_ids[slate.movies].tolist(), ["popular"] * len(slate.movies)
+
+
 def reasons(model: Model, movies: np.ndarray, liked: Tastes | None = None) -> list[str]:
     """Why each movie is there, in a few words: a facet value of the movie the user clearly likes
     (clicked, with a cautious lift of at least REASON_LIFT), else that the movie is popular, else

@@ -11,7 +11,7 @@ from typing import Any
 
 from system.core.errors import ConfigError
 from system.core.inputs import N, bounded
-from system.core.limits import DEDUP_WINDOW_HOURS, RESIDENT_USERS
+from system.core.limits import DEDUP_WINDOW_HOURS, MAX_SHARDS, RESIDENT_USERS
 from system.core.policy_config import PolicyConfig
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -75,7 +75,7 @@ class Settings:
             nats_shard_url=_url(env, "NATS_SHARD_URL", ("nats://", "tls://")),
             nats_router_url=_url(env, "NATS_ROUTER_URL", ("nats://", "tls://")),
             ray_address=env.get("RAY_ADDRESS") or None,
-            shards=_number(env, "MABREC_SHARDS", int, d.shards, 1, 256),
+            shards=_number(env, "MABREC_SHARDS", int, d.shards, 1, MAX_SHARDS),
             shards_given=bool(env.get("MABREC_SHARDS", "").strip()),
             host=env.get("MABREC_HOST", d.host),
             port=_number(env, "MABREC_PORT", int, d.port, 0, 65535),
@@ -121,6 +121,11 @@ class Settings:
     @property
     def deadletter_subject(self) -> str:
         return f"{self.namespace}.deadletter"
+
+    @property
+    def deadletter_stream(self) -> str:
+        """JetStream stream of the dead-lettered (malformed) events, kept 7 days."""
+        return f"{self.stream}_DLQ"
 
 
 def _url(env: Mapping[str, str], key: str, schemes: tuple[str, ...]) -> str | None:

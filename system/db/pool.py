@@ -15,9 +15,11 @@ async def check_if_signalled(conn: AsyncConnection) -> None:
     idle: a stopped or restarted server's goodbye (or its closed socket) makes the socket
     readable, a healthy idle connection's stays silent. A round trip per checkout was a tenth of
     a shard's CPU under load (BENCHMARKS.md); a connection that dies silently fails its query and
-    the pool replaces it."""
-    readable, _, _ = select.select([conn.fileno()], [], [], 0)
-    if readable:
+    the pool replaces it. poll, not select: select refuses descriptors >= 1024, which a busy
+    process reaches."""
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLIN)
+    if poller.poll(0):
         await AsyncConnectionPool.check_connection(conn)
 
 

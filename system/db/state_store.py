@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -199,19 +199,6 @@ class StateStore:
             )
             await conn.execute("UPDATE deployment SET map_generation = map_generation + 1")
 
-    async def take_these_slots(self, shard: int, slots: Sequence[int]) -> dict[int, Claim]:
-        """Take ownership of these slots (they must be this shard's in the map): a new epoch each,
-        in the statement that reads their positions (see take_slots)."""
-        async with self.pool.connection() as conn:
-            rows = await (
-                await conn.execute(
-                    "UPDATE slots SET epoch = epoch + 1 WHERE shard = %s AND slot = ANY(%s)"
-                    " RETURNING slot, covered_seq, epoch",
-                    (shard, list(slots)),
-                )
-            ).fetchall()
-        return {int(slot): Claim(int(covered), int(epoch)) for slot, covered, epoch in rows}
-
     async def assign_slots(self, owners: SlotMap) -> None:
         """A new slot map (an offline re-shard). Every slot that changes hands gets a new epoch,
         so a shard of the old layout that still runs can no longer checkpoint it."""
@@ -225,25 +212,21 @@ class StateStore:
                 "UPDATE deployment SET map_generation = map_generation + 1, desired_shards = %s", (owners.shards,)
             )
 
-    async def take_slots(self, shard: int) -> dict[int, Claim]:
-        """Take ownership of the shard's slots: each slot's epoch goes up by one, in the same
-        statement that reads the position its checkpoint covers. From then on a checkpoint
-        carrying an older epoch (a previous owner that is still alive) is refused."""
+    async def take_slots(self, shard: int, slots: Sequence[int] | None = None) -> dict[int, Claim]:
+        """Take ownership of the shard's slots (all of them, or these, which the map must give
+        it): each slot's epoch goes up by one, in the same statement that reads the position its
+        checkpoint covers. From then on a checkpoint carrying an older epoch (a previous owner
+        that is still alive) is refused."""
+        chosen = None if slots is None else list(slots)
         async with self.pool.connection() as conn:
             rows = await (
                 await conn.execute(
-                    "UPDATE slots SET epoch = epoch + 1 WHERE shard = %s RETURNING slot, covered_seq, epoch", (shard,)
+                    "UPDATE slots SET epoch = epoch + 1 WHERE shard = %s AND (%s::int2[] IS NULL OR slot = ANY(%s))"
+                    " RETURNING slot, covered_seq, epoch",
+                    (shard, chosen, chosen),
                 )
             ).fetchall()
         return {int(slot): Claim(int(covered), int(epoch)) for slot, covered, epoch in rows}
-
-    async def covered_by_slot(self, slots: Iterable[int]) -> dict[int, int]:
-        """Per slot, the event sequence its checkpoint covers."""
-        async with self.pool.connection() as conn:
-            rows = await (
-                await conn.execute("SELECT slot, covered_seq FROM slots WHERE slot = ANY(%s)", (list(slots),))
-            ).fetchall()
-        return {int(slot): int(covered) for slot, covered in rows}
 
     async def oldest_checkpoint(self) -> int:
         """The lowest sequence any slot's checkpoint covers: where a replay of everything starts."""
