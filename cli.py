@@ -92,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_nats.add_argument("--output", type=Path, help="write it to this file (default: standard output)")
 
+    sub.add_parser(
+        "prometheus-config",
+        help="print a Prometheus configuration that scrapes the system started from this directory"
+        " (its API's /metrics and Ray's metrics export)",
+    )
+
     p_sim = sub.add_parser(
         "simulate", help="compare the policy with baselines on synthetic users (see docs/simulation)"
     )
@@ -290,6 +296,17 @@ def nats_config(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def prometheus_config(settings: Settings, args: argparse.Namespace) -> int:
+    from system.status import prometheus_config
+
+    text = prometheus_config(settings)
+    if text is None:
+        print(f"mabrec is not running here (no {settings.state_dir}/runtime.json)", file=sys.stderr)
+        return 1
+    sys.stdout.write(text)
+    return 0
+
+
 def simulate(settings: Settings, args: argparse.Namespace) -> int:
     from sim.command import simulate
 
@@ -311,6 +328,7 @@ COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "catalog": catalog,
     "verify": verify,
     "nats-config": nats_config,
+    "prometheus-config": prometheus_config,
     "simulate": simulate,
     "bench": bench,
 }

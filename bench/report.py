@@ -107,7 +107,11 @@ def run(
     results["durability"] = uvloop.run(durability.run_all(seconds=1.0 if quick else 5.0))
     step("policy micro-benchmark (OpenBLAS as set, and unset)")
     results["policy"] = policy.run_both(rounds=500 if quick else 2000)
-    with running_system(shards, dashboard) as (runtime, startup):
+    grow = 20_000 if quick else 2_000_000
+    # The default budget, or (a quick run's fewer users) one they exceed, so that some leave memory.
+    budget = {"MABREC_RESIDENT_USERS": str(grow // 10 // max(shards or os.cpu_count() or 1, 1))} if quick else {}
+
+    def ingestion(runtime: Runtime, startup: float) -> None:
         results["startup_seconds"] = round(startup, 2)
         api = runtime.api_url
         results["settings"]["shards"] = len(
@@ -133,8 +137,8 @@ def run(
                 )
             )
         results["ingest"] = max(results["ingest_runs"], key=lambda r: r["publish_to_applied_ms"]["p99"])
-    # The slates on a fresh system of their own: not behind the ingestion's backlog of new users.
-    with running_system(shards, dashboard) as (runtime, _):
+
+    def slates(runtime: Runtime) -> None:
         api = runtime.api_url
         if wrk.available():
             step(f"closed loop with wrk, 64 connections, 10,000 users, {seconds:.0f} s")
@@ -170,6 +174,26 @@ def run(
         results["cpu"] = uvloop.run(
             cpu.both(runtime, rate=1000, duration=seconds, rows=300, movie_ids=ids, users=500 if quick else 10_000)
         )
+
+    def growing(runtime: Runtime) -> None:
+        step(f"growth: {grow:,} users touched once")
+        results["growth"] = run_growth(runtime, grow, ids, step)
+        results["growth"]["budget_per_shard"] = int(budget.get("MABREC_RESIDENT_USERS", RESIDENT_USERS))
+
+    if quick:  # every figure, on one system: the quick run checks the report, not the numbers
+        with running_system(shards, dashboard, **budget) as (runtime, startup):
+            ingestion(runtime, startup)
+            slates(runtime)
+            growing(runtime)
+    else:
+        with running_system(shards, dashboard) as (runtime, startup):
+            ingestion(runtime, startup)
+        # The slates on a fresh system of their own: not behind the ingestion's backlog of new users.
+        with running_system(shards, dashboard) as (runtime, _):
+            slates(runtime)
+        # The default budget: a system of its own, with nothing in memory before its users.
+        with running_system(shards, dashboard, **budget) as (runtime, _):
+            growing(runtime)
     # Slates/s by shard count, each count (the default's too) on a fresh system.
     for other in sorted({results["settings"]["shards"], *(also_shards or [])}) if also_shards else []:
         step(f"closed loop with {other} shards")
@@ -179,13 +203,6 @@ def run(
     shards = results["settings"]["shards"]  # as the first system ran
     step("memory of 1,000,000 users")
     results["memory"] = memory.run(users=20_000 if quick else 1_000_000, shards=shards)
-    grow = 20_000 if quick else 2_000_000
-    step(f"growth: {grow:,} users touched once")
-    # The default budget, or (a quick run's fewer users) one they exceed, so that some leave memory.
-    budget = {"MABREC_RESIDENT_USERS": str(grow // 10 // shards)} if quick else {}
-    with running_system(shards, dashboard, **budget) as (runtime, _):
-        results["growth"] = run_growth(runtime, grow, ids, step)
-        results["growth"]["budget_per_shard"] = int(budget.get("MABREC_RESIDENT_USERS", RESIDENT_USERS))
     log = 20_000 if quick else 10_000_000
     step(f"restart after {log:,} events")
     results["restart"] = growth.restart_after_log(log, shards, ids, step)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import orjson
@@ -89,3 +90,19 @@ def slots_per_shard(status: dict[str, Any]) -> dict[int, int]:
     for owner in status.get("slot_owners") or []:
         counts[owner] = counts.get(owner, 0) + 1
     return dict(sorted(counts.items()))
+
+
+def prometheus_config(settings: Settings) -> str | None:
+    """A Prometheus configuration that scrapes the system started from this directory: the API's
+    /metrics and Ray's metrics export (Ray's and mabrec's figures), every 5 s. None when it does
+    not run here. (compose has its own: deploy/prometheus/prometheus.yml.)"""
+    runtime = Runtime.load(settings.state_dir)
+    if runtime is None:
+        return None
+    targets = [("mabrec-api", urlsplit(runtime.api_url).netloc)]
+    if runtime.metrics_url:
+        targets.append(("ray", urlsplit(runtime.metrics_url).netloc))
+    jobs = "".join(
+        f"  - job_name: {job}\n    static_configs:\n      - targets: ['{target}']\n" for job, target in targets
+    )
+    return f"# mabrec prometheus-config: the system of {settings.state_dir}\nglobal:\n  scrape_interval: 5s\nscrape_configs:\n{jobs}"

