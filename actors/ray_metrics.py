@@ -12,8 +12,9 @@ also times each `slates` call into a histogram.
 
 Ray exports every metric under its own namespace: `mabrec_shard_resident_users` is scraped as
 `ray_mabrec_shard_resident_users`, a counter with a `_total` suffix, a histogram as
-`_bucket`/`_count`/`_sum` (`Spec.exported`). Names are kept apart from the API's own /metrics
-(api/metrics.py), which reports some of the same figures as the supervisor last saw them.
+`_bucket`/`_count`/`_sum` (`Spec.exported`). The shard figures that the API's own /metrics also
+reports (as the supervisor last saw them, api/metrics.py) are defined once, in
+system/core/figures.py, with their name in each.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from typing import Any, Literal
 
 from ray.util import metrics as ray_metrics
 
+from system.core import figures
+from system.core.figures import ShardFigure
 from system.tasks import Background
 
 # Seconds between two readings of an actor's status: Ray's agent exports every few seconds anyway.
@@ -59,13 +62,13 @@ class Spec:
         return (base,)
 
 
-RESIDENT_USERS = Spec("mabrec_shard_resident_users", "gauge", "Users held in the shard's memory", ("shard",))
-EVENTS_APPLIED = Spec("mabrec_shard_applied_events", "counter", "Events applied to the shard's users", ("shard",))
-EVENTS_DUPLICATE = Spec(
-    "mabrec_shard_duplicate_events", "counter", "Events skipped as repeats of an event_id", ("shard",)
-)
-EVENTS_REPLAYED = Spec(
-    "mabrec_shard_replayed_events", "counter", "Events applied by replaying the stream (restores, gaps)", ("shard",)
+def _spec(figure: ShardFigure) -> Spec:
+    assert figure.ray is not None
+    return Spec(figure.ray, figure.kind, figure.help, ("shard",))
+
+
+RESIDENT_USERS, EVENTS_APPLIED, EVENTS_DUPLICATE, EVENTS_REPLAYED = map(
+    _spec, (figures.USERS, figures.APPLIED, figures.DUPLICATE, figures.REPLAYED)
 )
 CHECKPOINT_LAG_EVENTS = Spec(
     "mabrec_shard_checkpoint_lag_events",
@@ -79,12 +82,7 @@ CHECKPOINT_LAG_SECONDS = Spec(
     "Seconds since the last checkpoint while the shard holds changes not checkpointed (else 0)",
     ("shard",),
 )
-FAILURES = Spec(
-    "mabrec_shard_failures",
-    "counter",
-    "Failed applies and checkpoints of the shard, by cause (postgres, nats: outages; bug: not one)",
-    ("shard", "stage", "cause"),
-)
+FAILURES = Spec(figures.FAILURES, "counter", figures.FAILURES_HELP, ("shard", "stage", "cause"))
 SLATE_SECONDS = Spec(
     "mabrec_shard_slate_seconds",
     "histogram",
@@ -138,10 +136,15 @@ def shard_readings(status: dict[str, Any], now: float, ready_since: float | None
         stage, cause = key.split(":", 1)
         failures.append((FAILURES, {**tags, "stage": stage, "cause": cause}, float(count)))
     return failures + [
-        (RESIDENT_USERS, tags, float(status.get("users") or 0)),
-        (EVENTS_APPLIED, tags, float(status.get("events_applied") or 0)),
-        (EVENTS_DUPLICATE, tags, float(status.get("events_duplicate") or 0)),
-        (EVENTS_REPLAYED, tags, float(status.get("replayed") or 0)),
+        *(
+            (spec, tags, float(status.get(figure.key) or 0))
+            for spec, figure in (
+                (RESIDENT_USERS, figures.USERS),
+                (EVENTS_APPLIED, figures.APPLIED),
+                (EVENTS_DUPLICATE, figures.DUPLICATE),
+                (EVENTS_REPLAYED, figures.REPLAYED),
+            )
+        ),
         (CHECKPOINT_LAG_EVENTS, tags, float(lag_events)),
         (CHECKPOINT_LAG_SECONDS, tags, lag_seconds),
     ]

@@ -14,6 +14,7 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from system.core.events import LAG_EDGES
+from system.core.figures import FAILURES, FAILURES_HELP, SHARD_FIGURES
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -96,34 +97,18 @@ class StatusCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         status = self.status()
         shards = status.get("shards", [])
-        gauges = {
-            "ready": ("mabrec_shard_ready", "1 if the shard is restored and serving"),
-            "users": ("mabrec_shard_users", "Users held in memory"),
-            "covered_seq": ("mabrec_shard_covered_seq", "Event stream sequence applied through"),
-            "checkpoint_seq": ("mabrec_shard_checkpoint_seq", "Event stream sequence checkpointed through"),
-            "dirty_users": ("mabrec_shard_dirty_users", "Users changed since the last checkpoint"),
-        }
-        counters = {
-            "events_applied": ("mabrec_shard_events_applied", "Events applied to bandit state"),
-            "events_duplicate": ("mabrec_shard_events_duplicate", "Events skipped as repeats of an event_id"),
-            "replayed": ("mabrec_shard_events_replayed", "Events applied by replaying the stream"),
-            "checkpoint_errors": ("mabrec_shard_checkpoint_errors", "Failed checkpoints"),
-        }
-        for key, (name, doc) in gauges.items():
-            family = GaugeMetricFamily(name, doc, labels=["shard"])
+        for figure in SHARD_FIGURES:
+            if figure.api is None:
+                continue
+            family: GaugeMetricFamily | CounterMetricFamily = (
+                GaugeMetricFamily(figure.api, figure.help, labels=["shard"])
+                if figure.kind == "gauge"
+                else CounterMetricFamily(figure.api, figure.help, labels=["shard"])
+            )
             for s in shards:
-                family.add_metric([str(s["shard"])], float(s.get(key) or 0))
+                family.add_metric([str(s["shard"])], float(s.get(figure.key) or 0))
             yield family
-        for key, (name, doc) in counters.items():
-            counter = CounterMetricFamily(name, doc, labels=["shard"])
-            for s in shards:
-                counter.add_metric([str(s["shard"])], float(s.get(key) or 0))
-            yield counter
-        failures = CounterMetricFamily(
-            "mabrec_shard_failures",
-            "Failed applies and checkpoints, by cause (postgres, nats: outages; bug: not one)",
-            labels=["shard", "stage", "cause"],
-        )
+        failures = CounterMetricFamily(FAILURES, FAILURES_HELP, labels=["shard", "stage", "cause"])
         for s in shards:
             for key, count in sorted((s.get("failures") or {}).items()):
                 stage, cause = key.split(":", 1)

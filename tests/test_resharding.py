@@ -6,6 +6,7 @@ answered by the user's shard (never from popularity), and verify must stay exact
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 from collections.abc import AsyncIterator
 from typing import Any
@@ -193,7 +194,7 @@ async def test_two_to_three_to_one_shards_under_traffic(fleet: tuple[Supervisor,
             assert sorted(actors.shards) == list(range(wanted))
             per_shard = np.bincount(supervisor.slot_owners, minlength=wanted)
             assert len(per_shard) == wanted and per_shard.max() - per_shard.min() <= 1
-            await wait_for(lambda b=before: traffic.slates >= b + 20, 30)  # traffic on the new layout
+            await wait_for(functools.partial(lambda b: traffic.slates >= b + 20, before), 30)  # on the new layout
     finally:
         await traffic.stop()
     assert not traffic.failures, traffic.failures[:5]
