@@ -29,7 +29,7 @@ from system.local.runtime import Service
 from tests.conftest import RECOVERY, system
 from tests.load import EVENTS, Load, check_load, report, status, verify
 
-pytestmark = [pytest.mark.chaos, pytest.mark.integration]
+pytestmark = [pytest.mark.chaos, pytest.mark.e2e, pytest.mark.integration]  # e2e: it runs `mabrec up`
 
 
 @dataclass
