@@ -192,7 +192,7 @@ function renderProfileError(error) {
   el("clicks").textContent = "–";
   el("impressions").textContent = "–";
   el("genre-chart").replaceChildren();
-  el("genre-chart").setAttribute("viewBox", "0 0 380 10");
+  el("genre-chart").setAttribute("viewBox", "0 0 400 10");
   el("chart-values").textContent = "";
   el("chart-note").textContent = "";
 }
@@ -205,7 +205,7 @@ function renderChart(topFacets, facets) {
     .slice(0, TOP_GENRES)
     .map((f) => ({ name: f.name ?? "#" + f.id, lift: f.lift, cautious: f.cautious_lift, clicks: f.clicks, seen: f.impressions }));
   const chart = el("genre-chart");
-  const [left, width, row, top, full] = [92, 150, 24, 18, 380];
+  const [left, width, row, top, full] = [92, 140, 24, 18, 400];
   const scale = Math.max(1, ...genres.map((g) => g.lift));
   const x = (lift) => left + (Math.max(0, lift) / scale) * width;
   const height = top + Math.max(genres.length, 1) * row + 4;
@@ -224,17 +224,17 @@ function renderChart(topFacets, facets) {
     const y = top + i * row;
     const bar = svg("g", { class: "bar", "data-genre": g.name });
     bar.append(
-      svg("title", {}, g.name + ": lift " + signed(g.lift) + " (cautious " + signed(g.cautious) + "), " + g.clicks + " clicks, " + g.seen + " seen"),
+      svg("title", {}, g.name + ": lift " + signed(g.lift) + " (cautious " + signed(g.cautious) + "), " + plural(g.clicks, "click") + ", " + g.seen + " seen"),
     );
     bar.append(svg("text", { x: left - 8, y: y + 16, "text-anchor": "end" }, g.name));
     bar.append(svg("rect", { x: left, y: y + 4, width: Math.max(1, x(g.lift) - left), height: 16, rx: 3 }));
     bar.append(svg("line", { class: "cautious", x1: x(g.cautious), x2: x(g.cautious), y1: y + 2, y2: y + 22 }));
-    bar.append(svg("text", { class: "value", x: left + width + 8, y: y + 16 }, signed(g.lift) + " · " + g.clicks + " clicks, " + g.seen + " seen"));
+    bar.append(svg("text", { class: "value", x: left + width + 8, y: y + 16 }, signed(g.lift) + " · " + plural(g.clicks, "click") + ", " + g.seen + " seen"));
     parts.push(bar);
   });
   chart.replaceChildren(...parts);
   el("chart-values").textContent = genres.length
-    ? genres.map((g) => g.name + " lift " + signed(g.lift) + " from " + g.clicks + " clicks").join(", ") + "."
+    ? genres.map((g) => g.name + " lift " + signed(g.lift) + " from " + plural(g.clicks, "click")).join(", ") + "."
     : "No genre clicked yet.";
   const seenOnly = facets.filter((f) => f.kind === "genres" && f.clicks === 0).length;
   el("chart-note").textContent =
@@ -242,6 +242,10 @@ function renderChart(topFacets, facets) {
     "from their clicks against what the movies' quality and share of their slates predict; ranked by the " +
     "cautious lift (the tick), what the evidence supports even if some clicks were luck. " +
     seenOnly + " more genre" + (seenOnly === 1 ? " was" : "s were") + " only seen in slates so far.";
+}
+
+function plural(n, word) {
+  return n + " " + word + (n === 1 ? "" : "s");
 }
 
 function signed(value) {
