@@ -17,10 +17,8 @@ from system.core.sharding import SLOTS, SlotMap
 def default_shards(cpus: float) -> int:
     """The shard count of a first start when none is asked for: one per CPU of the cluster.
     A shard is one Python process, so it uses one core at most, and more shards than cores only
-    add processes that compete for them, with smaller batches per shard. On 2 cores (BENCHMARKS.md)
-    1 and 2 shards served about as many slates (within 10%, either way across runs), 4 shards
-    20-37% fewer and 8 shards 54-60% fewer; 2 shards cost less CPU per slate than 4 (1.4-1.5 ms
-    against 1.65-1.7), and give the policy of users with history both cores."""
+    add processes that compete for them, with smaller batches per shard (BENCHMARKS.md, slates by
+    shard count: on 2 cores, 1 and 2 shards serve about as many, 4 and 8 fewer, at more CPU)."""
     return max(1, min(int(cpus), MAX_SHARDS))
 
 

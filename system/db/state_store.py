@@ -17,10 +17,9 @@ from system.core.sharding import SLOTS, SlotMap
 
 
 async def _copy_users(conn: AsyncConnection[Any], users: Sequence[tuple[str, int, bytes, bytes]]) -> None:
-    """The users of a checkpoint into this session's staging table, by binary COPY: for 5,000
-    users of ~2 KB, 13 ms of the shard's CPU where an INSERT of unnest()ed arrays took 130-190 ms
-    (the event loop blocked all along), and a third of the time in PostgreSQL. The caller's
-    transaction empties the table when it ends."""
+    """The users of a checkpoint into this session's staging table, by binary COPY: a tenth of
+    the shard's CPU an INSERT of unnest()ed arrays costs, with the event loop free meanwhile
+    (BENCHMARKS.md has the numbers). The caller's transaction empties the table when it ends."""
     await conn.execute(
         "SET LOCAL client_min_messages = warning;"  # no notice that the table exists, every time
         " CREATE TEMP TABLE IF NOT EXISTS user_state_in"
