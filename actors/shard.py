@@ -364,6 +364,15 @@ class Shard:
             await self._pool.close()
         return self.status()
 
+    async def _stand_down(self, reason: str) -> None:
+        """What PostgreSQL holds may differ from memory in a way only a restore can mend (an
+        erasure that may or may not have committed): stop serving and writing, and ask to be
+        replaced; the new process restores from PostgreSQL and the log."""
+        self.broken = reason
+        log.error("shard standing down to be replaced", extra={"shard": self.shard_id, "why": reason})
+        await self._unlisten()
+        self.state = None  # no checkpoint can write this memory back
+
     async def _fence(self, reason: str) -> None:
         """A successor owns this shard's slots: stop serving them, and forget them."""
         self.fenced = reason
@@ -644,10 +653,15 @@ class Shard:
             if slot not in self._slot_set:
                 return None
             through = self.covered
+            sent: list[bool] = []
             try:
-                erasure, saved = await ErasureStore(self._pool).erase_user(uxid, slot, self.epochs[slot], through)
+                erasure, saved = await ErasureStore(self._pool).erase_user(uxid, slot, self.epochs[slot], through, sent)
             except Fenced as exc:
                 await self._fence(exc.detail)
+                raise
+            except BaseException as exc:
+                if sent:  # its COMMIT may have landed: memory no longer matches PostgreSQL for this user
+                    await self._stand_down(f"an erasure's commit went unanswered: {exc!r}")
                 raise
             was_resident = state.erase(uxid, saved)
             self._generation += 1  # a read of theirs under way must not bring the erased state back

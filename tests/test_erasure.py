@@ -177,3 +177,39 @@ async def test_verify_stays_exact_while_a_log_scrub_is_under_way(
             await asyncio.sleep(0.05)
     report = await verify(settings, lambda s: pipeline.shards[s].export(), settings.shards)
     assert report.ok, report.as_dict()
+
+
+@pytest.mark.parametrize("landed", [True, False], ids=["committed", "rolled-back"])
+async def test_an_erasure_whose_commit_went_unanswered_leaves_a_shard_that_is_replaced_and_exact(
+    pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch, landed: bool
+) -> None:
+    """The erasure's transaction may have committed (its answer lost) or not: memory no longer
+    tells. The shard stands down, so nothing of its memory is checkpointed over PostgreSQL; its
+    replacement restores from PostgreSQL and the log, and verify is exact either way (then the
+    erasure, retried, goes through)."""
+    settings = pipeline.settings
+    await pipeline.publish({"event_type": "clicked", "entity_id": 2, "user_id": GONE})
+    seq = await pipeline.publish({"event_type": "clicked", "entity_id": 4, "user_id": KEEP})
+    await pipeline.settle(seq)
+    shard = pipeline.shard_of(GONE)
+    await wait_for(lambda: GONE not in (shard.state.dirty if shard.state else {GONE}))  # checkpointed
+    commit_or_roll_back = psycopg.AsyncTransaction.__aexit__
+
+    async def unanswered(self: psycopg.AsyncTransaction, *exc: object) -> bool:
+        monkeypatch.undo()  # once
+        await commit_or_roll_back(self, *((None, None, None) if landed else (RuntimeError, RuntimeError(), None)))
+        raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(psycopg.AsyncTransaction, "__aexit__", unanswered)
+    with pytest.raises(psycopg.OperationalError):
+        await shard.erase(GONE)
+    assert shard.broken and "erasure" in shard.broken and not shard.status()["ready"]
+    assert await shard.checkpoint() == 0  # nothing of its memory goes back to PostgreSQL
+    await shard.stop()
+    reborn = pipeline.shards[shard.shard_id] = Shard(shard.shard_id, settings, seed=3)
+    await restored(reborn)
+    report = await verify(settings, lambda s: pipeline.shards[s].export(), settings.shards)
+    assert report.ok, report.as_dict()
+    assert await reborn.erase(GONE) is not None  # asked again: done
+    report = await verify(settings, lambda s: pipeline.shards[s].export(), settings.shards)
+    assert report.ok, report.as_dict()

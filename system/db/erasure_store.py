@@ -42,10 +42,13 @@ class ErasureStore:
     def __init__(self, pool: AsyncConnectionPool) -> None:
         self.pool = pool
 
-    async def erase_user(self, uxid: str, slot: int, epoch: int, through: int) -> tuple[int, np.ndarray | None]:
+    async def erase_user(
+        self, uxid: str, slot: int, epoch: int, through: int, sent: list[bool] | None = None
+    ) -> tuple[int, np.ndarray | None]:
         """Delete the user's checkpoint and take it out of popularity, and record the erasure
         (its log scrub pending), atomically; refused (Fenced) if the slot has a new owner.
-        Returns the erasure's id and the checkpoint's rows (None: there was none)."""
+        Returns the erasure's id and the checkpoint's rows (None: there was none). `sent` gets
+        True once the transaction's body ran: a failure after that may have committed."""
         async with self.pool.connection() as conn, conn.transaction():
             row = await (await conn.execute("SELECT epoch FROM slots WHERE slot = %s FOR UPDATE", (slot,))).fetchone()
             if row is None or row[0] != epoch:
@@ -61,6 +64,8 @@ class ErasureStore:
                     "INSERT INTO erasures (through_seq, pending_uxid) VALUES (%s, %s) RETURNING id", (through, uxid)
                 )
             ).fetchone()
+            if sent is not None:
+                sent.append(True)
         assert created is not None  # INSERT ... RETURNING always has its row
         return int(created[0]), counts
 
