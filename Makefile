@@ -19,10 +19,10 @@ run: $(STAMP)  ## run the whole system (embedded PostgreSQL and NATS unless DATA
 	$(BIN)/mabrec up
 
 test: $(STAMP)  ## the whole suite, against real PostgreSQL, NATS JetStream and Ray
-	$(BIN)/pytest --basetemp=.pytest-tmp  # test dirs in the checkout: nothing left in /tmp
+	$(BIN)/pytest -n 2 --dist loadfile --basetemp=.pytest-tmp  # two workers, a module each; test dirs in the checkout
 
 test-fast: $(STAMP)  ## unit tests only (no services)
-	$(BIN)/pytest -m "not integration and not e2e"
+	$(BIN)/pytest -n 2 -m "not integration and not e2e"
 
 lint: $(STAMP)  ## ruff, mypy (strict on system/core), and the import layers (lint-imports)
 	$(BIN)/ruff check .

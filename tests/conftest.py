@@ -11,6 +11,7 @@ import secrets
 import signal
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -34,6 +35,28 @@ SMALL_CSV = DATA / "small_catalog.csv"
 SMALL_JSONL = DATA / "small_catalog.jsonl"
 # Lines the chaos tests measure (time to recover from each fault), shown after the run.
 RECOVERY: list[str] = []
+
+
+# The slowest modules first. `make test` runs two workers (pytest-xdist, `--dist loadfile`: a
+# module's tests stay together, on one worker, sharing its system), each taking the next module
+# as it frees up: started first, the long ones run side by side and the short ones fill the end.
+SLOWEST_FIRST = ("test_bench_report", "test_chaos", "test_e2e", "test_scaling", "test_deployment", "test_demo")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: a module keeps its order
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    output = getattr(session.config, "workeroutput", None)
+    if output is not None:  # an xdist worker: its lines go to the controller, which prints them
+        output["recovery"] = list(RECOVERY)
+
+
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """xdist's controller: a worker finished; keep its recovery lines."""
+    RECOVERY.extend(getattr(node, "workeroutput", {}).get("recovery", []))
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
