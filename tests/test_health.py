@@ -105,8 +105,10 @@ async def test_a_check_never_raises() -> None:
 
 
 async def test_a_starting_actor_may_be_slow_and_a_slow_one_keeps_its_state() -> None:
-    """Timeouts while an actor starts (Ray creating its process) do not count; a timeout later
-    marks it slow, but what it last said (ready) stands: busy is not down."""
+    """Timeouts while an actor starts (Ray creating its process) do not count; once it was up they
+    do, at once (a shard that hung just after the start waited out the whole grace: 29-33 s to be
+    replaced in the chaos test), and a timeout marks it slow, but what it last said (ready)
+    stands: busy is not down."""
     actors = FakeActors()
     monitor = HealthMonitor(actors, 1, threshold=1, grace=30)
     actors.behaviour["shard-0"] = "hang"
@@ -114,8 +116,7 @@ async def test_a_starting_actor_may_be_slow_and_a_slow_one_keeps_its_state() -> 
         await monitor.check()
     assert actors.restarted == []  # within the grace
     actors.behaviour["shard-0"] = "ok"
-    await monitor.check()
-    monitor.shards[0].grace_until = 0  # started long ago
+    await monitor.check()  # up: its grace is over, whatever time it is
     actors.behaviour["shard-0"] = "hang"
     await monitor.check()
     status = monitor.shards[0].status

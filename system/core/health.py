@@ -75,7 +75,7 @@ def api_key(index: int) -> str:
 
 
 ROUTER = "router"
-STARTING_GRACE = 30.0  # seconds a new (or restarted) actor may take to start answering
+STARTING_GRACE = 30.0  # seconds a new (or restarted) actor may take to be up; up, its grace ends
 # A crash loop backs off: the n-th restart in a row waits RESTART_PAUSE * 2**(n-1) seconds (at
 # most RESTART_PAUSE_MAX) after the one before; an actor up for STABLE_SECONDS starts anew.
 RESTART_PAUSE, RESTART_PAUSE_MAX, STABLE_SECONDS = 5.0, 300.0, 120.0
@@ -162,6 +162,8 @@ class HealthMonitor:
         watched.failures = 0
         watched.status = {**status, "restarts": watched.restarts, "checked": time.time()}
         now = time.monotonic()
+        if watched.up:
+            watched.grace_until = 0.0  # started: from now on a hang counts (it was up to 30 s late)
         if not watched.up:
             watched.up_since = None
         elif watched.up_since is None:
