@@ -288,6 +288,16 @@ async def _verify(settings: Settings, as_json: bool, timeout: float) -> int:
 def nats_config(settings: Settings, args: argparse.Namespace) -> int:
     from system.core import access
 
+    unreadable = access.unreadable_passwords(os.environ)
+    if unreadable:  # the server would refuse to start, with a parse error about a digit
+        print(
+            f"mabrec nats-config: {', '.join(unreadable)}: nats-server reads these from its environment as"
+            " configuration values, so a password must start with a letter and hold only letters, digits, '_'"
+            " and '-' (not true/false/yes/no/on/off); e.g. python3 -c 'import secrets;"
+            ' print("p" + secrets.token_urlsafe(32))\'',
+            file=sys.stderr,
+        )
+        return 2
     text = access.server_config(settings, access.variable)
     if args.output is None:
         sys.stdout.write(text)

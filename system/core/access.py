@@ -19,6 +19,7 @@ for private replies: https://docs.nats.io/running-a-nats-service/configuration/s
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -88,6 +89,23 @@ PASSWORD_VARIABLES = {
     ROUTER: "NATS_ROUTER_PASSWORD",
     PRODUCER: "NATS_PRODUCER_PASSWORD",
 }
+
+
+# nats-server reads a variable's value from its environment as a configuration value, not as a
+# string: "1K..." is a size (and a parse error), "true" a boolean. A password it reads as a string
+# starts with a letter and holds letters, digits, '_' and '-' (URL-safe, as generated).
+READABLE_PASSWORD = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+NATS_KEYWORDS = frozenset({"true", "false", "yes", "no", "on", "off"})
+
+
+def unreadable_passwords(env: Mapping[str, str]) -> list[str]:
+    """The password variables set in `env` whose value nats-server would not read as a string."""
+    return [
+        variable
+        for variable in PASSWORD_VARIABLES.values()
+        if (value := env.get(variable)) is not None
+        and (not READABLE_PASSWORD.fullmatch(value) or value.lower() in NATS_KEYWORDS)
+    ]
 
 
 def literal(password: str) -> str:
