@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+import psycopg
+import pytest
 from nats.js import JetStreamContext
 from psycopg_pool import AsyncConnectionPool
 
@@ -30,6 +32,19 @@ async def restored(shard: Shard) -> dict[str, Any]:
     await shard.ensure_ready()
     await shard._restoring.wait()
     return shard.status()
+
+
+def next_commit_unanswered(monkeypatch: pytest.MonkeyPatch, landed: bool) -> None:
+    """The next transaction to end commits (`landed`) or rolls back, and then its caller hears
+    only that the connection dropped: a COMMIT whose answer was lost. Once."""
+    commit_or_roll_back = psycopg.AsyncTransaction.__aexit__
+
+    async def unanswered(self: psycopg.AsyncTransaction, *exc: object) -> bool:
+        monkeypatch.undo()
+        await commit_or_roll_back(self, *((None, None, None) if landed else (RuntimeError, RuntimeError(), None)))
+        raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(psycopg.AsyncTransaction, "__aexit__", unanswered)
 
 
 async def covered_by_slot(pool: AsyncConnectionPool, slots: Iterable[int]) -> dict[int, int]:

@@ -19,7 +19,7 @@ from system.core.settings import Settings
 from system.db.erasure_store import ErasureStore
 from system.db.pool import short_lived_pool
 from system.verify import verify
-from tests.pipeline import Pipeline, restored, start_pipeline, stop_pipeline, wait_for
+from tests.pipeline import Pipeline, next_commit_unanswered, restored, start_pipeline, stop_pipeline, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -193,14 +193,7 @@ async def test_an_erasure_whose_commit_went_unanswered_leaves_a_shard_that_is_re
     await pipeline.settle(seq)
     shard = pipeline.shard_of(GONE)
     await wait_for(lambda: GONE not in (shard.state.dirty if shard.state else {GONE}))  # checkpointed
-    commit_or_roll_back = psycopg.AsyncTransaction.__aexit__
-
-    async def unanswered(self: psycopg.AsyncTransaction, *exc: object) -> bool:
-        monkeypatch.undo()  # once
-        await commit_or_roll_back(self, *((None, None, None) if landed else (RuntimeError, RuntimeError(), None)))
-        raise psycopg.OperationalError("server closed the connection unexpectedly")
-
-    monkeypatch.setattr(psycopg.AsyncTransaction, "__aexit__", unanswered)
+    next_commit_unanswered(monkeypatch, landed)
     with pytest.raises(psycopg.OperationalError):
         await shard.erase(GONE)
     assert shard.broken and "erasure" in shard.broken and not shard.status()["ready"]

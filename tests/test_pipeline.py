@@ -27,7 +27,16 @@ from system.core.shard_state import SEEN_IDS, ShardState
 from system.core.sharding import slot_of, slot_ranges
 from system.db.pool import short_lived_pool
 from system.db.state_store import StateStore
-from tests.pipeline import Pipeline, covered_by_slot, prepare, restored, start_pipeline, stop_pipeline, wait_for
+from tests.pipeline import (
+    Pipeline,
+    covered_by_slot,
+    next_commit_unanswered,
+    prepare,
+    restored,
+    start_pipeline,
+    stop_pipeline,
+    wait_for,
+)
 from tests.stats import clearly_more
 
 pytestmark = pytest.mark.integration
@@ -225,14 +234,7 @@ async def test_a_checkpoint_whose_commit_went_unanswered_adds_its_popularity_onc
     await asyncio.gather(*(js.publish(settings.events_subject, b"[]") for _ in span))
     await shard.apply(0, len(span), span)
 
-    commit_or_roll_back = psycopg.AsyncTransaction.__aexit__
-
-    async def unanswered(self: psycopg.AsyncTransaction, *exc: Any) -> bool:
-        monkeypatch.undo()  # once
-        await commit_or_roll_back(self, *((None, None, None) if landed else (RuntimeError, RuntimeError(), None)))
-        raise psycopg.OperationalError("server closed the connection unexpectedly")
-
-    monkeypatch.setattr(psycopg.AsyncTransaction, "__aexit__", unanswered)
+    next_commit_unanswered(monkeypatch, landed)
     with pytest.raises(psycopg.OperationalError):
         await shard.checkpoint()
     await shard.checkpoint()  # finds out whether the first one landed
