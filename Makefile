@@ -21,8 +21,8 @@ run: $(STAMP)  ## run the whole system (embedded PostgreSQL and NATS unless DATA
 test: $(STAMP)  ## the whole suite, against real PostgreSQL, NATS JetStream and Ray
 	$(BIN)/pytest -n 2 --dist loadfile --basetemp=.pytest-tmp  # two workers, a module each; test dirs in the checkout
 
-test-fast: $(STAMP)  ## unit tests only (no services)
-	$(BIN)/pytest -n 2 -m "not integration and not e2e"
+test-fast: $(STAMP)  ## unit tests only (no services, no browser)
+	$(BIN)/pytest -n 2 -m "not integration and not e2e and not browser"
 
 lint: $(STAMP)  ## ruff, mypy (strict on system/core), and the import layers (lint-imports)
 	$(BIN)/ruff check .

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -19,9 +20,13 @@ from system.core.profile import UserProfile
 from system.core.shard_state import ShardState
 
 
+# Rendering the shipped catalog takes ~60 ms: once per catalog, not once per test (it is immutable).
+_rendered = cache(Rendered)
+
+
 class FakeBackend:
     def __init__(self, catalog: Catalog, seed: int = 0) -> None:
-        self._rendered = Rendered(catalog)
+        self._rendered = _rendered(catalog)
         self.state = ShardState(catalog, rng=np.random.default_rng(seed))
         self.published: list[Event] = []
         self.shard_down = False  # the user's shard is restarting

@@ -134,6 +134,7 @@ def _genre_bars(driver: WebDriver) -> set[str]:
 
 @pytest.mark.e2e
 @pytest.mark.integration
+@pytest.mark.browser
 @pytest.mark.timeout(300)
 def test_a_click_on_the_demo_page_changes_the_profile_and_the_slate(
     browser: WebDriver, demo_system: tuple[RunningSystem, str], tmp_path: Path

@@ -26,6 +26,8 @@ from tests.browser import console_errors, waiter
 from tests.conftest import SMALL_CSV
 from tests.fakes import FakeBackend
 
+pytestmark = pytest.mark.browser  # not in the unit tier: a browser is a program of its own
+
 TOKEN = "docs-page-admin-token-0123456789"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from functools import cache
 
 import numpy as np
 import pytest
@@ -22,6 +23,12 @@ from tests.conftest import SMALL_CSV
 @pytest.fixture(scope="module")
 def catalog() -> Catalog:
     return Catalog.from_movies(list(read_movies(SHIPPED)))
+
+
+@cache
+def facet_names(catalog: Catalog) -> dict[int, set[str]]:
+    """Each movie's facet values by name."""
+    return {int(m): {catalog.facets[j].name for j in catalog.facets_of(i)} for i, m in enumerate(catalog.movie_ids)}
 
 
 @pytest.fixture(scope="module")
@@ -262,7 +269,7 @@ def test_a_reason_names_a_facet_of_the_movie_that_the_user_clicked(
     ids = catalog.movie_ids
     events = [Event("u", CLICKED if click else SEEN, (int(ids[m % len(ids)]),)) for click, m in history]
     state.apply(events)
-    facets = {int(m): {catalog.facets[j].name for j in catalog.facets_of(i)} for i, m in enumerate(ids)}
+    facets = facet_names(catalog)
     clicked = set().union(*(facets[e.movies[0]] for e in events if e.kind == CLICKED))
     movies, reasons = state.slate("u", 10)
     for movie, reason in zip(movies, reasons, strict=True):
