@@ -19,7 +19,6 @@ from system.core.policy import Picks, popular_slate
 from system.core.profile import UserProfile
 from system.core.shard_state import ShardState
 
-
 # Rendering the shipped catalog takes ~60 ms: once per catalog, not once per test (it is immutable).
 _rendered = cache(Rendered)
 
