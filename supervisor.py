@@ -131,24 +131,40 @@ class Supervisor:
         return [w.key for w in self.health.apis if w.answering]
 
     async def step(self) -> None:
-        """One round of the control loop."""
+        """One round of each loop of `run`, the watch's around the upkeep's (what tests drive)."""
+        await self._substep("health", self.health.check)
+        await self.upkeep()
+        await self._substep("push_health", self.push_health)
+        self.steps += 1
+
+    async def watch(self) -> None:
+        """One round of health: every actor checked, and what was found told to the API hosts.
+        It never waits for PostgreSQL: with the database down, a hung shard is still found and
+        `mabrec status` still current (each of the upkeep's reads waits out the pool's timeout)."""
         began = time.monotonic()
         await self._substep("health", self.health.check)
-        await self._substep("stream", self.watch_stream)
         await self._substep("push_health", self.push_health)
+        self.step_seconds = time.monotonic() - began
+        self.steps += 1
+
+    async def upkeep(self) -> None:
+        """One round of what reads PostgreSQL or the stream: the log's reach, a new catalog, the
+        popularity, the deployment asked for."""
+        await self._substep("stream", self.watch_stream)
         if self._due("catalog", CATALOG_PERIOD):
             await self._substep("catalog", self.watch_catalog)
         if self._due("popularity", POPULARITY_PERIOD):
             await self._substep("popularity", self.share_popularity)
         if self._due("deployment", DEPLOYMENT_PERIOD):
             await self._substep("deployment", self.reconcile)
-        self.step_seconds = time.monotonic() - began
-        self.steps += 1
 
     async def run(self) -> None:
-        """Step forever (until cancelled): often while actors come up, then every second."""
+        """Both loops forever (until cancelled): often while actors come up, then every second."""
+        await asyncio.gather(self._every(self.watch), self._every(self.upkeep))
+
+    async def _every(self, round_: Callable[[], Awaitable[None]]) -> None:
         while True:
-            await self.step()
+            await round_()
             period = STEP_PERIOD if self.health.all_up else STARTING_PERIOD
             await asyncio.sleep(period * random.uniform(0.8, 1.2))  # jitter: no lockstep with other loops
 

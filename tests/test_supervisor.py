@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from types import SimpleNamespace
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+import supervisor as supervisor_module
 from supervisor import Supervisor
 from system.core.popularity import Popularity
 from system.core.settings import Settings
@@ -172,6 +174,28 @@ async def test_a_substep_that_raises_does_not_end_the_step(
         await supervisor.step()
     assert supervisor.substep_failures == {"stream": 1} and supervisor.steps == 1
     assert any(getattr(r, "step", None) == "stream" and r.exc_info for r in caplog.records)
+
+
+async def test_health_goes_on_while_postgresql_does_not_answer(
+    parts: tuple[Supervisor, FakeActors, FakeCatalog], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL down: each of the upkeep's reads waits out the pool's timeout (here: never
+    answers). The health checks and their pushes to the API hosts go on at their own pace, so a
+    hung shard is still found and `mabrec status` is current. (Once, health waited behind the
+    upkeep: a round every 5-15 s during an outage.)"""
+    supervisor, actors, _ = parts
+    monkeypatch.setattr(supervisor_module, "STEP_PERIOD", 0.01)
+    supervisor.state_store.oldest_checkpoint = asyncio.Event().wait  # type: ignore[method-assign]
+    pushes = lambda: sum(1 for _, method in actors.calls if method == "set_health")  # noqa: E731
+    loops = asyncio.create_task(supervisor.run())
+    try:
+        async with asyncio.timeout(10):  # 20 rounds take ~0.3 s; behind a read that never ends, forever
+            while pushes() < 20:
+                await asyncio.sleep(0.05)
+    finally:
+        loops.cancel()
+        await asyncio.gather(loops, return_exceptions=True)
+    assert supervisor.stream_last_seq == 42  # the stream read ran; the checkpoint read still hangs
 
 
 async def test_stopping_stops_the_api_then_the_router_then_the_shards(
