@@ -185,11 +185,20 @@ async def digests_summed(api_url: str) -> int:
 
 
 async def both(
-    runtime: Runtime, *, rate: float, duration: float, rows: int, movie_ids: list[int], users: int = 10_000
+    runtime: Runtime,
+    *,
+    rate: float,
+    duration: float,
+    rows: int,
+    movie_ids: list[int],
+    users: int = 10_000,
+    warmup: float = 3.0,
 ) -> dict[str, Any]:
     """CPU per slate for new users, then (unless `rows` is 0) for users with about `rows` state rows."""
     out: dict[str, Any] = {
-        "new": await measure(runtime.api_url, runtime.supervisor_pid, rate=rate, duration=duration, movie_ids=movie_ids)
+        "new": await measure(
+            runtime.api_url, runtime.supervisor_pid, rate=rate, duration=duration, movie_ids=movie_ids, warmup=warmup
+        )
     }
     if rows:
         prefix = f"hist{rows}-"
@@ -201,6 +210,6 @@ async def both(
         # back (their first slate after their history arrived sums it once, whatever the code).
         out["history"] |= await measure(
             runtime.api_url, runtime.supervisor_pid, rate=rate, duration=duration, users=users, prefix=prefix,
-            movie_ids=movie_ids, warmup=max(3.0, 2.5 * users / rate),
+            movie_ids=movie_ids, warmup=max(warmup, 2.5 * users / rate),
         )  # fmt: skip
     return out

@@ -32,7 +32,7 @@ def test_report_writes_every_figure(tmp_path: Path) -> None:
         "CPU per slate, all processes, at 1,000 slates/s, new users",
         "state rows | ≤ 0.5 ms |",
         "closed loop, Python load generator, 64 connections",
-        "1,000 slates/s and a click per 10 slates (open loop), 2 runs",
+        "1,000 slates/s and a click per 10 slates (open loop), 1 run |",
         "ingestion at 20,000 events/s",
         "a click in the user's state",
         "memory, 20,000 users",
