@@ -10,17 +10,11 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from system.core.events import MAX_BATCH, MAX_ENTITIES
-from system.core.inputs import (
-    MAX_MOVIE_ID,
-    MAX_USER_ID,
-    TS_MAX,
-    TS_MIN,
-    TS_RULE,
-    TS_YEARS_PATTERN,
-    USER_ID_PATTERN,
-    USER_ID_RULE,
-)
+import msgspec
+
+from api.params import LIMIT, PAGE, PER_PAGE
+from system.core.events import Payload
+from system.core.inputs import MAX_MOVIE_ID, MAX_USER_ID, USER_ID_PATTERN, USER_ID_RULE
 from system.core.limits import MAX_SHARDS
 
 # The rules of system/core/inputs.py, as JSON Schema says them. A header carries bytes: the
@@ -35,6 +29,7 @@ UXID = {
 }
 MOVIE_ID = {"type": "integer", "minimum": 1, "maximum": MAX_MOVIE_ID}
 ERROR = {"$ref": "#/components/responses/Error"}
+REF = "#/components/schemas/{name}"
 # Admin routes: `Authorization: Bearer <MABREC_ADMIN_TOKEN>`; 401 without it or with another,
 # 403 when the deployment has no token (admin routes off).
 ADMIN: list[dict[str, list[str]]] = [{"adminToken": []}]
@@ -51,15 +46,6 @@ MOVIES = {
 }
 
 
-def _int_query(name: str, description: str, default: int, maximum: int) -> dict[str, Any]:
-    return {
-        "name": name,
-        "in": "query",
-        "description": description,
-        "schema": {"type": "integer", "minimum": 1, "maximum": maximum, "default": default},
-    }
-
-
 @cache
 def openapi() -> dict[str, Any]:
     facet = {
@@ -67,36 +53,7 @@ def openapi() -> dict[str, Any]:
         "properties": {"id": {"type": "integer"}, "name": {"type": "string"}},
         "required": ["id", "name"],
     }
-    event = {
-        "type": "object",
-        "description": "A feedback event, in the original service's shape. `entity_ids` may replace "
-        "`entity_id` (one impression for a whole slate). A repeated `event_id` counts once.",
-        "properties": {
-            "event_type": {"type": "string", "enum": ["seen", "clicked"]},
-            "entity_type": {"type": "string", "enum": ["movies"], "default": "movies"},
-            "entity_id": {**MOVIE_ID, "description": "A movie of the catalog (else the whole batch is refused)"},
-            "entity_ids": {
-                "type": "array",
-                "items": MOVIE_ID,
-                "minItems": 1,
-                "maxItems": MAX_ENTITIES,
-                "uniqueItems": True,
-            },
-            "user_id": {**USER_ID, "description": USER_ID_RULE},
-            "event_id": {"type": ["string", "null"], "minLength": 1, "maxLength": 128},
-            "recommendation_id": {"type": ["string", "null"], "minLength": 1, "maxLength": 128},
-            "ts": {
-                "description": f"{TS_RULE}; null: as if absent",
-                "oneOf": [
-                    {"type": "number", "minimum": TS_MIN, "exclusiveMaximum": TS_MAX},
-                    {"type": "string", "format": "date-time", "pattern": TS_YEARS_PATTERN},
-                    {"type": "null"},
-                ],
-            },
-        },
-        "required": ["event_type", "user_id"],
-        "oneOf": [{"required": ["entity_id"]}, {"required": ["entity_ids"]}],
-    }
+    (events_body,), event_schemas = msgspec.json.schema_components([Payload], ref_template=REF)
     return {
         "openapi": "3.1.0",
         "info": {
@@ -111,8 +68,8 @@ def openapi() -> dict[str, Any]:
                 "get": {
                     "summary": "List movies by id",
                     "parameters": [
-                        _int_query("page", "Page number, from 1", 1, 10_000_000),
-                        _int_query("per_page", "Movies per page", 20, 100),
+                        PAGE.openapi(),
+                        PER_PAGE.openapi(),
                     ],
                     "responses": {
                         "200": {
@@ -158,7 +115,7 @@ def openapi() -> dict[str, Any]:
             "/api/recommendations/movies": {
                 "get": {
                     "summary": "A personalized slate, best first; records an impression of it",
-                    "parameters": [{**UXID, "required": True}, _int_query("limit", "Slate size", 10, 100)],
+                    "parameters": [{**UXID, "required": True}, LIMIT.openapi()],
                     "responses": {
                         "200": {
                             **MOVIES,
@@ -196,21 +153,7 @@ def openapi() -> dict[str, Any]:
                     ],
                     "requestBody": {
                         "required": True,
-                        "content": {
-                            "application/json": {
-                                "schema": {
-                                    "oneOf": [
-                                        {"$ref": "#/components/schemas/Event"},
-                                        {
-                                            "type": "array",
-                                            "items": {"$ref": "#/components/schemas/Event"},
-                                            "minItems": 1,
-                                            "maxItems": MAX_BATCH,
-                                        },
-                                    ]
-                                }
-                            }
-                        },
+                        "content": {"application/json": {"schema": events_body}},
                     },
                     "responses": {
                         "202": {
@@ -354,7 +297,7 @@ def openapi() -> dict[str, Any]:
                     },
                     "required": ["id", "name", "genres", "directors", "actors"],
                 },
-                "Event": event,
+                **event_schemas,
                 "Error": {
                     "type": "object",
                     "properties": {"error": {"type": "string"}, "detail": {"type": "string"}},

@@ -15,29 +15,18 @@ from starlette.responses import HTMLResponse, Response
 
 from api.backend import Backend
 from api.openapi import docs_html, openapi
+from api.params import LIMIT, PAGE, PER_PAGE
 from api.responses import json_response, raw_json
 from system.core.errors import BadRequest, NotFound, PayloadTooLarge, Unavailable
 from system.core.events import CLICKED, KIND_NAMES, MAX_BATCH, SEEN, Event, parse_batch
-from system.core.inputs import USER_ID_RULE, bounded, movie_id, user_id_header
+from system.core.inputs import USER_ID_RULE, movie_id, user_id_header
 
-MAX_LIMIT = 100
-MAX_PER_PAGE = 100
 MAX_BODY = 1 << 20
 
 
 def _backend(request: Request) -> Backend:
     backend: Backend = request.state.backend
     return backend
-
-
-def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> int:
-    raw = request.query_params.get(name)
-    if raw is None:
-        return default
-    try:
-        return bounded(raw, int, lo, hi)
-    except ValueError as exc:
-        raise BadRequest(f"{name} {exc}") from None
 
 
 def _uxid(request: Request, required: bool) -> str | None:
@@ -66,8 +55,7 @@ def _publish(request: Request, events: list[Event]) -> bool:
 
 
 async def list_movies(request: Request) -> Response:
-    page = _int_param(request, "page", 1, 1, 10_000_000)
-    per_page = _int_param(request, "per_page", 20, 1, MAX_PER_PAGE)
+    page, per_page = PAGE.read(request), PER_PAGE.read(request)
     rendered = _backend(request).catalog
     total = len(rendered.catalog)
     start = min((page - 1) * per_page, total)
@@ -94,7 +82,7 @@ async def get_movie(request: Request) -> Response:
 async def get_recommendations(request: Request) -> Response:
     uxid = _uxid(request, required=True)
     assert uxid is not None
-    limit = _int_param(request, "limit", 10, 1, MAX_LIMIT)
+    limit = LIMIT.read(request)
     backend = _backend(request)
     source = "personal"
     try:

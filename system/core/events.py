@@ -4,8 +4,9 @@ Accepted JSON (one object per NATS message, or an array of such objects):
     {"event_type": "seen" | "clicked", "entity_type": "movies", "entity_id": 42, "user_id": "u1",
      "event_id": "...", "ts": 1764300000.0, "recommendation_id": "..."}
 `entity_ids` (a list) may replace `entity_id`: one impression event for a whole slate.
-`event_id`, `ts` and `recommendation_id` are optional. Each field's rule is in
-system/core/inputs.py (a user id, a movie id, a timestamp), the one definition every path uses.
+`event_id`, `ts` and `recommendation_id` are optional. `FeedbackEvent` below is the contract:
+the type every path decodes with and the JSON Schema /openapi.json publishes; the rules of a
+user id, a movie id and a timestamp are system/core/inputs.py's, the one definition of each.
 
 A message (or an HTTP request) is all or nothing: if any of its events is malformed, names a
 movie id twice, or names a movie the catalog does not have, none of its events counts.
@@ -22,13 +23,27 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Container
 from dataclasses import dataclass, replace
-from typing import Any, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple
 
+import msgspec
 import numpy as np
 import orjson
+from msgspec import UNSET, Meta, Struct, UnsetType
 
 from system.core.errors import BadRequest, MalformedEvent
-from system.core.inputs import movie_id_value, timestamp, user_id
+from system.core.inputs import (
+    MAX_MOVIE_ID,
+    MAX_USER_ID,
+    TS_MAX,
+    TS_MIN,
+    TS_RULE,
+    TS_YEARS_PATTERN,
+    USER_ID_PATTERN,
+    USER_ID_RULE,
+    movie_id_value,
+    timestamp,
+    user_id,
+)
 
 SEEN, CLICKED = 0, 1
 KINDS = {"seen": SEEN, "clicked": CLICKED}
@@ -78,43 +93,124 @@ def id_hash(event_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(event_id.encode(), digest_size=8).digest(), "little") >> 1
 
 
+# The event contract as a type: msgspec decodes and checks JSON against it in one pass (4x
+# faster than decoding first and checking in Python), and api/openapi.py publishes the JSON
+# Schema it makes of the same type. What a type cannot say (one of entity_id and entity_ids;
+# distinct ids; a user id's whole-string rule; a ts string's date) `_event` checks after.
+# Each field's description is its rule in words: the JSON Schema's, and the error's
+# ("entity_id must be <description> (what msgspec found)").
+MovieId = Annotated[
+    int | float,  # as JSON Schema has it, 2.0 is the integer 2; "2", true and 2.5 are not
+    Meta(
+        description=f"a movie id (an integer from 1 to {MAX_MOVIE_ID}) the catalog has, else the whole batch is refused",
+        extra_json_schema={"type": "integer", "minimum": 1, "maximum": MAX_MOVIE_ID},
+    ),
+]
+Text = Annotated[str, Meta(min_length=1, max_length=MAX_ID, description=f"a string of 1 to {MAX_ID} characters")]
+
+
+class FeedbackEvent(Struct, kw_only=True):
+    """A feedback event, in the original service's shape. `entity_ids` may replace `entity_id`
+    (one impression for a whole slate). A repeated `event_id` counts once."""
+
+    event_type: Annotated[Literal["seen", "clicked"], Meta(description="'seen' or 'clicked'")]
+    user_id: Annotated[
+        str,
+        Meta(
+            min_length=1,
+            max_length=MAX_USER_ID,
+            description=USER_ID_RULE,
+            extra_json_schema={"pattern": USER_ID_PATTERN},
+        ),
+    ]
+    entity_type: Annotated[Literal["movies"], Meta(description="'movies'")] = "movies"
+    entity_id: MovieId | UnsetType = UNSET
+    entity_ids: (
+        Annotated[
+            list[MovieId],
+            Meta(
+                min_length=1,
+                max_length=MAX_ENTITIES,
+                description=f"a list of 1 to {MAX_ENTITIES} distinct movie ids",
+                extra_json_schema={"uniqueItems": True},
+            ),
+        ]
+        | UnsetType
+    ) = UNSET
+    event_id: Text | None = None
+    recommendation_id: Text | None = None
+    ts: Annotated[
+        Annotated[float, Meta(ge=TS_MIN, lt=TS_MAX)]
+        | Annotated[str, Meta(extra_json_schema={"format": "date-time", "pattern": TS_YEARS_PATTERN})]
+        | None,
+        Meta(description=f"{TS_RULE} (null: as if absent)"),
+    ] = None
+
+
+# One event, or a batch of them: a NATS message's payload and POST /api/events's body alike.
+EventJson = Annotated[
+    FeedbackEvent, Meta(extra_json_schema={"oneOf": [{"required": ["entity_id"]}, {"required": ["entity_ids"]}]})
+]
+Payload = EventJson | Annotated[list[EventJson], Meta(min_length=1, max_length=MAX_BATCH)]
+_PAYLOAD = msgspec.json.Decoder(Payload)
+
+
 def parse_event(obj: Any) -> Event:
     """An Event from decoded JSON, or MalformedEvent saying what is wrong."""
-    if not isinstance(obj, dict):
-        raise MalformedEvent("an event must be a JSON object")
-    event_type = obj.get("event_type")
-    kind = KINDS.get(event_type) if isinstance(event_type, str) else None
-    if kind is None:
-        raise MalformedEvent(f"event_type must be 'seen' or 'clicked', got {obj.get('event_type')!r}")
-    if obj.get("entity_type", "movies") != "movies":
-        raise MalformedEvent(f"entity_type must be 'movies', got {obj.get('entity_type')!r}")
     try:
-        user = user_id(obj.get("user_id"))
-    except BadRequest as exc:
-        raise MalformedEvent(exc.detail) from None
-    if "entity_ids" in obj and "entity_id" in obj:
-        raise MalformedEvent("give entity_id or entity_ids, not both")
-    if "entity_ids" in obj:
-        movies = obj["entity_ids"]
-        if not isinstance(movies, list) or not 1 <= len(movies) <= MAX_ENTITIES:
-            raise MalformedEvent(f"entity_ids must be a list of 1 to {MAX_ENTITIES} movie ids")
-    elif "entity_id" in obj:
-        movies = [obj["entity_id"]]
+        return _event(msgspec.convert(obj, FeedbackEvent))
+    except msgspec.ValidationError as exc:
+        raise MalformedEvent(_said(exc)) from None
+
+
+def _event(e: FeedbackEvent) -> Event:
+    """The compact Event of a well-typed one, or MalformedEvent for what the type cannot say."""
+    if e.entity_ids is not UNSET:
+        if e.entity_id is not UNSET:
+            raise MalformedEvent("give entity_id or entity_ids, not both")
+        given: list[int | float] = e.entity_ids
+    elif e.entity_id is not UNSET:
+        given = [e.entity_id]
     else:
         raise MalformedEvent("entity_id (or entity_ids) is required")
-    movies = [movie_id_value(m) for m in movies]
+    movies = [movie_id_value(m) for m in given]
     if None in movies:
-        raise MalformedEvent("movie ids must be positive 32-bit integers")
-    if len(set(movies)) != len(movies):  # [1, 1, 1] is not three impressions
+        raise MalformedEvent(f"movie ids must be integers from 1 to {MAX_MOVIE_ID}")
+    if len(movies) > 1 and len(set(movies)) != len(movies):  # [1, 1, 1] is not three impressions
         raise MalformedEvent("entity_ids must not repeat a movie id")
-    return Event(
-        user=user,
-        kind=kind,
-        movies=tuple(movies),
-        event_id=_optional_str(obj, "event_id"),
-        recommendation_id=_optional_str(obj, "recommendation_id"),
-        ts=_optional_ts(obj),
-    )
+    try:
+        user = user_id(e.user_id)
+        ts = None if e.ts is None else timestamp(e.ts)
+    except BadRequest as exc:
+        raise MalformedEvent(exc.detail) from None
+    except ValueError as exc:
+        raise MalformedEvent(str(exc)) from None
+    return Event(user, KINDS[e.event_type], tuple(movies), e.event_id, e.recommendation_id, ts)  # type: ignore[arg-type]
+
+
+def _said(exc: msgspec.ValidationError) -> str:
+    """The rule of the field msgspec names, and what it found: `ts must be <rule> (Expected ...)`."""
+    text = str(exc)
+    where = text.rfind(" - at `$")
+    if where < 0:
+        return "an event must be a JSON object" if "Expected `object`" in text else text
+    field = text[where + len(" - at `$") : -1].lstrip(".").split("[", 1)[0]
+    found = text[:where].replace("`int | float`", "an integer")
+    rule = _RULES.get(field)
+    return f"{field} must be {rule} ({found})" if rule else f"{field}: {found}"
+
+
+def _description(schema: dict[str, Any]) -> str | None:
+    found: str | None = schema.get("description")
+    for part in schema.get("anyOf", []):
+        found = found or _description(part)
+    return found
+
+
+_RULES = {
+    name: _description(prop)
+    for name, prop in msgspec.json.schema(FeedbackEvent)["$defs"]["FeedbackEvent"]["properties"].items()
+}
 
 
 class Problem(NamedTuple):
@@ -158,30 +254,29 @@ def decode(
     `Nats-Msg-Id`, an event without an `event_id` gets one made of it and its place in the
     message, so a publisher's re-send of the same message counts once too."""
     try:
+        typed = _PAYLOAD.decode(payload)
+    except msgspec.ValidationError:
+        typed = None  # a problem somewhere: below, item by item, every problem named
+    except msgspec.DecodeError as exc:
+        return [], [Problem(-1, payload, "not_json", f"not JSON: {exc}")]
+    if typed is not None:
+        try:
+            events = [_event(e) for e in (typed if isinstance(typed, list) else [typed])]
+        except MalformedEvent:
+            pass
+        else:
+            if known is not None and any(m not in known for e in events for m in e.movies):
+                pass  # named below
+            else:
+                if msg_id:
+                    events = [e if e.event_id else replace(e, event_id=f"{msg_id}#{i}") for i, e in enumerate(events)]
+                return events, []
+    try:
         data = orjson.loads(payload)
-    except orjson.JSONDecodeError as exc:
+    except orjson.JSONDecodeError as exc:  # msgspec stops at a type error before it sees the end
         return [], [Problem(-1, payload, "not_json", f"not JSON: {exc}")]
     items = data if isinstance(data, list) else [data]
     return parse_batch(items, known, (lambda i, _: f"{msg_id}#{i}") if msg_id else None)
-
-
-def _optional_str(obj: dict[str, Any], key: str) -> str | None:
-    value = obj.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, str) or not 1 <= len(value) <= MAX_ID:
-        raise MalformedEvent(f"{key} must be a string of 1 to {MAX_ID} characters")
-    return value
-
-
-def _optional_ts(obj: dict[str, Any]) -> float | None:
-    value = obj.get("ts")
-    if value is None:
-        return None
-    try:
-        return timestamp(value)
-    except ValueError as exc:
-        raise MalformedEvent(str(exc)) from None
 
 
 def redact(payload: bytes, msg_id: str | None, uxid: str) -> bytes | None:
