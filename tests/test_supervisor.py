@@ -186,7 +186,10 @@ async def test_health_goes_on_while_postgresql_does_not_answer(
     supervisor, actors, _ = parts
     monkeypatch.setattr(supervisor_module, "STEP_PERIOD", 0.01)
     supervisor.state_store.oldest_checkpoint = asyncio.Event().wait  # type: ignore[method-assign]
-    pushes = lambda: sum(1 for _, method in actors.calls if method == "set_health")  # noqa: E731
+
+    def pushes() -> int:
+        return sum(1 for _, method in actors.calls if method == "set_health")
+
     loops = asyncio.create_task(supervisor.run())
     try:
         async with asyncio.timeout(10):  # 20 rounds take ~0.3 s; behind a read that never ends, forever
