@@ -10,10 +10,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-import msgspec
-
 from api.params import LIMIT, PAGE, PER_PAGE
-from system.core.events import Payload
+from system.core.events import json_schemas
 from system.core.inputs import MAX_MOVIE_ID, MAX_USER_ID, USER_ID_PATTERN, USER_ID_RULE
 from system.core.limits import MAX_SHARDS
 
@@ -53,7 +51,7 @@ def openapi() -> dict[str, Any]:
         "properties": {"id": {"type": "integer"}, "name": {"type": "string"}},
         "required": ["id", "name"],
     }
-    (events_body,), event_schemas = msgspec.json.schema_components([Payload], ref_template=REF)
+    events_body, event_schemas = json_schemas(REF)
     return {
         "openapi": "3.1.0",
         "info": {

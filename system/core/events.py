@@ -148,11 +148,16 @@ class FeedbackEvent(Struct, kw_only=True):
 
 
 # One event, or a batch of them: a NATS message's payload and POST /api/events's body alike.
-EventJson = Annotated[
-    FeedbackEvent, Meta(extra_json_schema={"oneOf": [{"required": ["entity_id"]}, {"required": ["entity_ids"]}]})
-]
-Payload = EventJson | Annotated[list[EventJson], Meta(min_length=1, max_length=MAX_BATCH)]
+Payload = FeedbackEvent | Annotated[list[FeedbackEvent], Meta(min_length=1, max_length=MAX_BATCH)]
 _PAYLOAD = msgspec.json.Decoder(Payload)
+
+
+def json_schemas(ref_template: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The JSON Schema of a payload, and the components it refers to, with what the type cannot
+    say but `_event` checks: exactly one of entity_id and entity_ids."""
+    (payload,), components = msgspec.json.schema_components([Payload], ref_template=ref_template)
+    components["FeedbackEvent"]["oneOf"] = [{"required": ["entity_id"]}, {"required": ["entity_ids"]}]
+    return payload, components
 
 
 def parse_event(obj: Any) -> Event:
