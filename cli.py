@@ -147,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_memory.add_argument("--movies", type=int, default=20, help="touched movies per user (default 20)")
     p_memory.add_argument("--shards", type=int, default=4)
     bench_sub.add_parser("policy", help="microseconds per slate, in-process")
+    p_floor = bench_sub.add_parser(
+        "floor", help="the floor: the new-user slate code in one bare Starlette+uvicorn process, no system"
+    )
+    p_floor.add_argument("--duration", type=float, default=15.0, help="measured seconds per load (default 15)")
     p_durability = bench_sub.add_parser(
         "durability", help="JetStream ingestion with each disk sync (always, 1 s, NATS's default), own servers"
     )

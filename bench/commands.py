@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 import orjson
 import uvloop
 
-from bench import cpu, durability, ingest, loadtest, memory, policy, probes, report
+from bench import cpu, durability, floor, ingest, loadtest, memory, policy, probes, report, wrk
 from system.core.catalog_file import SHIPPED, read_movies
 from system.core.errors import BadRequest
 from system.core.settings import Settings
@@ -56,6 +56,8 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         return 0
     if what == "policy":
         out: Any = policy.run()
+    elif what == "floor":
+        out = floor.measure(seconds=args.duration, warmup=3.0, movie_ids=ids, with_wrk=wrk.available())
     elif what == "durability":
         runs = uvloop.run(durability.run_all(seconds=args.duration))
         print("\n".join(durability.markdown(runs)))

@@ -62,6 +62,31 @@ def processes(supervisor_pid: int, status: dict[str, Any]) -> dict[int, str]:
     return out
 
 
+def wakeups(pids: dict[int, str]) -> dict[int, int]:
+    """pid -> voluntary context switches so far, over all its threads: each is a thread going
+    to sleep to wait for something, so each counts a time it was woken. (psutil reads the main
+    thread's only; Ray workers and NATS wait on many.)"""
+    out = {}
+    for pid in pids:
+        total = 0
+        try:
+            for task in os.scandir(f"/proc/{pid}/task"):
+                with open(f"{task.path}/status") as status:
+                    total += next(int(line.split()[1]) for line in status if line.startswith("voluntary_ctxt"))
+        except (OSError, StopIteration):
+            continue  # gone since (or a thread of it): lost to the count
+        out[pid] = total
+    return out
+
+
+def nats_messages(monitor_url: str | None) -> tuple[int, int] | None:
+    """The NATS server's (messages in, messages out) so far, from its monitoring endpoint."""
+    if not monitor_url:
+        return None
+    varz = httpx.get(f"{monitor_url}/varz", timeout=5).json()
+    return int(varz["in_msgs"]), int(varz["out_msgs"])
+
+
 def cpu_seconds(pids: dict[int, str]) -> dict[int, tuple[float, float]]:
     """pid -> (user, system) CPU seconds so far."""
     out = {}
@@ -122,8 +147,10 @@ async def measure(
     clicks_every: int = 10,
     movie_ids: list[int] | None = None,
     progress: Callable[[float], None] | None = None,
+    nats_monitor: str | None = None,
 ) -> dict[str, Any]:
-    """CPU per slate per process group at `rate` slates/s (milliseconds of CPU per slate)."""
+    """CPU per slate per process group at `rate` slates/s (milliseconds of CPU per slate), and
+    what a slate sets moving: the times each group was woken, the messages NATS took and gave."""
     async with httpx.AsyncClient(base_url=api_url, headers=admin_token.headers(api_url), timeout=30) as http:
         status = (await http.get("/api/status")).json()
     pids = processes(supervisor_pid, status)
@@ -145,10 +172,12 @@ async def measure(
         )
     )
     await asyncio.sleep(warmup)
+    woken_before, messages_before = wakeups(pids), nats_messages(nats_monitor)
     before, mine_before, began = cpu_seconds(pids), sum(me.cpu_times()[:2]), time.perf_counter()
     summed_before = await digests_summed(api_url)
     await asyncio.sleep(duration)
     after, mine_after, elapsed = cpu_seconds(pids), sum(me.cpu_times()[:2]), time.perf_counter() - began
+    woken_after, messages_after = wakeups(pids), nats_messages(nats_monitor)
     summed = await digests_summed(api_url) - summed_before
     results = await load
     slates = results["recommend"].requests if "recommend" in results else 0
@@ -161,6 +190,15 @@ async def measure(
         by_group[pids[pid]] += user - was_user + system - was_system
         kernel[pids[pid]] += system - was_system
     per_slate = {group: round(1000 * seconds / slates, 4) for group, seconds in by_group.items()}
+    woken = dict.fromkeys(GROUPS, 0)
+    for pid, count in woken_after.items():
+        woken[pids[pid]] += count - woken_before.get(pid, count)
+    messages = None
+    if messages_before and messages_after:
+        messages = {
+            "in": round((messages_after[0] - messages_before[0]) / slates, 2),
+            "out": round((messages_after[1] - messages_before[1]) / slates, 2),
+        }
     return {
         "slates": slates,
         "slates_per_s": round(slates / elapsed),
@@ -174,6 +212,10 @@ async def measure(
         "load_generator_ms": round(1000 * (mine_after - mine_before) / slates, 4),
         # Passes over a user's history at a slate (their digest summed again), per slate.
         "digest_sums_per_slate": round(summed / slates, 4),
+        # A slate's moving parts, counted: times each group was woken, NATS messages (with the
+        # click per `clicks_every` slates and everything else under way: the system's rate).
+        "wakeups_per_slate": {group: round(n / slates, 2) for group, n in woken.items()},
+        "nats_messages_per_slate": messages,
     }
 
 
@@ -195,9 +237,16 @@ async def both(
     warmup: float = 3.0,
 ) -> dict[str, Any]:
     """CPU per slate for new users, then (unless `rows` is 0) for users with about `rows` state rows."""
+    monitor = next((s.monitor_url for s in runtime.services if s.name == "nats"), None)
     out: dict[str, Any] = {
         "new": await measure(
-            runtime.api_url, runtime.supervisor_pid, rate=rate, duration=duration, movie_ids=movie_ids, warmup=warmup
+            runtime.api_url,
+            runtime.supervisor_pid,
+            rate=rate,
+            duration=duration,
+            movie_ids=movie_ids,
+            warmup=warmup,
+            nats_monitor=monitor,
         )
     }
     if rows:
@@ -210,6 +259,6 @@ async def both(
         # back (their first slate after their history arrived sums it once, whatever the code).
         out["history"] |= await measure(
             runtime.api_url, runtime.supervisor_pid, rate=rate, duration=duration, users=users, prefix=prefix,
-            movie_ids=movie_ids, warmup=max(warmup, 2.5 * users / rate),
+            movie_ids=movie_ids, warmup=max(warmup, 2.5 * users / rate), nats_monitor=monitor,
         )  # fmt: skip
     return out

@@ -23,7 +23,7 @@ import numpy as np
 import psutil
 import uvloop
 
-from bench import cpu, durability, growth, ingest, loadtest, memory, policy, probes, wrk
+from bench import cpu, durability, floor, growth, ingest, loadtest, memory, policy, probes, wrk
 from bench.running import RunningSystem
 from system.core.catalog_file import SHIPPED, read_movies
 from system.core.limits import RESIDENT_USERS
@@ -42,6 +42,8 @@ TARGETS = {
     "startup": "ready ≤ 15 s, catalog loaded",
     "cpu_new": "≤ 0.35 ms",
     "cpu_history": "≤ 0.5 ms",
+    "floor_cpu": "≤ 1.5x",
+    "floor_rate": "≥ 1.5x",
 }
 
 
@@ -108,6 +110,8 @@ def run(
     }
     step("JetStream's disk sync: always, 1 s, NATS's default")
     results["durability"] = uvloop.run(durability.run_all(seconds=1.0 if quick else 5.0))
+    step("the floor: the new-user slate code in one bare Starlette+uvicorn process")
+    results["floor"] = floor.measure(seconds=seconds, warmup=warmup, movie_ids=ids, with_wrk=wrk.available())
     step("policy micro-benchmark (OpenBLAS as set, and unset)")
     results["policy"] = policy.run_both(rounds=500 if quick else 2000)
     grow = 20_000 if quick else 2_000_000
@@ -301,6 +305,8 @@ def markdown(r: dict[str, Any]) -> str:
         f" {policy_figures(pol['openblas_unset'], rows=False)} |",
     ]
     lines += cpu_markdown(r)
+    lines += floor_markdown(r)
+    lines += wakes_markdown(r)
     lines += [
         "",
         "Browsing mix (8 slates : 1 movie opened from the last slate : 1 catalog page), closed loop, 64 connections:",
@@ -388,6 +394,58 @@ def markdown(r: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def floor_markdown(r: dict[str, Any]) -> list[str]:
+    """The system as a multiple of the floor (bench/floor.py), measured in the same run: the
+    ratios are what hold on another machine."""
+    if "floor" not in r:
+        return []
+    f, new = r["floor"], r["cpu"]["new"]
+    rows = [
+        ("CPU per slate at 1,000 slates/s, new users (ms)", f["paced"]["cpu_ms_per_slate"], new["cpu_ms_per_slate"],
+         TARGETS["floor_cpu"]),
+        ("p99 at 1,000 slates/s (ms)", f["paced"]["p99_ms"], new["p99_ms"], "-"),
+        ("slates/s, closed loop, Python load generator, 64 connections", f["closed_loop"]["rate_per_s"],
+         r["closed_loop"]["recommend"]["rate_per_s"], TARGETS["floor_rate"]),
+    ]  # fmt: skip
+    if "closed_loop_wrk" in f and "closed_loop_wrk" in r:
+        rows.append(("slates/s, closed loop, wrk -t2 -c64", f["closed_loop_wrk"]["rate_per_s"],
+                     r["closed_loop_wrk"]["rate_per_s"], TARGETS["floor_rate"]))  # fmt: skip
+    lines = [
+        "",
+        "The floor: mabrec's own new-user slate code in one bare Starlette+uvicorn process (no state kept,",
+        "no events, one core), measured in this run; the system's figures as multiples of it (the",
+        "system's CPU counts every process, its impressions and a click per 10 slates):",
+        "",
+        "| measure | floor | system | system ÷ floor | target |",
+        "|---|---|---|---|---|",
+    ]
+    for what, base, system, target in rows:
+        ratio = f"{system / base:.2f}x" if base else "-"
+        lines.append(f"| {what} | {base:,.3f} | {system:,.3f} | {ratio} | {target} |".replace(".000 |", " |"))
+    return lines
+
+
+def wakes_markdown(r: dict[str, Any]) -> list[str]:
+    """What a slate sets moving, counted over the CPU measure's window: the times each group of
+    processes was woken, and the messages NATS took in and handed out, per slate."""
+    new = r["cpu"]["new"]
+    if "wakeups_per_slate" not in new:
+        return []
+    lines = [
+        "",
+        "What a slate wakes, at 1,000 slates/s for new users (a click per 10 slates, impressions, and",
+        "whatever else runs meanwhile): voluntary context switches (a thread woken after it waited) of",
+        "every thread, per slate, by process; and NATS's messages in and out per slate (its /varz):",
+        "",
+        "| process | wakeups per slate |",
+        "|---|---|",
+    ]
+    lines += [f"| {group} | {count:g} |" for group, count in new["wakeups_per_slate"].items()]
+    if messages := new.get("nats_messages_per_slate"):
+        lines.append(f"| NATS messages per slate | {messages['in']:g} in, {messages['out']:g} out |")
+    return lines
 
 
 def cpu_markdown(r: dict[str, Any]) -> list[str]:

@@ -42,6 +42,8 @@ def test_report_writes_every_figure(tmp_path: Path) -> None:
         "after 20,000 events in the log",
         "policy, one slate in-process, by the user's state rows",
         "| always |",  # JetStream's disk sync, by setting
+        "| CPU per slate at 1,000 slates/s, new users (ms) |",  # the floor beside the system
+        "| NATS messages per slate |",
     ):
         assert row in text
     report = json.loads(out.with_suffix(".json").read_text())
@@ -49,6 +51,12 @@ def test_report_writes_every_figure(tmp_path: Path) -> None:
         run = report["cpu"][users]
         assert run["slates"] > 0 and all(run["by_process_ms"][p] > 0 for p in ("shards", "api", "router", "nats"))
         assert abs(sum(run["by_process_ms"].values()) - run["cpu_ms_per_slate"]) < 0.01
+    floor = report["floor"]  # measured, and the system's ratio to it written
+    assert floor["paced"]["cpu_ms_per_slate"] > 0 and floor["closed_loop"]["rate_per_s"] > 0
+    ratio = report["cpu"]["new"]["cpu_ms_per_slate"] / floor["paced"]["cpu_ms_per_slate"]
+    assert f"| {ratio:.2f}x | ≤ 1.5x |" in text
+    woken, messages = report["cpu"]["new"]["wakeups_per_slate"], report["cpu"]["new"]["nats_messages_per_slate"]
+    assert woken["shards"] > 0 and woken["api"] > 0 and messages["in"] > 0 and messages["out"] > 0
     assert report["policy"]["openblas_unset"]["cold_us_per_slate"] > 0 and "kernel" in report["policy"]["blas"]
     assert report["policy"]["rows9000_rows"] > 5_000 and report["policy"]["rows9000_us_per_slate"] > 0
     growth = report["growth"]

@@ -100,3 +100,28 @@ def test_a_new_report_keeps_the_hand_kept_history_section(tmp_path: Path, monkey
     text = path.read_text()
     assert text.startswith("# Benchmarks\n\nrun 2\n") and "run 1" not in text
     assert text.endswith(history) and text.count(report.HISTORY) == 1
+
+
+def test_the_floor_serves_the_systems_new_user_slate_and_keeps_no_one() -> None:
+    """The floor is the system's own code for a new user's slate (the header and query rules,
+    the draw, the rendering) and nothing else: it remembers no user it served."""
+    from starlette.testclient import TestClient
+
+    from bench import floor
+    from system.core.catalog import Catalog
+    from system.core.catalog_file import read_movies
+    from tests.conftest import SMALL_CSV
+
+    catalog = Catalog.from_movies(list(read_movies(SMALL_CSV)))
+    app = floor.app(catalog)
+    with TestClient(app) as client:
+        slate = client.get("/api/recommendations/movies", headers={"uxid": "café".encode()})
+        assert slate.status_code == 200 and len(slate.json()) == 10
+        assert {m["id"] for m in slate.json()} <= set(catalog.movie_ids.tolist()) and all(
+            m["reason"] for m in slate.json()
+        )
+        assert len(client.get("/api/recommendations/movies", params={"limit": 3}, headers={"uxid": "u"}).json()) == 3
+        refused = client.get("/api/recommendations/movies", params={"limit": "0"}, headers={"uxid": "u"})
+        assert refused.status_code == 400 and "limit" in refused.json()["detail"]
+        assert client.get("/api/recommendations/movies").status_code == 400  # no uxid
+    assert len(app.state.shard.users) == 0
