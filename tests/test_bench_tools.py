@@ -115,7 +115,7 @@ def test_the_floor_serves_the_systems_new_user_slate_and_keeps_no_one() -> None:
     catalog = Catalog.from_movies(list(read_movies(SMALL_CSV)))
     app = floor.app(catalog)
     with TestClient(app) as client:
-        slate = client.get("/api/recommendations/movies", headers={"uxid": "café".encode()})
+        slate = client.get("/api/recommendations/movies", headers={b"uxid": "café".encode()})
         assert slate.status_code == 200 and len(slate.json()) == 10
         assert {m["id"] for m in slate.json()} <= set(catalog.movie_ids.tolist()) and all(
             m["reason"] for m in slate.json()
