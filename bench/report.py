@@ -108,10 +108,6 @@ def run(
         "machine": machine(),
         "settings": {"shards": shards, "dashboard": dashboard, "measured_seconds": seconds, "runs": runs},
     }
-    step("JetStream's disk sync: always, 1 s, NATS's default")
-    results["durability"] = uvloop.run(durability.run_all(seconds=1.0 if quick else 5.0))
-    step("policy micro-benchmark (OpenBLAS as set, and unset)")
-    results["policy"] = policy.run_both(rounds=500 if quick else 2000)
     grow = 20_000 if quick else 2_000_000
     # The default budget, or (a quick run's fewer users) one they exceed, so that some leave memory.
     budget = {"MABREC_RESIDENT_USERS": str(grow // 10 // max(shards or os.cpu_count() or 1, 1))} if quick else {}
@@ -221,9 +217,13 @@ def run(
     log = 20_000 if quick else 10_000_000
     step(f"restart after {log:,} events")
     results["restart"] = growth.restart_after_log(log, shards, ids, step)
-    # Last, with every system stopped: the floor has the machine to itself, as it would have.
+    # Last, with every system stopped: what runs without one has the machine to itself.
     step("the floor: the new-user slate code in one bare Starlette+uvicorn process")
     results["floor"] = floor.measure(seconds=seconds, warmup=warmup, movie_ids=ids, with_wrk=wrk.available())
+    step("policy micro-benchmark (OpenBLAS as set, and unset)")
+    results["policy"] = policy.run_both(rounds=500 if quick else 2000)
+    step("JetStream's disk sync: always, 1 s, NATS's default")
+    results["durability"] = uvloop.run(durability.run_all(seconds=1.0 if quick else 5.0))
     return results
 
 
