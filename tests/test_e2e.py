@@ -374,9 +374,14 @@ def test_embedded_servers_when_no_urls_are_configured(tmp_path: Path) -> None:
     its owner reads; the launcher is the supervisor itself (exec: a signal to its PID reaches
     it). Then Ctrl-C, as a terminal sends it, with a shard hung (SIGSTOP): the stop still
     finishes within its deadline, and leaves no process and nothing in /tmp."""
-    env = {k: "" for k in ("DATABASE_URL", "NATS_URL", "RAY_ADDRESS", "MABREC_SHARDS")} | {"MABREC_NAMESPACE": "mabrec"}
+    # A system temp dir of its own: what it leaves there is its own (the suite's other workers
+    # start and stop systems in /tmp meanwhile). Short: Ray's sockets live below it.
+    private_tmp = Path(tempfile.mkdtemp(prefix="m"))  # /tmp/mXXXXXXXX: the sockets stay under 108 bytes
+    env = {k: "" for k in ("DATABASE_URL", "NATS_URL", "RAY_ADDRESS", "MABREC_SHARDS")} | {
+        "MABREC_NAMESPACE": "mabrec",
+        "TMPDIR": str(private_tmp),
+    }
     state = tmp_path / "state"
-    tmp_before = set(os.listdir(tempfile.gettempdir()))
     running = system(state, **env)
     running.session = True  # a process group of its own, as a terminal runs it
     running.command = LAUNCHER
@@ -410,7 +415,7 @@ def test_embedded_servers_when_no_urls_are_configured(tmp_path: Path) -> None:
         jetstream = httpx.get(f"{nats.monitor_url}/varz", timeout=10).json()["jetstream"]["config"]
         assert jetstream["sync_always"] is True  # an acknowledged event is on disk (README, "Durability")
         pids = [s.pid for s in runtime.services]
-        ray_tmp = ray_tmpdir(state)
+        ray_tmp = private_tmp / ray_tmpdir(state).name
         assert ray_tmp.is_dir() and stat.S_IMODE(ray_tmp.stat().st_mode) == 0o700
         os.kill(status["shards"][0]["pid"], signal.SIGSTOP)  # hung: its final checkpoint never comes
     finally:
@@ -422,7 +427,8 @@ def test_embedded_servers_when_no_urls_are_configured(tmp_path: Path) -> None:
     assert not any(pid_alive(pid) for pid in pids), "an embedded server outlived mabrec up"
     assert not (state / "runtime.json").exists()
     assert not ray_tmp.exists(), "the local Ray's temp dir outlived it"
-    assert set(os.listdir(tempfile.gettempdir())) - tmp_before == set()
+    assert os.listdir(private_tmp) == []
+    private_tmp.rmdir()
 
 
 def test_a_port_in_use_stops_the_start_at_once_naming_it(tmp_path: Path) -> None:
