@@ -79,12 +79,24 @@ def wakeups(pids: dict[int, str]) -> dict[int, int]:
     return out
 
 
-def nats_messages(monitor_url: str | None) -> tuple[int, int] | None:
-    """The NATS server's (messages in, messages out) so far, from its monitoring endpoint."""
+# A NATS connection's name says whose it is: mabrec-shard-<i>, mabrec-api-<i>, mabrec-router, ...
+CONNECTION_GROUPS = {"mabrec-shard-": "shards", "mabrec-api-": "api", "mabrec-router": "router"}
+
+
+def nats_messages(monitor_url: str | None) -> dict[str, tuple[int, int]] | None:
+    """Messages so far, from the NATS server's monitoring endpoint: the server's own (in, out)
+    under "nats", and per group of mabrec's connections (sent, received)."""
     if not monitor_url:
         return None
     varz = httpx.get(f"{monitor_url}/varz", timeout=5).json()
-    return int(varz["in_msgs"]), int(varz["out_msgs"])
+    out = {"nats": (int(varz["in_msgs"]), int(varz["out_msgs"]))}
+    connz = httpx.get(f"{monitor_url}/connz", params={"limit": 4096}, timeout=5).json()
+    for conn in connz.get("connections", []):
+        name = conn.get("name") or ""
+        group = next((g for prefix, g in CONNECTION_GROUPS.items() if name.startswith(prefix)), "other")
+        sent, received = out.get(group, (0, 0))
+        out[group] = (sent + int(conn["in_msgs"]), received + int(conn["out_msgs"]))  # the server's in: its sends
+    return out
 
 
 def cpu_seconds(pids: dict[int, str]) -> dict[int, tuple[float, float]]:
@@ -193,12 +205,14 @@ async def measure(
     woken = dict.fromkeys(GROUPS, 0)
     for pid, count in woken_after.items():
         woken[pids[pid]] += count - woken_before.get(pid, count)
-    messages = None
+    messages: dict[str, Any] | None = None
     if messages_before and messages_after:
-        messages = {
-            "in": round((messages_after[0] - messages_before[0]) / slates, 2),
-            "out": round((messages_after[1] - messages_before[1]) / slates, 2),
-        }
+        delta = {
+            group: [round((a - b) / slates, 2) for a, b in zip(after_, messages_before.get(group, (0, 0)), strict=True)]
+            for group, after_ in messages_after.items()
+        }  # a connection made during the window counts from 0: the router's, a restarted shard's
+        messages = {"in": delta["nats"][0], "out": delta["nats"][1]}
+        messages["by_process"] = {g: {"sent": d[0], "received": d[1]} for g, d in delta.items() if g != "nats"}
     return {
         "slates": slates,
         "slates_per_s": round(slates / elapsed),

@@ -434,18 +434,26 @@ def wakes_markdown(r: dict[str, Any]) -> list[str]:
     new = r["cpu"]["new"]
     if "wakeups_per_slate" not in new:
         return []
+    messages = new.get("nats_messages_per_slate") or {}
+    by_process = messages.get("by_process", {})
     lines = [
         "",
         "What a slate wakes, at 1,000 slates/s for new users (a click per 10 slates, impressions, and",
         "whatever else runs meanwhile): voluntary context switches (a thread woken after it waited) of",
-        "every thread, per slate, by process; and NATS's messages in and out per slate (its /varz):",
+        "every thread, per slate, by process; and the NATS messages each sent and received per slate",
+        "(the server's /connz; NATS's own row: every message in and out, JetStream's included):",
         "",
-        "| process | wakeups per slate |",
-        "|---|---|",
+        "| process | wakeups per slate | NATS messages sent / received per slate |",
+        "|---|---|---|",
     ]
-    lines += [f"| {group} | {count:g} |" for group, count in new["wakeups_per_slate"].items()]
-    if messages := new.get("nats_messages_per_slate"):
-        lines.append(f"| NATS messages per slate | {messages['in']:g} in, {messages['out']:g} out |")
+    for group, count in new["wakeups_per_slate"].items():
+        if group == "nats" and messages:
+            sent = f"{messages['in']:g} in / {messages['out']:g} out"
+        elif group in by_process:
+            sent = f"{by_process[group]['sent']:g} / {by_process[group]['received']:g}"
+        else:
+            sent = "-"
+        lines.append(f"| {group} | {count:g} | {sent} |")
     return lines
 
 

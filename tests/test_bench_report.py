@@ -43,7 +43,7 @@ def test_report_writes_every_figure(tmp_path: Path) -> None:
         "policy, one slate in-process, by the user's state rows",
         "| always |",  # JetStream's disk sync, by setting
         "| CPU per slate at 1,000 slates/s, new users (ms) |",  # the floor beside the system
-        "| NATS messages per slate |",
+        "| process | wakeups per slate | NATS messages sent / received per slate |",
     ):
         assert row in text
     report = json.loads(out.with_suffix(".json").read_text())
@@ -57,6 +57,8 @@ def test_report_writes_every_figure(tmp_path: Path) -> None:
     assert f"| {ratio:.2f}x | ≤ 1.5x |" in text
     woken, messages = report["cpu"]["new"]["wakeups_per_slate"], report["cpu"]["new"]["nats_messages_per_slate"]
     assert woken["shards"] > 0 and woken["api"] > 0 and messages["in"] > 0 and messages["out"] > 0
+    sent = messages["by_process"]
+    assert sent["api"]["sent"] > 0 and sent["shards"]["received"] > 0 and sent["router"]["sent"] > 0
     assert report["policy"]["openblas_unset"]["cold_us_per_slate"] > 0 and "kernel" in report["policy"]["blas"]
     assert report["policy"]["rows9000_rows"] > 5_000 and report["policy"]["rows9000_us_per_slate"] > 0
     growth = report["growth"]
