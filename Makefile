@@ -19,7 +19,7 @@ run: $(STAMP)  ## run the whole system (embedded PostgreSQL and NATS unless DATA
 	$(BIN)/mabrec up
 
 test: $(STAMP)  ## the whole suite, against real PostgreSQL, NATS JetStream and Ray
-	$(BIN)/pytest -n 2 --dist loadfile --basetemp=.pytest-tmp  # two workers, a module each; test dirs in the checkout
+	$(BIN)/pytest -n 2 --dist loadfile --no-loadscope-reorder --basetemp=.pytest-tmp  # two workers, a module each, slowest first (tests/conftest.py); test dirs in the checkout
 
 test-fast: $(STAMP)  ## unit tests only (no services, no browser)
 	$(BIN)/pytest -n 2 -m "not integration and not e2e and not browser"

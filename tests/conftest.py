@@ -40,7 +40,9 @@ RECOVERY: list[str] = []
 # The slowest modules first. `make test` runs two workers (pytest-xdist, `--dist loadfile`: a
 # module's tests stay together, on one worker, sharing its system), each taking the next module
 # as it frees up: started first, the long ones run side by side and the short ones fill the end.
-SLOWEST_FIRST = ("test_bench_report", "test_chaos", "test_e2e", "test_scaling", "test_deployment", "test_demo")
+# `--no-loadscope-reorder` keeps this order: by default xdist sorts modules by their number of
+# tests, which started the 2-minute, 2-test bench report near the end, alone.
+SLOWEST_FIRST = ("test_bench_report", "test_e2e", "test_chaos", "test_scaling", "test_deployment", "test_demo")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
