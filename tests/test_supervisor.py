@@ -185,7 +185,7 @@ async def test_health_goes_on_while_postgresql_does_not_answer(
     upkeep: a round every 5-15 s during an outage.)"""
     supervisor, actors, _ = parts
     monkeypatch.setattr(supervisor_module, "STEP_PERIOD", 0.01)
-    supervisor.state_store.oldest_checkpoint = asyncio.Event().wait  # type: ignore[method-assign]
+    monkeypatch.setattr(supervisor.state_store, "oldest_checkpoint", asyncio.Event().wait)
 
     def pushes() -> int:
         return sum(1 for _, method in actors.calls if method == "set_health")

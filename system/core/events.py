@@ -258,30 +258,31 @@ def decode(
     """The events of one message, all or nothing (`parse_batch`). With the message's
     `Nats-Msg-Id`, an event without an `event_id` gets one made of it and its place in the
     message, so a publisher's re-send of the same message counts once too."""
-    try:
-        typed = _PAYLOAD.decode(payload)
-    except msgspec.ValidationError:
-        typed = None  # a problem somewhere: below, item by item, every problem named
-    except msgspec.DecodeError as exc:
-        return [], [Problem(-1, payload, "not_json", f"not JSON: {exc}")]
-    if typed is not None:
-        try:
-            events = [_event(e) for e in (typed if isinstance(typed, list) else [typed])]
-        except MalformedEvent:
-            pass
-        else:
-            if known is not None and any(m not in known for e in events for m in e.movies):
-                pass  # named below
-            else:
-                if msg_id:
-                    events = [e if e.event_id else replace(e, event_id=f"{msg_id}#{i}") for i, e in enumerate(events)]
-                return events, []
-    try:
+    event_id = (lambda i, _: f"{msg_id}#{i}") if msg_id else None
+    events = _typed(payload, known)
+    if events is not None:
+        if event_id is not None:
+            events = [e if e.event_id else replace(e, event_id=event_id(i, None)) for i, e in enumerate(events)]
+        return events, []
+    try:  # below, item by item, every problem named
         data = orjson.loads(payload)
-    except orjson.JSONDecodeError as exc:  # msgspec stops at a type error before it sees the end
+    except orjson.JSONDecodeError as exc:
         return [], [Problem(-1, payload, "not_json", f"not JSON: {exc}")]
     items = data if isinstance(data, list) else [data]
-    return parse_batch(items, known, (lambda i, _: f"{msg_id}#{i}") if msg_id else None)
+    return parse_batch(items, known, event_id)
+
+
+def _typed(payload: bytes, known: Container[int] | None) -> list[Event] | None:
+    """The events of a payload that keeps every rule, in one typed pass (the common case); None
+    when anything is wrong, for `decode` to name every problem."""
+    try:
+        typed = _PAYLOAD.decode(payload)
+        events = [_event(e) for e in (typed if isinstance(typed, list) else [typed])]
+    except (msgspec.DecodeError, MalformedEvent):  # a ValidationError is a DecodeError
+        return None
+    if known is not None and any(m not in known for e in events for m in e.movies):
+        return None
+    return events
 
 
 def redact(payload: bytes, msg_id: str | None, uxid: str) -> bytes | None:
